@@ -1,0 +1,30 @@
+"""lorapro: LoRA-Pro's closed-form gradient adjustment as PyTorch optimizers for PEFT models.
+
+Quick start::
+
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=...))
+    optimizer = lorapro.LoRAProAdamW(model, lr=5e-4)        # efficient mode, Sylvester X
+    loss.backward(); optimizer.step(); optimizer.zero_grad()
+"""
+
+from .adamw import MODES, LoRAProAdamW
+from .closed_form import X_MODES, equivalent_gradient, optimal_gradients
+from .errors import LoRAProConfigError, NonFiniteGradientError
+from .pairs import LoRAPair, find_lora_pairs
+from .sgd import LoRAProSGD
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODES",
+    "X_MODES",
+    "LoRAPair",
+    "LoRAProAdamW",
+    "LoRAProConfigError",
+    "LoRAProSGD",
+    "NonFiniteGradientError",
+    "__version__",
+    "equivalent_gradient",
+    "find_lora_pairs",
+    "optimal_gradients",
+]

@@ -1,0 +1,303 @@
+"""Orchestration shared by the LoRA-Pro optimizers.
+
+A step runs in three phases so that nothing is ever half-updated:
+
+1. collect every parameter that has a gradient, pairing LoRA factors by module;
+2. compute the adjusted LoRA gradients (batched over layers of equal shape and scaling)
+   and check raw and adjusted gradients for NaN/Inf in one reduction (one host sync);
+3. only then touch parameters and optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .closed_form import X_MODES, compute_dtype, optimal_gradients
+from .errors import LoRAProConfigError, NonFiniteGradientError
+from .functional import any_nonfinite
+from .pairs import LoRAPair, find_lora_pairs
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass(eq=False)
+class PairWork:
+    """One LoRA pair's matrices and gradients for the current step, in the compute dtype."""
+
+    pair: LoRAPair
+    scaling: float
+    A: Tensor  # (r, n)
+    B: Tensor  # (m, r)
+    grad_A: Tensor  # LoRA's own gradient, (r, n)
+    grad_B: Tensor  # (m, r)
+    adjusted_A: Tensor | None = None
+    adjusted_B: Tensor | None = None
+
+
+@dataclass(eq=False)
+class GroupWork:
+    group: dict[str, Any]
+    pairs: list[PairWork] = field(default_factory=list)
+    params: list[Tensor] = field(default_factory=list)  # ordinary parameters with a gradient
+    grads: list[Tensor] = field(default_factory=list)
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None, open_high=False):
+    """Validate a real hyper-parameter: a finite number in [low, high] (or [low, high))."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise LoRAProConfigError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise LoRAProConfigError(f"{name} must be finite, got {value!r}")
+    if value < low:
+        raise LoRAProConfigError(f"{name} must be >= {low}, got {value!r}")
+    if high is not None and (value >= high if open_high else value > high):
+        bound = f"< {high}" if open_high else f"<= {high}"
+        raise LoRAProConfigError(f"{name} must be {bound}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise LoRAProConfigError(f"unknown {name} {value!r}: use one of {', '.join(map(repr, choices))}")
+
+
+def batched_optimal_gradients(items: list[tuple[Tensor, Tensor, Tensor, Tensor, float, str]]) -> list[
+    tuple[Tensor, Tensor]
+]:
+    """Theorem 2.1 for many layers: layers of equal shape, dtype, device, scaling and x_mode
+    are stacked and solved in one batched call (one batched eigh per Gram matrix)."""
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, (A, B, _, _, s, x_mode) in enumerate(items):
+        buckets[(A.shape, B.shape, A.dtype, A.device, s, x_mode)].append(i)
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(items)
+    for (_, _, _, _, s, x_mode), idx in buckets.items():
+        if len(idx) == 1:
+            A, B, gA, gB, _, _ = items[idx[0]]
+            out[idx[0]] = optimal_gradients(A, B, gA, gB, s, x_mode)
+            continue
+        stacked = [torch.stack([items[i][k] for i in idx]) for k in range(4)]
+        new_a, new_b = optimal_gradients(*stacked, s, x_mode)
+        for j, i in enumerate(idx):
+            out[i] = (new_a[j], new_b[j])
+    return out  # type: ignore[return-value]
+
+
+class LoRAProOptimizer(Optimizer):
+    """Base class: finds the model's LoRA pairs and runs the collect / adjust / apply step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
+        defaults: dict[str, Any],
+        nonfinite: str,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} is built from the model (an nn.Module with PEFT LoRA layers), "
+                f"got {type(model).__name__}; pass the model itself: {type(self).__name__}(model, lr=...)"
+            )
+        check_choice("nonfinite policy", nonfinite, NONFINITE_POLICIES)
+        pairs = find_lora_pairs(model)
+        if not pairs:
+            raise LoRAProConfigError(
+                "no trainable LoRA layers found in the model: LoRA-Pro adjusts the gradients of PEFT LoRA "
+                "factors. Wrap the model first, e.g. model = peft.get_peft_model(model, LoraConfig(...)), "
+                "and make sure an adapter is active and trainable."
+            )
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        """Steps skipped because of non-finite gradients (``nonfinite="skip"``)."""
+        self._pairs = pairs
+        super().__init__(params, defaults)
+        self._index_pairs()
+
+    # -- set-up -----------------------------------------------------------------------------
+    @property
+    def pairs(self) -> list[LoRAPair]:
+        """The LoRA pairs this optimizer adjusts, in module order."""
+        return [p for group in self._group_pairs for p in group]
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_number("lr", group["lr"])
+        check_number("weight_decay", group["weight_decay"])
+        check_choice("x_mode", group["x_mode"], X_MODES)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            group = self.param_groups[-1]
+            self._validate_group(group)
+            for p in group["params"]:
+                if p.is_sparse:
+                    raise LoRAProConfigError(
+                        "sparse parameters are not supported; use dense embeddings (sparse=False)"
+                    )
+            if hasattr(self, "_group_pairs"):
+                self._index_pairs()
+        except Exception:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+
+    def _index_pairs(self) -> None:
+        group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        group_pairs: list[list[LoRAPair]] = [[] for _ in self.param_groups]
+        lora_ids: set[int] = set()
+        for pair in self._pairs:
+            ga, gb = group_of.get(id(pair.A)), group_of.get(id(pair.B))
+            if ga is None and gb is None:
+                continue
+            if ga != gb:
+                raise LoRAProConfigError(
+                    f"{pair.name} (adapter {pair.adapter!r}): lora_A and lora_B must be in the same "
+                    f"parameter group (found groups {ga} and {gb}); LoRA-Pro updates them together with "
+                    "one learning rate. Put both factors of every layer in one group."
+                )
+            group_pairs[ga].append(pair)
+            lora_ids.update((id(pair.A), id(pair.B)))
+        if not lora_ids:
+            raise LoRAProConfigError(
+                "none of the model's LoRA factors is among the parameters given to the optimizer; pass "
+                "params=None to optimise every trainable parameter of the model"
+            )
+        self._group_pairs = group_pairs
+        self._lora_ids = lora_ids
+
+    # -- the step ---------------------------------------------------------------------------
+    def _collect(self) -> list[GroupWork]:
+        works = []
+        for group, pairs in zip(self.param_groups, self._group_pairs, strict=True):
+            work = GroupWork(group)
+            for pair in pairs:
+                gA, gB = pair.A.grad, pair.B.grad
+                if gA is None and gB is None:
+                    continue  # the layer took no part in this forward pass
+                dtype = compute_dtype(pair.A.dtype)
+                A = pair.matrix_A().to(dtype)
+                B = pair.matrix_B().to(dtype)
+                gA = torch.zeros_like(A) if gA is None else pair.matrix_A(gA).to(dtype)
+                gB = torch.zeros_like(B) if gB is None else pair.matrix_B(gB).to(dtype)
+                work.pairs.append(PairWork(pair, pair.scaling, A, B, gA, gB))
+            for p in group["params"]:
+                if p.grad is None or id(p) in self._lora_ids:
+                    continue
+                if p.grad.is_sparse:
+                    raise LoRAProConfigError(
+                        "sparse gradients are not supported; use dense embeddings (sparse=False)"
+                    )
+                work.params.append(p)
+                work.grads.append(p.grad)
+            works.append(work)
+        return works
+
+    @staticmethod
+    def _adjust(pair_works: list[PairWork], x_mode_of: Callable[[PairWork], str]) -> None:
+        items = [(w.A, w.B, w.grad_A, w.grad_B, w.scaling, x_mode_of(w)) for w in pair_works]
+        for w, (new_a, new_b) in zip(pair_works, batched_optimal_gradients(items), strict=True):
+            w.adjusted_A, w.adjusted_B = new_a, new_b
+
+    def _prepare(self, works: list[GroupWork]) -> None:
+        """Fill in the adjusted gradients (subclasses may choose X per group)."""
+        group_of = {id(w): g.group for g in works for w in g.pairs}
+        self._adjust([w for g in works for w in g.pairs], lambda w: group_of[id(w)]["x_mode"])
+
+    def _apply(self, work: GroupWork) -> None:
+        raise NotImplementedError
+
+    def _nonfinite(self, works: list[GroupWork]) -> bool:
+        tensors: list[Tensor] = []
+        for work in works:
+            tensors += work.grads
+            for w in work.pairs:
+                tensors += [w.grad_A, w.grad_B, w.adjusted_A, w.adjusted_B]
+        # One host sync per step, the price of never applying a NaN (GradScaler pays the same).
+        return bool(any_nonfinite(tensors))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimisation step: adjust the LoRA gradients by Theorem 2.1, then update."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        works = self._collect()
+        self._prepare(works)
+        if self._nonfinite(works):
+            if self.nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    "a gradient holds NaN or Inf; no parameter or optimizer state was changed. Find the "
+                    "cause (learning rate, loss scale, bad batch), or construct the optimizer with "
+                    "nonfinite='skip' to skip such steps (counted in optimizer.skipped_steps)."
+                )
+            self.skipped_steps += 1
+            return loss
+        for work in works:
+            self._apply(work)
+        return loss
+
+    # -- state dict ------------------------------------------------------------------------
+    def _expected_state_shapes(self, group: dict[str, Any], param: Tensor) -> dict[str, tuple[int, ...]]:
+        """Shapes of the state tensors this optimizer keeps for ``param`` in ``group``."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, checking that it belongs to this model and mode first.
+
+        Unlike ``torch.optim``, moments keep the dtype they were saved in (float32 for
+        low-precision parameters) instead of being cast to the parameter dtype.
+        """
+        saved_groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+            raise LoRAProConfigError(
+                "not an optimizer state dict: expected the keys 'state' and 'param_groups'"
+            )
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=True)
+        ):
+            raise LoRAProConfigError(
+                "the state dict was saved from a different model or parameter grouping (the number of "
+                "groups or of parameters per group differs); build the optimizer the same way as when saving"
+            )
+        id_to_param = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups),
+                chain.from_iterable(g["params"] for g in self.param_groups),
+                strict=True,
+            )
+        )
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for saved_id, entry in saved_state.items():
+            param = id_to_param.get(saved_id)
+            if param is None:
+                raise LoRAProConfigError(f"state for unknown parameter id {saved_id} in the state dict")
+            group = dict(group_of[id(param)])
+            saved_group = next(g for g in saved_groups if saved_id in g["params"])
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+            expected = self._expected_state_shapes(group, param)
+            got = {k: tuple(v.shape) for k, v in entry.items() if isinstance(v, Tensor) and k != "step"}
+            if got and got != expected:
+                raise LoRAProConfigError(
+                    f"the state dict does not match this model/mode: a parameter of shape "
+                    f"{tuple(param.shape)} has saved state {got}, expected {expected}. Load a state dict "
+                    "saved from the same model with the same optimizer mode."
+                )
+        super().load_state_dict(state_dict)
+        # torch.optim casts floating state to the parameter dtype; restore the saved dtypes.
+        for saved_id, entry in saved_state.items():
+            param = id_to_param[saved_id]
+            for key, value in entry.items():
+                if isinstance(value, Tensor) and key != "step":
+                    self.state[param][key] = value.to(device=param.device)
+        self._index_pairs()

@@ -1,0 +1,186 @@
+"""LoRA-Pro with AdamW: efficient mode (Algorithm 2) and full mode (Algorithm 3)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._base import GroupWork, LoRAProOptimizer, PairWork, check_choice, check_number
+from .closed_form import XMode, compute_dtype, equivalent_gradient
+from .errors import LoRAProConfigError
+from .functional import adam_direction, adamw_update
+
+__all__ = ["MODES", "LoRAProAdamW"]
+
+MODES = ("efficient", "full")
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    return compute_dtype(p.dtype)
+
+
+class LoRAProAdamW(LoRAProOptimizer):
+    """AdamW on LoRA-Pro's adjusted gradients.
+
+    ``mode="efficient"`` (Algorithm 2, the paper's default): the LoRA factor gradients are
+    adjusted by Theorem 2.1, then A and B get ordinary AdamW with their own moments. The state
+    is exactly AdamW's (two moments per factor).
+
+    ``mode="full"`` (Algorithm 3): the m x n equivalent gradient of each layer gets float32
+    Adam moments, the Adam direction is projected back onto the factors by the closed form, and
+    weight decay follows full fine-tuning (Eq. 57-58): ``W <- (1 - lr*wd) W`` is applied as
+    ``A, B <- sqrt(1 - lr*wd) (A, B)`` **and ``W0 <- (1 - lr*wd) W0``: the frozen base weight
+    is scaled in place**. Full mode behaves like full fine-tuning and wants a full fine-tuning
+    learning rate (about 10x smaller than LoRA's).
+
+    Args:
+        model: the model holding PEFT LoRA layers (pairs are found by module).
+        lr: learning rate. betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        mode: ``"efficient"`` or ``"full"``.
+        x_mode: ``"sylvester"`` (Theorem 2.3), ``"zero"`` or ``"symmetric"`` (Eq. 16).
+        nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose gradients hold NaN/Inf;
+            either way nothing is modified.
+        foreach: use the multi-tensor AdamW path (default: on when all parameters are on GPU).
+        params: parameters or param groups (default: every trainable parameter of ``model``).
+            Both factors of a LoRA pair must be in the same group.
+
+    Parameters that are not LoRA factors (heads, ``modules_to_save``, biases) get plain AdamW.
+    Moments are float32 for bf16/fp16 parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        mode: str = "efficient",
+        x_mode: XMode = "sylvester",
+        *,
+        nonfinite: str = "raise",
+        foreach: bool | None = None,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+            "mode": mode, "x_mode": x_mode, "foreach": foreach,
+        }  # fmt: skip
+        super().__init__(model, params, defaults, nonfinite)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        betas = group["betas"]
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise LoRAProConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        check_number("betas[0]", betas[0], high=1.0, open_high=True)
+        check_number("betas[1]", betas[1], high=1.0, open_high=True)
+        check_number("eps", group["eps"])
+        check_choice("mode", group["mode"], MODES)
+        if group["foreach"] not in (None, True, False):
+            raise LoRAProConfigError(f"foreach must be None, True or False, got {group['foreach']!r}")
+
+    def _expected_state_shapes(self, group, param):
+        if group["mode"] == "full" and id(param) in self._lora_ids:
+            pair = next(p for p in self._pairs if param is p.A or param is p.B)
+            if param is pair.B:
+                m, n = pair.matrix_B().shape[0], pair.matrix_A().shape[1]
+                return {"equiv_exp_avg": (m, n), "equiv_exp_avg_sq": (m, n)}
+            return {}
+        return {"exp_avg": tuple(param.shape), "exp_avg_sq": tuple(param.shape)}
+
+    @staticmethod
+    def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
+        if group["foreach"] is not None:
+            return group["foreach"]
+        return bool(params) and all(p.is_cuda for p in params)
+
+    def _adamw(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        """Plain AdamW on ``params`` with the given gradients, state created on first use."""
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
+        beta1, beta2 = group["betas"]
+        adamw_update(
+            params, grads,
+            [self.state[p]["exp_avg"] for p in params],
+            [self.state[p]["exp_avg_sq"] for p in params],
+            [self.state[p]["step"] for p in params],
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], foreach=self._use_foreach(group, params),
+        )  # fmt: skip
+
+    def _prepare(self, works: list[GroupWork]) -> None:
+        # Full mode only needs the equivalent gradient here, which X does not change: take the
+        # cheapest X. Efficient mode adjusts with the group's own x_mode.
+        group_of = {id(w): g.group for g in works for w in g.pairs}
+
+        def x_mode_of(w: PairWork) -> str:
+            group = group_of[id(w)]
+            return "zero" if group["mode"] == "full" else group["x_mode"]
+
+        self._adjust([w for g in works for w in g.pairs], x_mode_of)
+
+    def _apply(self, work: GroupWork) -> None:
+        group = work.group
+        if group["mode"] == "efficient":
+            params = [t for w in work.pairs for t in (w.pair.A, w.pair.B)] + work.params
+            grads = [
+                t
+                for w in work.pairs
+                for t in (w.adjusted_A.view_as(w.pair.A), w.adjusted_B.view_as(w.pair.B))
+            ] + work.grads
+            self._adamw(group, params, grads)
+        else:
+            self._apply_full(work)
+            self._adamw(group, work.params, work.grads)
+
+    def _apply_full(self, work: GroupWork) -> None:
+        group = work.group
+        lr, wd = group["lr"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        if lr * wd >= 1.0:
+            raise LoRAProConfigError(
+                f"full mode needs lr * weight_decay < 1 (sqrt(1 - lr*wd) scales A and B), got "
+                f"lr={lr}, weight_decay={wd}; lower one of them"
+            )
+        # Adam on each layer's m x n equivalent gradient, one layer at a time so that only
+        # one m x n transient is alive; then map the direction back to LoRA gradients.
+        for w in work.pairs:
+            state = self.state[w.pair.B]
+            if "step" not in state:
+                m, n = w.B.shape[0], w.A.shape[1]
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["equiv_exp_avg"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
+                state["equiv_exp_avg_sq"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
+            g_equiv = equivalent_gradient(w.A, w.B, w.adjusted_A, w.adjusted_B, w.scaling)
+            direction = adam_direction(
+                g_equiv, state["equiv_exp_avg"], state["equiv_exp_avg_sq"], state["step"],
+                beta1=beta1, beta2=beta2, eps=group["eps"],
+            )  # fmt: skip
+            del g_equiv
+            w.grad_A = w.scaling * (w.B.mT @ direction)
+            w.grad_B = w.scaling * (direction @ w.A.mT)
+        self._adjust(work.pairs, lambda w: group["x_mode"])
+
+        decay = 1.0 - lr * wd
+        factor_decay = math.sqrt(decay)
+        decayed_bases: set[int] = set()
+        for w in work.pairs:
+            for param, delta in ((w.pair.A, w.adjusted_A), (w.pair.B, w.adjusted_B)):
+                updated = param.reshape(delta.shape).to(delta.dtype, copy=True)
+                if wd != 0.0:
+                    updated.mul_(factor_decay)
+                updated.add_(delta, alpha=-lr)
+                param.copy_(updated.view_as(param))
+            base = w.pair.base_weight
+            if wd != 0.0 and id(base) not in decayed_bases:
+                decayed_bases.add(id(base))
+                base.mul_(decay)

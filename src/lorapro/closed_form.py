@@ -1,0 +1,191 @@
+"""The LoRA-Pro closed form (Theorems 2.1-2.3) as pure functions.
+
+Shapes follow PEFT and the paper: ``A`` is (r, n), ``B`` is (m, r), the adapted weight is
+``W = W0 + s * B @ A``. Every function accepts any number of leading batch dimensions, so
+layers of equal shape can be solved in one call.
+
+LoRA's own gradients are ``grad_A = s B^T g`` and ``grad_B = s g A^T`` for the full gradient
+``g = dL/dW``. A LoRA step therefore moves W along the *equivalent gradient*
+``s (B grad_A + grad_B A)``. Theorem 2.1 picks the factor gradients whose equivalent gradient
+is closest to ``g`` in Frobenius norm; the answer depends on ``g`` only through LoRA's own
+gradients, so no m x n matrix is needed.
+
+Numerics. Both Gram matrices ``B^T B`` and ``A A^T`` are r x r and symmetric positive
+semi-definite. One ``eigh`` of each gives their pseudo-inverses and also diagonalises the
+Sylvester equation of Theorem 2.3, so the whole solve costs two r x r eigendecompositions and
+a handful of skinny matmuls. Eigenvalues below ``rtol`` times the largest are treated as zero,
+which turns the inverses into pseudo-inverses: rank-deficient factors (B = 0 at PEFT's
+initialisation in particular) then give the minimum-norm least-squares answer instead of
+NaN or Inf, with no branching on a step counter or on tensor values.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+XMode = Literal["sylvester", "zero", "symmetric"]
+X_MODES: tuple[str, ...] = ("sylvester", "zero", "symmetric")
+
+__all__ = [
+    "X_MODES",
+    "GramEigen",
+    "XMode",
+    "compute_dtype",
+    "equivalent_gradient",
+    "gram_eigen",
+    "optimal_gradients",
+    "solve_x",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the closed form runs in: float32 at least, float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _as_batch_scalar(scaling: float | Tensor, like: Tensor) -> Tensor | float:
+    """Scaling broadcast against (..., rows, cols): a tensor of batch shape gains two dims."""
+    if isinstance(scaling, Tensor):
+        return scaling.to(device=like.device, dtype=like.dtype)[..., None, None]
+    return float(scaling)
+
+
+def equivalent_gradient(
+    A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, scaling: float | Tensor
+) -> Tensor:
+    """The gradient a LoRA step applies to W: ``scaling * (B @ grad_A + grad_B @ A)``.
+
+    Returns an (..., m, n) tensor: only for diagnostics and full mode, never the hot path
+    of efficient mode.
+    """
+    s = _as_batch_scalar(scaling, A)
+    return s * (B @ grad_A + grad_B @ A)
+
+
+class GramEigen(NamedTuple):
+    """Eigendecomposition of an r x r Gram matrix with its pseudo-inverse spectrum."""
+
+    values: Tensor  # (..., r) eigenvalues, clamped at zero, cut ones set to zero
+    vectors: Tensor  # (..., r, r) orthonormal eigenvectors (columns)
+    inverse_values: Tensor  # (..., r) 1/value where kept, 0 where cut
+
+
+def gram_eigen(gram: Tensor, rtol: float | None = None) -> GramEigen:
+    """``eigh`` of a symmetric PSD Gram matrix, with a relative cut-off for its pseudo-inverse.
+
+    An eigenvalue is kept when it exceeds both ``rtol * max eigenvalue`` and the smallest
+    normal number of the dtype (so that 1/value cannot overflow). The default ``rtol`` is
+    ``r * eps``: the rounding error of an eigenvalue computed from an r x r Gram matrix, below
+    which the value carries no information.
+    """
+    r = gram.shape[-1]
+    finfo = torch.finfo(gram.dtype)
+    if rtol is None:
+        rtol = r * finfo.eps
+    # Symmetrise: the Gram products are symmetric only up to rounding, and eigh reads one
+    # triangle; averaging makes the result independent of which.
+    values, vectors = torch.linalg.eigh(0.5 * (gram + gram.mT))
+    values = values.clamp_min(0.0)
+    threshold = (rtol * values.amax(dim=-1, keepdim=True)).clamp_min(finfo.tiny)
+    keep = values > threshold
+    values = torch.where(keep, values, torch.zeros_like(values))
+    safe = torch.where(keep, values, torch.ones_like(values))
+    inverse_values = torch.where(keep, safe.reciprocal(), torch.zeros_like(values))
+    return GramEigen(values, vectors, inverse_values)
+
+
+def _pinv(eig: GramEigen) -> Tensor:
+    return (eig.vectors * eig.inverse_values[..., None, :]) @ eig.vectors.mT
+
+
+def solve_x(rhs: Tensor, eig_b: GramEigen, eig_a: GramEigen, x_mode: str) -> Tensor:
+    """The free r x r matrix X of Theorem 2.1 for the chosen ``x_mode``.
+
+    ``rhs`` is ``C = -(1/s^2) (B^T B)^+ grad_A A^T``, the right-hand side of Theorem 2.3's
+    Sylvester equation ``B^T B X + X A A^T = C``. In the eigenbases U of B^T B (values l) and
+    V of A A^T (values q) the equation is diagonal: ``X~_ij (l_i + q_j) = C~_ij``.
+
+    - ``"sylvester"``: the unique solution (min-norm where both spectra are cut), which keeps
+      the adjusted gradients closest to LoRA's own; it also makes the adjusted pair the
+      minimum-norm least-squares solution.
+    - ``"symmetric"``: Eq. 16 in its consistent r x r form ``X = (1/2) C (A A^T)^+``,
+      i.e. ``X~_ij = C~_ij q_j^+ / 2``; it balances ``B g^A`` against ``g^B A`` inside
+      span(B) x rowspace(A).
+    - ``"zero"``: X = 0.
+    """
+    if x_mode == "zero":
+        return torch.zeros_like(rhs)
+    U, V = eig_b.vectors, eig_a.vectors
+    rhs_eig = U.mT @ rhs @ V
+    if x_mode == "sylvester":
+        l, q = eig_b.values, eig_a.values
+        # Keep X~_ij only where both eigenvalues survived the cut: elsewhere the right-hand
+        # side is zero in exact arithmetic (it carries a factor l_i^+ and A^T v_j), and the
+        # truncated problem's solution is zero there too.
+        keep = (l > 0)[..., :, None] & (q > 0)[..., None, :]
+        denom = torch.where(keep, l[..., :, None] + q[..., None, :], torch.ones_like(rhs_eig))
+        weights = torch.where(keep, denom.reciprocal(), torch.zeros_like(rhs_eig))
+    elif x_mode == "symmetric":
+        weights = 0.5 * eig_a.inverse_values[..., None, :].expand_as(rhs_eig)
+    else:
+        raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
+    return U @ (rhs_eig * weights) @ V.mT
+
+
+def optimal_gradients(
+    A: Tensor,
+    B: Tensor,
+    grad_A: Tensor,
+    grad_B: Tensor,
+    scaling: float | Tensor,
+    x_mode: XMode | str = "sylvester",
+    rtol: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Theorem 2.1: the factor gradients whose equivalent gradient is closest to the full one.
+
+    Args:
+        A: (..., r, n) LoRA A factor. B: (..., m, r) LoRA B factor.
+        grad_A, grad_B: LoRA's own gradients of A and B (same shapes).
+        scaling: the LoRA scaling s (alpha/r, alpha/sqrt(r) under rsLoRA, ...), a float or a
+            tensor of the batch shape.
+        x_mode: how the free matrix X is chosen, see :func:`solve_x`.
+        rtol: eigenvalue cut-off relative to the largest eigenvalue of each Gram matrix;
+            ``None`` uses ``r * eps`` of the compute dtype.
+
+    Returns:
+        ``(grad_A, grad_B)`` adjusted, in the dtype of ``A`` and ``B``::
+
+            gA = (1/s^2) (B^T B)^+ grad_A + X A
+            gB = (1/s^2) [I - B (B^T B)^+ B^T] grad_B (A A^T)^+ - B X
+
+    The m x m projector is never formed: it is applied as ``G - B ((B^T B)^+ (B^T G))``.
+    """
+    if x_mode not in X_MODES:
+        raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
+    out_dtype = A.dtype
+    dtype = compute_dtype(torch.promote_types(A.dtype, B.dtype))
+    A, B, grad_A, grad_B = (t.to(dtype) for t in (A, B, grad_A, grad_B))
+    s = _as_batch_scalar(scaling, A)
+    inv_s2 = 1.0 / (s * s)
+
+    eig_b = gram_eigen(B.mT @ B, rtol)
+    eig_a = gram_eigen(A @ A.mT, rtol)
+    pinv_b = _pinv(eig_b)
+    pinv_a = _pinv(eig_a)
+
+    # r x r reductions of the (m, r) and (r, n) operands: everything else is r x r work.
+    bt_grad_b = B.mT @ grad_B  # B^T gB_lora
+    grad_a_at = grad_A @ A.mT  # gA_lora A^T
+
+    pinv_b_scaled = inv_s2 * pinv_b
+    x = solve_x(-(pinv_b_scaled @ grad_a_at), eig_b, eig_a, x_mode)
+
+    new_grad_A = pinv_b_scaled @ grad_A + x @ A
+    # gB = (1/s^2) (gB_lora - B Pb^+ B^T gB_lora) Pa^+ - B X
+    #    = gB_lora ((1/s^2) Pa^+) - B ((1/s^2) Pb^+ (B^T gB_lora) Pa^+ + X)
+    pinv_a_scaled = inv_s2 * pinv_a
+    new_grad_B = grad_B @ pinv_a_scaled - B @ (pinv_b @ bt_grad_b @ pinv_a_scaled + x)
+    return new_grad_A.to(out_dtype), new_grad_B.to(out_dtype)

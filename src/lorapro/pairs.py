@@ -1,0 +1,141 @@
+"""Find the LoRA (A, B) factor pairs of a model, by module.
+
+Pairs are discovered from PEFT's LoRA layers (``peft.tuners.lora.LoraLayer``): for every
+layer and every *active* adapter, ``lora_A[adapter]`` / ``lora_B[adapter]`` (Linear and Conv)
+or ``lora_embedding_A[adapter]`` / ``lora_embedding_B[adapter]`` (Embedding). Nothing is
+inferred from parameter order or names, so any architecture PEFT can wrap works.
+
+The scaling is read from the layer each time it is asked for (``layer.scaling[adapter]``),
+never cached: rsLoRA, ``rank_pattern`` / ``alpha_pattern`` and PEFT's run-time
+``set_scale`` / ``scale_layer`` all change it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor, nn
+
+from .errors import LoRAProConfigError
+
+__all__ = ["LoRAPair", "find_lora_pairs"]
+
+PairKind = Literal["linear", "conv", "embedding"]
+
+
+@dataclass(frozen=True, eq=False)
+class LoRAPair:
+    """One adapter's (A, B) factors on one layer, viewed as the paper's matrices.
+
+    ``matrix_A`` is (r, n) and ``matrix_B`` is (m, r), with ``W = W0 + s B A`` in the layer's
+    own orientation: for Linear W is (out, in); for Conv A is flattened to
+    (r, in * prod(kernel)); for Embedding ``W`` is the transpose of the embedding table,
+    (dim, num_embeddings).
+    """
+
+    name: str
+    """Qualified name of the LoRA layer in the model."""
+    adapter: str
+    layer: nn.Module
+    kind: PairKind
+    A: nn.Parameter
+    B: nn.Parameter
+
+    @property
+    def scaling(self) -> float:
+        """The layer's current scaling s for this adapter (read live, never cached)."""
+        return float(self.layer.scaling[self.adapter])
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def matrix_A(self, tensor: Tensor | None = None) -> Tensor:
+        """(r, n) view of A (or of a tensor shaped like A, such as its gradient)."""
+        t = self.A if tensor is None else tensor
+        return t.reshape(t.shape[0], -1)
+
+    def matrix_B(self, tensor: Tensor | None = None) -> Tensor:
+        """(m, r) view of B (or of a tensor shaped like B)."""
+        t = self.B if tensor is None else tensor
+        return t.reshape(t.shape[0], t.shape[1])
+
+    @property
+    def base_weight(self) -> Tensor:
+        """The frozen base weight W0 this pair adapts (full mode scales it for weight decay)."""
+        return self.layer.get_base_layer().weight
+
+
+def _lora_layer_class() -> type:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError as exc:  # pragma: no cover - peft is a hard dependency
+        raise ImportError("lorapro needs PEFT: pip install peft") from exc
+    return LoraLayer
+
+
+def _variant_name(layer: nn.Module, adapter: str) -> str | None:
+    """Name of a LoRA variant (DoRA, ...) on this adapter, or None for vanilla LoRA."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        return type(variant).__name__
+    if getattr(layer, "use_dora", {}).get(adapter, False):
+        return "DoRA"
+    return None
+
+
+def _pair_of(name: str, layer: nn.Module, adapter: str) -> LoRAPair | None:
+    if adapter in getattr(layer, "lora_A", {}):
+        A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        kind: PairKind = "conv" if A.dim() > 2 else "linear"
+        if kind == "conv" and getattr(layer.lora_B[adapter], "groups", 1) != 1:
+            raise LoRAProConfigError(
+                f"{name}: LoRA on a grouped convolution (groups={layer.lora_B[adapter].groups}) has a "
+                "block-diagonal B, which the LoRA-Pro closed form does not model. Exclude this layer "
+                "from target_modules, or train it with a plain optimizer."
+            )
+    elif adapter in getattr(layer, "lora_embedding_A", {}):
+        A, B = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+        kind = "embedding"
+    else:
+        return None
+    return LoRAPair(name=name, adapter=adapter, layer=layer, kind=kind, A=A, B=B)
+
+
+def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
+    """All trainable LoRA factor pairs of the model's active adapters, in module order.
+
+    Raises :class:`LoRAProConfigError` for adapters LoRA-Pro cannot handle: DoRA and other
+    LoRA variants (the paper's stated limitation), grouped convolutions, and pairs with one
+    factor frozen. Pairs with both factors frozen are not trained and are left out.
+    """
+    lora_layer = _lora_layer_class()
+    pairs: list[LoRAPair] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, lora_layer):
+            continue
+        for adapter in module.active_adapters:
+            pair = _pair_of(name, module, adapter)
+            if pair is None:
+                continue
+            trainable = (pair.A.requires_grad, pair.B.requires_grad)
+            if trainable == (False, False):
+                continue
+            variant = _variant_name(module, adapter)
+            if variant is not None:
+                raise LoRAProConfigError(
+                    f"{name} (adapter {adapter!r}) uses the LoRA variant {variant}. LoRA-Pro's closed "
+                    "form holds only for W = W0 + s B A; DoRA's magnitude vector changes that map, and "
+                    "the paper states LoRA-Pro does not apply to it. Use plain LoRA (use_dora=False) "
+                    "with lorapro, or train the DoRA model with torch.optim.AdamW."
+                )
+            if trainable != (True, True):
+                frozen = "A" if not trainable[0] else "B"
+                raise LoRAProConfigError(
+                    f"{name} (adapter {adapter!r}): lora_{frozen} is frozen but its partner is trainable. "
+                    "LoRA-Pro adjusts A and B together; unfreeze both factors (requires_grad_(True)), or "
+                    "use a plain optimizer for a one-factor method such as LoRA-FA."
+                )
+            pairs.append(pair)
+    return pairs
