@@ -70,9 +70,9 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
         raise LoRAProConfigError(f"unknown {name} {value!r}: use one of {', '.join(map(repr, choices))}")
 
 
-def batched_optimal_gradients(items: list[tuple[Tensor, Tensor, Tensor, Tensor, float, str]]) -> list[
-    tuple[Tensor, Tensor]
-]:
+def batched_optimal_gradients(
+    items: list[tuple[Tensor, Tensor, Tensor, Tensor, float, str]],
+) -> list[tuple[Tensor, Tensor]]:
     """Theorem 2.1 for many layers: layers of equal shape, dtype, device, scaling and x_mode
     are stacked and solved in one batched call (one batched eigh per Gram matrix)."""
     buckets: dict[tuple, list[int]] = defaultdict(list)
