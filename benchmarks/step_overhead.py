@@ -1,0 +1,170 @@
+"""Time the optimizer step alone on LoRA factors shaped like Llama-2-7B, side by side in one run.
+
+Per block: q, k, v, o (4096 x 4096), gate and up (11008 x 4096), down (4096 x 11008). The base
+weights live on the meta device (they are never read by the step), so only the LoRA factors
+and their gradients take memory. Timed in one process, interleaved, median of repeats:
+
+- torch.optim.AdamW(foreach=True) on the LoRA factors (the baseline);
+- lorapro.LoRAProAdamW efficient and full mode, lorapro.LoRAProSGD;
+- a per-layer reference written from the description of the official code: two pinv, two
+  general (complex) eig, one inv and the explicit m x m projector, then AdamW.
+
+Example: python benchmarks/step_overhead.py --blocks 4 --rank 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import lorapro
+
+SHAPES = {  # name: (out, in)
+    "q_proj": (4096, 4096),
+    "k_proj": (4096, 4096),
+    "v_proj": (4096, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (11008, 4096),
+    "up_proj": (11008, 4096),
+    "down_proj": (4096, 11008),
+}
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        for name, (out_f, in_f) in SHAPES.items():
+            setattr(self, name, nn.Linear(in_f, out_f, bias=False))
+
+
+def build_model(blocks: int, rank: int, seed: int = 0) -> nn.Module:
+    """A stack of Llama-2-7B-shaped blocks; base weights on meta, LoRA factors real (B != 0)."""
+    with torch.device("meta"):
+        model = nn.Sequential(*(Block() for _ in range(blocks)))
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(SHAPES)))
+    gen = torch.Generator().manual_seed(seed)
+    for pair_module_name, module in model.named_modules():
+        if "lora_A" in pair_module_name or "lora_B" in pair_module_name:
+            if isinstance(module, nn.Linear):
+                w = torch.randn(module.weight.shape, generator=gen) / module.weight.shape[1] ** 0.5
+                module.weight = nn.Parameter(w)
+    return model
+
+
+def lora_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def set_grads(params: list[nn.Parameter], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+
+
+class ReferenceStep:
+    """The official code's per-layer algorithm: pinv x2, complex eig x2, inv, m x m projector."""
+
+    def __init__(self, model: nn.Module, lr: float):
+        self.pairs = lorapro.find_lora_pairs(model)
+        self.adam = torch.optim.AdamW(lora_params(model), lr=lr, foreach=True)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for pair in self.pairs:
+            A, B, gA, gB, s = pair.A, pair.B, pair.A.grad, pair.B.grad, pair.scaling
+            m = B.shape[0]
+            btb_inv = torch.linalg.pinv(B.T @ B)
+            aat_inv = torch.linalg.pinv(A @ A.T)
+            lb, U = torch.linalg.eig(B.T @ B)
+            la, V = torch.linalg.eig(A @ A.T)
+            C = (-(1 / s**2) * btb_inv @ gA @ A.T).to(U.dtype)
+            X = U @ ((torch.linalg.inv(U) @ C @ V) / (lb[:, None] + la[None, :])) @ torch.linalg.inv(V)
+            X = X.real
+            projector = torch.eye(m) - B @ btb_inv @ B.T
+            new_gA = (1 / s**2) * btb_inv @ gA + X @ A
+            new_gB = (1 / s**2) * projector @ gB @ aat_inv - B @ X
+            gA.copy_(new_gA)
+            gB.copy_(new_gB)
+        self.adam.step()
+
+
+def time_step(make_step, params, repeats: int) -> list[float]:
+    times = []
+    for i in range(repeats):
+        set_grads(params, seed=i)
+        start = time.perf_counter()
+        make_step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if v.dim() > 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per method (after one warm-up)")
+    parser.add_argument("--full-blocks", type=int, default=1, help="blocks for full mode (m x n moments)")
+    parser.add_argument("--reference-blocks", type=int, default=1, help="blocks for the per-layer reference")
+    parser.add_argument("--skip-full", action="store_true")
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rank {args.rank}")
+
+    def measure(name, blocks, make_opt):
+        model = build_model(blocks, args.rank)
+        params = lora_params(model)
+        opt = make_opt(model, params)
+        set_grads(params, seed=1000)
+        opt.step()  # warm-up (state creation)
+        times = time_step(opt.step, params, args.repeats)
+        med = statistics.median(times)
+        nbytes = state_bytes(opt) if isinstance(opt, torch.optim.Optimizer) else state_bytes(opt.adam)
+        del opt, model, params
+        gc.collect()
+        return name, blocks, med, nbytes
+
+    rows = []
+    lr = 1e-4
+    rows.append(
+        measure("torch AdamW (foreach)", args.blocks, lambda m, p: torch.optim.AdamW(p, lr=lr, foreach=True))
+    )
+    rows.append(measure("LoRAProAdamW efficient", args.blocks, lambda m, p: lorapro.LoRAProAdamW(m, lr=lr)))
+    rows.append(measure("LoRAProSGD", args.blocks, lambda m, p: lorapro.LoRAProSGD(m, lr=lr)))
+    if not args.skip_full:
+        rows.append(
+            measure("torch AdamW (foreach)", args.full_blocks, lambda m, p: torch.optim.AdamW(p, lr=lr, foreach=True))
+        )
+        rows.append(
+            measure("LoRAProAdamW full", args.full_blocks, lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, mode="full"))
+        )
+    if not args.skip_reference:
+        rows.append(
+            measure("per-layer reference", args.reference_blocks, lambda m, p: ReferenceStep(m, lr))
+        )
+
+    base = {blocks: med for name, blocks, med, _ in rows if name.startswith("torch AdamW")}
+    print(f"\n| step | blocks | median ms | per block ms | x torch AdamW | optimizer state MB |")
+    print("|---|---|---|---|---|---|")
+    for name, blocks, med, nbytes in rows:
+        per_block = med / blocks
+        ratio = med / base[blocks] if blocks in base else float("nan")
+        print(f"| {name} | {blocks} | {med * 1e3:.1f} | {per_block * 1e3:.1f} | {ratio:.2f} | {nbytes / 2**20:.1f} |")
+    eff = next(med / b for name, b, med, _ in rows if name == "LoRAProAdamW efficient")
+    for name, b, med, _ in rows:
+        if name == "per-layer reference":
+            print(f"\nper-layer reference / efficient mode, per block: {med / b / eff:.0f}x")
+
+
+if __name__ == "__main__":
+    main()

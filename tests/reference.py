@@ -1,0 +1,126 @@
+"""Independent float64 references for LoRA-Pro's closed form (numpy / scipy only).
+
+Nothing here imports lorapro: tests compare the package against these.
+
+Notation (PEFT shapes): A is (r, n), B is (m, r), the merged weight is W0 + s B A and
+g is the (m, n) full gradient. LoRA's own gradients are gA_lora = s B^T g and
+gB_lora = s g A^T. The equivalent gradient of an update (gA, gB) is s (B gA + gB A).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+
+def lora_grads(A: np.ndarray, B: np.ndarray, g: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
+    """LoRA's gradients (gA_lora, gB_lora) for the full gradient g."""
+    return s * B.T @ g, s * g @ A.T
+
+
+def kron_system(A: np.ndarray, B: np.ndarray, s: float) -> np.ndarray:
+    """Matrix M with M @ [vec(gA); vec(gB)] = vec(s B gA + s gB A) (row-major vec).
+
+    vec(B gA) = (B kron I_n) vec(gA) and vec(gB A) = (I_m kron A^T) vec(gB).
+    numpy.kron is used on purpose: torch.kron was seen to fail on r = 1 operands.
+    """
+    r, n = A.shape
+    m = B.shape[0]
+    assert B.shape == (m, r)
+    return s * np.hstack([np.kron(B, np.eye(n)), np.kron(np.eye(m), A.T)])
+
+
+def min_norm_lstsq(A: np.ndarray, B: np.ndarray, g: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum-norm minimiser of ||s B gA + s gB A - g||_F over (gA, gB), by brute force.
+
+    Uses an SVD-based driver (numpy's lstsq is LAPACK gelsd); gelsy was seen to return a
+    wrong minimiser on this rank-deficient system.
+    """
+    r, n = A.shape
+    m = B.shape[0]
+    sol = np.linalg.lstsq(kron_system(A, B, s), g.reshape(-1), rcond=None)[0]
+    return sol[: r * n].reshape(r, n), sol[r * n :].reshape(m, r)
+
+
+def projected_gradient(A: np.ndarray, B: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """P_B g + (I - P_B) g P_A: the projection of g onto {B X + Y A}, i.e. the optimal g~.
+
+    P_B = B B^+ and P_A = A^+ A, with SVD pseudo-inverses (rank-deficient inputs allowed).
+    """
+    P_B = B @ np.linalg.pinv(B)
+    P_A = np.linalg.pinv(A) @ A
+    return P_B @ g + (g - P_B @ g) @ P_A
+
+
+def gram_pinv(M: np.ndarray, rtol: float | None = None) -> np.ndarray:
+    """Pseudo-inverse of a symmetric PSD Gram matrix (SVD based, cut-off rtol relative to the largest
+    singular value; numpy's default is max(M.shape) * eps, i.e. r * eps for an r x r Gram matrix)."""
+    if rtol is None:
+        return np.linalg.pinv(M, hermitian=True)
+    return np.linalg.pinv(M, hermitian=True, rtol=rtol)
+
+
+def theorem_grads(
+    A: np.ndarray,
+    B: np.ndarray,
+    gA_lora: np.ndarray,
+    gB_lora: np.ndarray,
+    s: float,
+    x_mode: str,
+    rtol: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Theorem 2.1 written out directly with numpy (any gA_lora, gB_lora, consistent or not).
+
+    gA = (1/s^2) (B^T B)^+ gA_lora + X A
+    gB = (1/s^2) [I - B (B^T B)^+ B^T] gB_lora (A A^T)^+ - B X
+    "sylvester": X solves B^T B X + X A A^T = -(1/s^2) (B^T B)^+ gA_lora A^T (scipy's Bartels-Stewart;
+    needs B^T B and -A A^T without a common eigenvalue, i.e. not both singular).
+    "zero": X = 0. "symmetric": X = -(1/(2 s^2)) (B^T B)^+ gA_lora A^T (A A^T)^+.
+    """
+    BtB_pinv = gram_pinv(B.T @ B, rtol)
+    AAt_pinv = gram_pinv(A @ A.T, rtol)
+    base_A = BtB_pinv @ gA_lora / s**2
+    base_B = (gB_lora - B @ (BtB_pinv @ (B.T @ gB_lora))) @ AAt_pinv / s**2
+    if x_mode == "zero":
+        X = np.zeros((A.shape[0], A.shape[0]))
+    elif x_mode == "symmetric":
+        X = -BtB_pinv @ gA_lora @ A.T @ AAt_pinv / (2 * s**2)
+    elif x_mode == "sylvester":
+        X = scipy.linalg.solve_sylvester(B.T @ B, A @ A.T, -BtB_pinv @ gA_lora @ A.T / s**2)
+    else:
+        raise ValueError(x_mode)
+    return base_A + X @ A, base_B - B @ X
+
+
+def sylvester_x_brute_force(
+    A: np.ndarray, B: np.ndarray, gA0: np.ndarray, gB0: np.ndarray, gA_lora: np.ndarray, gB_lora: np.ndarray
+) -> np.ndarray:
+    """Minimiser over X of ||gA0 + X A - gA_lora||^2 + ||gB0 - B X - gB_lora||^2 by least squares in vec(X).
+
+    Row-major: vec(X A) = (I_r kron A^T) vec(X), vec(B X) = (B kron I_r) vec(X).
+    Minimum-norm X when the minimiser is not unique.
+    """
+    r = A.shape[0]
+    M = np.vstack([np.kron(np.eye(r), A.T), -np.kron(B, np.eye(r))])
+    rhs = np.concatenate([(gA_lora - gA0).reshape(-1), (gB_lora - gB0).reshape(-1)])
+    return np.linalg.lstsq(M, rhs, rcond=None)[0].reshape(r, r)
+
+
+def theorem_grads_from_full(
+    A: np.ndarray, B: np.ndarray, g: np.ndarray, s: float, x_mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Theorem 2.1 in terms of the full gradient, with SVD pseudo-inverses of A and B themselves.
+
+    (B^T B)^+ gA_lora / s^2 = B^+ g / s and [I - P_B] gB_lora (A A^T)^+ / s^2 = (I - P_B) g A^+ / s,
+    so no Gram matrix is formed. "zero": X = 0; "symmetric": X = -B^+ g A^+ / (2 s).
+    """
+    B_pinv = np.linalg.pinv(B)
+    A_pinv = np.linalg.pinv(A)
+    base_A = B_pinv @ g / s
+    base_B = (g - B @ (B_pinv @ g)) @ A_pinv / s
+    if x_mode == "zero":
+        return base_A, base_B
+    if x_mode == "symmetric":
+        X = -B_pinv @ g @ A_pinv / (2 * s)
+        return base_A + X @ A, base_B - B @ X
+    raise ValueError(x_mode)
