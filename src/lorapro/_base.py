@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .closed_form import X_MODES, compute_dtype, optimal_gradients
+from .closed_form import X_MODES, compute_dtype, solve_coefficients
 from .errors import LoRAProConfigError, NonFiniteGradientError
 from .functional import any_nonfinite
 from .pairs import LoRAPair, find_lora_pairs
@@ -70,25 +70,43 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
         raise LoRAProConfigError(f"unknown {name} {value!r}: use one of {', '.join(map(repr, choices))}")
 
 
-def batched_optimal_gradients(
-    items: list[tuple[Tensor, Tensor, Tensor, Tensor, float, str]],
-) -> list[tuple[Tensor, Tensor]]:
-    """Theorem 2.1 for many layers: layers of equal shape, dtype, device, scaling and x_mode
-    are stacked and solved in one batched call (one batched eigh per Gram matrix)."""
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i, (A, B, _, _, s, x_mode) in enumerate(items):
-        buckets[(A.shape, B.shape, A.dtype, A.device, s, x_mode)].append(i)
-    out: list[tuple[Tensor, Tensor] | None] = [None] * len(items)
-    for (_, _, _, _, s, x_mode), idx in buckets.items():
-        if len(idx) == 1:
-            A, B, gA, gB, _, _ = items[idx[0]]
-            out[idx[0]] = optimal_gradients(A, B, gA, gB, s, x_mode)
-            continue
-        stacked = [torch.stack([items[i][k] for i in idx]) for k in range(4)]
-        new_a, new_b = optimal_gradients(*stacked, s, x_mode)
-        for j, i in enumerate(idx):
-            out[i] = (new_a[j], new_b[j])
-    return out  # type: ignore[return-value]
+def adjust_pairs(
+    works: list[PairWork],
+    x_mode_of: Callable[[PairWork], str],
+    reduce_terms: Callable[[Tensor], Tensor] | None = None,
+) -> list[Tensor]:
+    """Theorem 2.1 for many layers at once; fills ``adjusted_A`` / ``adjusted_B``.
+
+    Layers of equal rank, dtype, device and x_mode share one batched solve whatever their
+    shapes and scalings: the (m, r) and (r, n) operands are only touched by per-layer skinny
+    matmuls that reduce them to r x r terms, written straight into one (4, k, r, r) tensor;
+    that tensor gets two batched ``eigh`` calls; per-layer matmuls then apply the r x r
+    coefficients, with 1/s^2 folded into the matmul's own scalars (no tensor of scalings,
+    so no host-to-device copy).
+
+    ``reduce_terms`` sums partial terms across shards when the factors are sharded.
+    Returns the r x r tensors (terms and coefficients) so the caller can check them.
+    """
+    buckets: dict[tuple, list[PairWork]] = defaultdict(list)
+    for w in works:
+        buckets[(w.A.shape[0], w.A.dtype, w.A.device, x_mode_of(w))].append(w)
+    small: list[Tensor] = []
+    for (r, dtype, device, x_mode), bucket in buckets.items():
+        terms = torch.empty((4, len(bucket), r, r), dtype=dtype, device=device)
+        for i, w in enumerate(bucket):
+            torch.mm(w.B.mT, w.B, out=terms[0, i])
+            torch.mm(w.A, w.A.mT, out=terms[1, i])
+            torch.mm(w.B.mT, w.grad_B, out=terms[2, i])
+            torch.mm(w.grad_A, w.A.mT, out=terms[3, i])
+        if reduce_terms is not None:
+            terms = reduce_terms(terms)
+        coefs = solve_coefficients(*terms, x_mode=x_mode)
+        for i, w in enumerate(bucket):
+            c = 1.0 / (w.scaling * w.scaling)
+            w.adjusted_A = torch.addmm(coefs.a_coef[i] @ w.A, coefs.grad_a_coef[i], w.grad_A, beta=c, alpha=c)
+            w.adjusted_B = torch.addmm(w.B @ coefs.b_coef[i], w.grad_B, coefs.grad_b_coef[i], beta=c, alpha=c)
+        small += [terms, *coefs]
+    return small
 
 
 class LoRAProOptimizer(Optimizer):
@@ -120,6 +138,7 @@ class LoRAProOptimizer(Optimizer):
         self.skipped_steps = 0
         """Steps skipped because of non-finite gradients (``nonfinite="skip"``)."""
         self._pairs = pairs
+        self._checked: list[Tensor] = []  # r x r tensors of the current step, for the NaN check
         super().__init__(params, defaults)
         self._index_pairs()
 
@@ -201,11 +220,16 @@ class LoRAProOptimizer(Optimizer):
             works.append(work)
         return works
 
-    @staticmethod
-    def _adjust(pair_works: list[PairWork], x_mode_of: Callable[[PairWork], str]) -> None:
-        items = [(w.A, w.B, w.grad_A, w.grad_B, w.scaling, x_mode_of(w)) for w in pair_works]
-        for w, (new_a, new_b) in zip(pair_works, batched_optimal_gradients(items), strict=True):
-            w.adjusted_A, w.adjusted_B = new_a, new_b
+    def _reduce_gram_terms(self, terms: Tensor) -> Tensor:
+        """Sum the (4, k, r, r) Gram terms over shards of sharded factors.
+
+        Replicated factors (one process, DDP) need nothing: the identity. A sharded-parameter
+        integration overrides this with an all-reduce (4 k r^2 numbers per bucket).
+        """
+        return terms
+
+    def _adjust(self, pair_works: list[PairWork], x_mode_of: Callable[[PairWork], str]) -> None:
+        self._checked += adjust_pairs(pair_works, x_mode_of, self._reduce_gram_terms)
 
     def _prepare(self, works: list[GroupWork]) -> None:
         """Fill in the adjusted gradients (subclasses may choose X per group)."""
@@ -216,11 +240,14 @@ class LoRAProOptimizer(Optimizer):
         raise NotImplementedError
 
     def _nonfinite(self, works: list[GroupWork]) -> bool:
-        tensors: list[Tensor] = []
+        # LoRA's raw gradients need no pass of their own: a NaN or Inf in them reaches both
+        # the r x r terms and the adjusted gradients through the matmuls (IEEE: 0 * Inf and
+        # 0 * NaN are NaN), and checking the adjusted ones also catches overflow.
+        tensors: list[Tensor] = list(self._checked)
         for work in works:
             tensors += work.grads
             for w in work.pairs:
-                tensors += [w.grad_A, w.grad_B, w.adjusted_A, w.adjusted_B]
+                tensors += [w.adjusted_A, w.adjusted_B]
         # One host sync per step, the price of never applying a NaN (GradScaler pays the same).
         return bool(any_nonfinite(tensors))
 
@@ -232,6 +259,7 @@ class LoRAProOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         works = self._collect()
+        self._checked = []
         self._prepare(works)
         if self._nonfinite(works):
             if self.nonfinite == "raise":

@@ -32,12 +32,17 @@ DEFAULT_RTOL_FACTOR = 10.0
 
 __all__ = [
     "X_MODES",
+    "Coefficients",
     "GramEigen",
+    "GramTerms",
     "XMode",
+    "apply_coefficients",
     "compute_dtype",
     "equivalent_gradient",
     "gram_eigen",
+    "gram_terms",
     "optimal_gradients",
+    "solve_coefficients",
     "solve_x",
 ]
 
@@ -137,6 +142,77 @@ def solve_x(rhs: Tensor, eig_b: GramEigen, eig_a: GramEigen, x_mode: str) -> Ten
     return U @ (rhs_eig * weights) @ V.mT
 
 
+class GramTerms(NamedTuple):
+    """The four r x r reductions the closed form needs from the (m, r) and (r, n) operands.
+
+    Each is a sum over m (rows of B) or over n (columns of A), so with B sharded by rows and
+    A by columns the terms of the shards simply add up: a distributed optimizer all-reduces
+    these 4 r^2 numbers per layer instead of gathering the factors.
+    """
+
+    btb: Tensor  # B^T B
+    aat: Tensor  # A A^T
+    bt_grad_b: Tensor  # B^T grad_B
+    grad_a_at: Tensor  # grad_A A^T
+
+
+class Coefficients(NamedTuple):
+    """r x r matrices that turn LoRA's gradients into LoRA-Pro's, for scaling s = 1::
+
+    new_grad_A = (1/s^2) (grad_A_coef @ grad_A + a_coef @ A)
+    new_grad_B = (1/s^2) (grad_B @ grad_B_coef + B @ b_coef)
+
+    Every term of Theorem 2.1 is proportional to 1/s^2 (X included), so one solve at s = 1
+    serves layers of any scaling: the scale is applied when the coefficients are used.
+    """
+
+    grad_a_coef: Tensor  # (B^T B)^+
+    a_coef: Tensor  # X
+    grad_b_coef: Tensor  # (A A^T)^+
+    b_coef: Tensor  # -((B^T B)^+ B^T grad_B (A A^T)^+ + X)
+
+
+def gram_terms(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor) -> GramTerms:
+    """The r x r reductions of one layer (or a batch of layers), see :class:`GramTerms`."""
+    return GramTerms(B.mT @ B, A @ A.mT, B.mT @ grad_B, grad_A @ A.mT)
+
+
+def solve_coefficients(
+    btb: Tensor,
+    aat: Tensor,
+    bt_grad_b: Tensor,
+    grad_a_at: Tensor,
+    x_mode: XMode | str = "sylvester",
+    rtol: float | None = None,
+) -> Coefficients:
+    """All the r x r work of Theorem 2.1 at s = 1: two ``eigh``, pseudo-inverses and X.
+
+    Batched over any leading dimensions; this is the only place that decomposes matrices.
+    """
+    if x_mode not in X_MODES:
+        raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
+    eig_b = gram_eigen(btb, rtol)
+    eig_a = gram_eigen(aat, rtol)
+    pinv_b = _pinv(eig_b)
+    pinv_a = _pinv(eig_a)
+    x = solve_x(-(pinv_b @ grad_a_at), eig_b, eig_a, x_mode)
+    # gB = [I - B Pb^+ B^T] grad_B Pa^+ - B X  =  grad_B Pa^+ - B (Pb^+ (B^T grad_B) Pa^+ + X)
+    b_coef = -(pinv_b @ bt_grad_b @ pinv_a + x)
+    return Coefficients(pinv_b, x, pinv_a, b_coef)
+
+
+def apply_coefficients(
+    A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, coefficients: Coefficients, scaling: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """LoRA-Pro's gradients from LoRA's, given the layer's r x r coefficients."""
+    s = _as_batch_scalar(scaling, A)
+    inv_s2 = 1.0 / (s * s)
+    c = coefficients
+    new_grad_A = inv_s2 * (c.grad_a_coef @ grad_A + c.a_coef @ A)
+    new_grad_B = inv_s2 * (grad_B @ c.grad_b_coef + B @ c.b_coef)
+    return new_grad_A, new_grad_B
+
+
 def optimal_gradients(
     A: Tensor,
     B: Tensor,
@@ -164,30 +240,13 @@ def optimal_gradients(
             gB = (1/s^2) [I - B (B^T B)^+ B^T] grad_B (A A^T)^+ - B X
 
     The m x m projector is never formed: it is applied as ``G - B ((B^T B)^+ (B^T G))``.
+    Computed in float32 at least (float64 stays float64).
     """
     if x_mode not in X_MODES:
         raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
     out_dtype = A.dtype
     dtype = compute_dtype(torch.promote_types(A.dtype, B.dtype))
     A, B, grad_A, grad_B = (t.to(dtype) for t in (A, B, grad_A, grad_B))
-    s = _as_batch_scalar(scaling, A)
-    inv_s2 = 1.0 / (s * s)
-
-    eig_b = gram_eigen(B.mT @ B, rtol)
-    eig_a = gram_eigen(A @ A.mT, rtol)
-    pinv_b = _pinv(eig_b)
-    pinv_a = _pinv(eig_a)
-
-    # r x r reductions of the (m, r) and (r, n) operands: everything else is r x r work.
-    bt_grad_b = B.mT @ grad_B  # B^T gB_lora
-    grad_a_at = grad_A @ A.mT  # gA_lora A^T
-
-    pinv_b_scaled = inv_s2 * pinv_b
-    x = solve_x(-(pinv_b_scaled @ grad_a_at), eig_b, eig_a, x_mode)
-
-    new_grad_A = pinv_b_scaled @ grad_A + x @ A
-    # gB = (1/s^2) (gB_lora - B Pb^+ B^T gB_lora) Pa^+ - B X
-    #    = gB_lora ((1/s^2) Pa^+) - B ((1/s^2) Pb^+ (B^T gB_lora) Pa^+ + X)
-    pinv_a_scaled = inv_s2 * pinv_a
-    new_grad_B = grad_B @ pinv_a_scaled - B @ (pinv_b @ bt_grad_b @ pinv_a_scaled + x)
+    coefficients = solve_coefficients(*gram_terms(A, B, grad_A, grad_B), x_mode=x_mode, rtol=rtol)
+    new_grad_A, new_grad_B = apply_coefficients(A, B, grad_A, grad_B, coefficients, scaling)
     return new_grad_A.to(out_dtype), new_grad_B.to(out_dtype)

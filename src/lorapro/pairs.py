@@ -89,18 +89,41 @@ def _pair_of(name: str, layer: nn.Module, adapter: str) -> LoRAPair | None:
     if adapter in getattr(layer, "lora_A", {}):
         A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         kind: PairKind = "conv" if A.dim() > 2 else "linear"
-        if kind == "conv" and getattr(layer.lora_B[adapter], "groups", 1) != 1:
-            raise LoRAProConfigError(
-                f"{name}: LoRA on a grouped convolution (groups={layer.lora_B[adapter].groups}) has a "
-                "block-diagonal B, which the LoRA-Pro closed form does not model. Exclude this layer "
-                "from target_modules, or train it with a plain optimizer."
-            )
     elif adapter in getattr(layer, "lora_embedding_A", {}):
         A, B = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
         kind = "embedding"
     else:
         return None
     return LoRAPair(name=name, adapter=adapter, layer=layer, kind=kind, A=A, B=B)
+
+
+def _check_supported(pair: LoRAPair) -> None:
+    """Raise for trainable adapters whose map from (A, B) to W is not W0 + s B A."""
+    name, adapter, layer = pair.name, pair.adapter, pair.layer
+    variant = _variant_name(layer, adapter)
+    if variant is not None:
+        raise LoRAProConfigError(
+            f"{name} (adapter {adapter!r}) uses the LoRA variant {variant}. LoRA-Pro's closed "
+            "form holds only for W = W0 + s B A; DoRA's magnitude vector changes that map, and "
+            "the paper states LoRA-Pro does not apply to it. Use plain LoRA (use_dora=False) "
+            "with lorapro, or train the DoRA model with torch.optim.AdamW."
+        )
+    groups = getattr(layer.lora_B[adapter], "groups", 1) if pair.kind == "conv" else 1
+    if groups != 1:
+        raise LoRAProConfigError(
+            f"{name}: LoRA on a grouped convolution (groups={groups}) has a block-diagonal B, which "
+            "the LoRA-Pro closed form does not model. Exclude this layer from target_modules (or "
+            "freeze both of its factors)."
+        )
+    trainable = (pair.A.requires_grad, pair.B.requires_grad)
+    if trainable != (True, True):
+        prefix = "lora_embedding_" if pair.kind == "embedding" else "lora_"
+        frozen = prefix + ("A" if not trainable[0] else "B")
+        raise LoRAProConfigError(
+            f"{name} (adapter {adapter!r}): {frozen} is frozen but its partner is trainable. "
+            "LoRA-Pro adjusts A and B together; unfreeze both factors (requires_grad_(True)), or "
+            "use a plain optimizer for a one-factor method such as LoRA-FA."
+        )
 
 
 def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
@@ -119,23 +142,8 @@ def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
             pair = _pair_of(name, module, adapter)
             if pair is None:
                 continue
-            trainable = (pair.A.requires_grad, pair.B.requires_grad)
-            if trainable == (False, False):
-                continue
-            variant = _variant_name(module, adapter)
-            if variant is not None:
-                raise LoRAProConfigError(
-                    f"{name} (adapter {adapter!r}) uses the LoRA variant {variant}. LoRA-Pro's closed "
-                    "form holds only for W = W0 + s B A; DoRA's magnitude vector changes that map, and "
-                    "the paper states LoRA-Pro does not apply to it. Use plain LoRA (use_dora=False) "
-                    "with lorapro, or train the DoRA model with torch.optim.AdamW."
-                )
-            if trainable != (True, True):
-                frozen = "A" if not trainable[0] else "B"
-                raise LoRAProConfigError(
-                    f"{name} (adapter {adapter!r}): lora_{frozen} is frozen but its partner is trainable. "
-                    "LoRA-Pro adjusts A and B together; unfreeze both factors (requires_grad_(True)), or "
-                    "use a plain optimizer for a one-factor method such as LoRA-FA."
-                )
+            if not (pair.A.requires_grad or pair.B.requires_grad):
+                continue  # not trained: nothing to adjust
+            _check_supported(pair)
             pairs.append(pair)
     return pairs
