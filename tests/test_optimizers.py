@@ -424,3 +424,19 @@ def test_nonfinite_gradients_raise_or_skip_with_nothing_modified(kind, mode, x_m
     skipping.zero_grad()
     train(model, skipping, 1)
     assert skipping.skipped_steps == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_foreach_and_per_tensor_paths_agree(dtype):
+    runs = []
+    for foreach in (False, True):
+        model = make_model(dtype=dtype)
+        opt = LoRAProAdamW(model, lr=1e-2, weight_decay=0.1, foreach=foreach)
+        train(model, opt, 3)
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    for (name, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
+    for p1, p2 in zip(o1.state, o2.state, strict=True):
+        for key in o1.state[p1]:
+            torch.testing.assert_close(o1.state[p1][key], o2.state[p2][key], rtol=1e-12, atol=1e-12)
