@@ -49,11 +49,10 @@ def build_model(blocks: int, rank: int, seed: int = 0) -> nn.Module:
         model = nn.Sequential(*(Block() for _ in range(blocks)))
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(SHAPES)))
     gen = torch.Generator().manual_seed(seed)
-    for pair_module_name, module in model.named_modules():
-        if "lora_A" in pair_module_name or "lora_B" in pair_module_name:
-            if isinstance(module, nn.Linear):
-                w = torch.randn(module.weight.shape, generator=gen) / module.weight.shape[1] ** 0.5
-                module.weight = nn.Parameter(w)
+    for name, module in model.named_modules():
+        if ("lora_A" in name or "lora_B" in name) and isinstance(module, nn.Linear):
+            w = torch.randn(module.weight.shape, generator=gen) / module.weight.shape[1] ** 0.5
+            module.weight = nn.Parameter(w)
     return model
 
 
@@ -109,7 +108,9 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per method (after one warm-up)")
@@ -117,7 +118,10 @@ def main() -> None:
     parser.add_argument("--reference-blocks", type=int, default=1, help="blocks for the per-layer reference")
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rank {args.rank}")
 
@@ -134,32 +138,33 @@ def main() -> None:
         gc.collect()
         return name, blocks, med, nbytes
 
-    rows = []
     lr = 1e-4
-    rows.append(
-        measure("torch AdamW (foreach)", args.blocks, lambda m, p: torch.optim.AdamW(p, lr=lr, foreach=True))
-    )
-    rows.append(measure("LoRAProAdamW efficient", args.blocks, lambda m, p: lorapro.LoRAProAdamW(m, lr=lr)))
-    rows.append(measure("LoRAProSGD", args.blocks, lambda m, p: lorapro.LoRAProSGD(m, lr=lr)))
+
+    def adamw(m, p):
+        return torch.optim.AdamW(p, lr=lr, foreach=True)
+
+    rows = [
+        measure("torch AdamW (foreach)", args.blocks, adamw),
+        measure("LoRAProAdamW efficient", args.blocks, lambda m, p: lorapro.LoRAProAdamW(m, lr=lr)),
+        measure("LoRAProSGD", args.blocks, lambda m, p: lorapro.LoRAProSGD(m, lr=lr)),
+    ]
     if not args.skip_full:
-        rows.append(
-            measure("torch AdamW (foreach)", args.full_blocks, lambda m, p: torch.optim.AdamW(p, lr=lr, foreach=True))
-        )
-        rows.append(
-            measure("LoRAProAdamW full", args.full_blocks, lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, mode="full"))
-        )
+        rows.append(measure("torch AdamW (foreach)", args.full_blocks, adamw))
+        full = lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, mode="full")  # noqa: E731
+        rows.append(measure("LoRAProAdamW full", args.full_blocks, full))
     if not args.skip_reference:
-        rows.append(
-            measure("per-layer reference", args.reference_blocks, lambda m, p: ReferenceStep(m, lr))
-        )
+        rows.append(measure("torch AdamW (foreach)", args.reference_blocks, adamw))
+        rows.append(measure("per-layer reference", args.reference_blocks, lambda m, p: ReferenceStep(m, lr)))
 
     base = {blocks: med for name, blocks, med, _ in rows if name.startswith("torch AdamW")}
-    print(f"\n| step | blocks | median ms | per block ms | x torch AdamW | optimizer state MB |")
+    print("\n| step | blocks | median ms | per block ms | x torch AdamW | optimizer state MB |")
     print("|---|---|---|---|---|---|")
     for name, blocks, med, nbytes in rows:
         per_block = med / blocks
         ratio = med / base[blocks] if blocks in base else float("nan")
-        print(f"| {name} | {blocks} | {med * 1e3:.1f} | {per_block * 1e3:.1f} | {ratio:.2f} | {nbytes / 2**20:.1f} |")
+        cells = [name, blocks, f"{med * 1e3:.1f}", f"{per_block * 1e3:.1f}", f"{ratio:.2f}"]
+        cells.append(f"{nbytes / 2**20:.1f}")
+        print("| " + " | ".join(map(str, cells)) + " |")
     eff = next(med / b for name, b, med, _ in rows if name == "LoRAProAdamW efficient")
     for name, b, med, _ in rows:
         if name == "per-layer reference":

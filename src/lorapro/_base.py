@@ -93,18 +93,20 @@ def adjust_pairs(
     small: list[Tensor] = []
     for (r, dtype, device, x_mode), bucket in buckets.items():
         terms = torch.empty((4, len(bucket), r, r), dtype=dtype, device=device)
-        for i, w in enumerate(bucket):
-            torch.mm(w.B.mT, w.B, out=terms[0, i])
-            torch.mm(w.A, w.A.mT, out=terms[1, i])
-            torch.mm(w.B.mT, w.grad_B, out=terms[2, i])
-            torch.mm(w.grad_A, w.A.mT, out=terms[3, i])
+        out_btb, out_aat, out_btgb, out_gaat = (t.unbind(0) for t in terms.unbind(0))
+        for w, o1, o2, o3, o4 in zip(bucket, out_btb, out_aat, out_btgb, out_gaat, strict=True):
+            torch.mm(w.B.mT, w.B, out=o1)
+            torch.mm(w.A, w.A.mT, out=o2)
+            torch.mm(w.B.mT, w.grad_B, out=o3)
+            torch.mm(w.grad_A, w.A.mT, out=o4)
         if reduce_terms is not None:
             terms = reduce_terms(terms)
         coefs = solve_coefficients(*terms, x_mode=x_mode)
-        for i, w in enumerate(bucket):
+        per_layer = zip(bucket, *(c.unbind(0) for c in coefs), strict=True)
+        for w, grad_a_coef, a_coef, grad_b_coef, b_coef in per_layer:
             c = 1.0 / (w.scaling * w.scaling)
-            w.adjusted_A = torch.addmm(coefs.a_coef[i] @ w.A, coefs.grad_a_coef[i], w.grad_A, beta=c, alpha=c)
-            w.adjusted_B = torch.addmm(w.B @ coefs.b_coef[i], w.grad_B, coefs.grad_b_coef[i], beta=c, alpha=c)
+            w.adjusted_A = torch.addmm(a_coef @ w.A, grad_a_coef, w.grad_A, beta=c, alpha=c)
+            w.adjusted_B = torch.addmm(w.B @ b_coef, w.grad_B, grad_b_coef, beta=c, alpha=c)
         small += [terms, *coefs]
     return small
 
@@ -240,16 +242,19 @@ class LoRAProOptimizer(Optimizer):
         raise NotImplementedError
 
     def _nonfinite(self, works: list[GroupWork]) -> bool:
-        # LoRA's raw gradients need no pass of their own: a NaN or Inf in them reaches both
-        # the r x r terms and the adjusted gradients through the matmuls (IEEE: 0 * Inf and
-        # 0 * NaN are NaN), and checking the adjusted ones also catches overflow.
+        """Does any gradient of this step hold NaN or Inf? One host sync.
+
+        LoRA gradients are checked through their r x r terms ``B^T gB`` and ``gA A^T``: every
+        NaN or Inf in a factor's gradient reaches them through the matmul (IEEE: 0 * NaN and
+        0 * Inf are NaN), so the (m, r) and (r, n) tensors need no pass of their own. The
+        solved coefficients are checked too, and through them the adjusted gradients (a
+        finite coefficient times a finite gradient cannot overflow at any realistic scale:
+        the pseudo-inverse carries 1/sigma^2 but LoRA's gradient carries sigma).
+        """
         tensors: list[Tensor] = list(self._checked)
         for work in works:
             tensors += work.grads
-            for w in work.pairs:
-                tensors += [w.adjusted_A, w.adjusted_B]
-        # One host sync per step, the price of never applying a NaN (GradScaler pays the same).
-        return bool(any_nonfinite(tensors))
+        return bool(any_nonfinite(tensors))  # the one sync per step (GradScaler pays the same)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

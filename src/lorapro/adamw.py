@@ -44,7 +44,7 @@ class LoRAProAdamW(LoRAProOptimizer):
         x_mode: ``"sylvester"`` (Theorem 2.3), ``"zero"`` or ``"symmetric"`` (Eq. 16).
         nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose gradients hold NaN/Inf;
             either way nothing is modified.
-        foreach: use the multi-tensor AdamW path (default: on when all parameters are on GPU).
+        foreach: use the multi-tensor AdamW path (default, ``None``: on) or per-tensor updates.
         params: parameters or param groups (default: every trainable parameter of ``model``).
             Both factors of a LoRA pair must be in the same group.
 
@@ -95,9 +95,8 @@ class LoRAProAdamW(LoRAProOptimizer):
 
     @staticmethod
     def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
-        if group["foreach"] is not None:
-            return group["foreach"]
-        return bool(params) and all(p.is_cuda for p in params)
+        # Multi-tensor kernels by default: fewer launches on GPU, less Python on CPU.
+        return True if group["foreach"] is None else group["foreach"]
 
     def _adamw(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Plain AdamW on ``params`` with the given gradients, state created on first use."""

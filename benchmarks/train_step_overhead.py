@@ -1,0 +1,107 @@
+"""Training-step overhead of LoRA-Pro against LoRA with torch AdamW, on real models.
+
+Forward + backward + optimizer step on the offline MiniLM-L6 encoder (movie-review sentences)
+and, when its package is installed, SmolLM2-135M. Two identical LoRA models (rank 8, alpha 16,
+every linear layer) train side by side in one process; steps alternate between them so that
+machine noise hits both equally. Prints the median step time of each, the ratio, and the share
+of the step spent in the optimizer.
+
+Example: python benchmarks/train_step_overhead.py --steps 30 --models minilm,smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import lorapro
+from lorapro.bench import models
+from lorapro.bench.data import movie_review_splits
+
+
+def minilm_setup(batch_size: int, seq_len: int):
+    model, tokenizer = models.load_minilm(num_labels=2, seed=0)
+    model = models.add_lora(model, rank=8, alpha=16)
+    texts = movie_review_splits(seed=0).train.texts[:batch_size]
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    batch["labels"] = torch.zeros(batch_size, dtype=torch.long)
+    return model, batch
+
+
+def smollm2_setup(batch_size: int, seq_len: int):
+    model, tokenizer = models.load_smollm2()
+    model = models.add_lora(model, rank=8, alpha=16)
+    text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. " * 20
+    enc = tokenizer([text] * batch_size, truncation=True, max_length=seq_len, return_tensors="pt")
+    enc["labels"] = enc["input_ids"].clone()
+    return model, enc
+
+
+SETUPS: dict[str, Callable] = {"minilm": minilm_setup, "smollm2": smollm2_setup}
+
+
+def timed_step(model, optimizer, batch) -> tuple[float, float]:
+    start = time.perf_counter()
+    loss = model(**batch).loss
+    loss.backward()
+    mid = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    end = time.perf_counter()
+    return end - start, end - mid
+
+
+def compare(name: str, steps: int, batch_size: int, seq_len: int) -> None:
+    try:
+        base, batch = SETUPS[name](batch_size, seq_len)
+    except Exception as exc:  # a missing optional model package: say so and go on
+        print(f"{name}: skipped ({type(exc).__name__}: {exc})")
+        return
+    lora_model, pro_model = base, copy.deepcopy(base)
+    trainable = [p for p in lora_model.parameters() if p.requires_grad]
+    runs = {
+        "LoRA + torch AdamW": (lora_model, torch.optim.AdamW(trainable, lr=1e-5)),
+        "LoRA-Pro (efficient)": (pro_model, lorapro.LoRAProAdamW(pro_model, lr=1e-5)),
+    }
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
+    for _ in range(2):  # warm-up: state creation, allocator
+        for model, opt in runs.values():
+            timed_step(model, opt, batch)
+    for _ in range(steps):
+        for key, (model, opt) in runs.items():
+            times[key].append(timed_step(model, opt, batch))
+    n_pairs = len(runs["LoRA-Pro (efficient)"][1].pairs)
+    print(f"\n{name}: batch {batch_size} x {seq_len} tokens, {n_pairs} LoRA layers, {steps} steps each")
+    print("| run | median step ms | median optimizer ms | optimizer share |")
+    print("|---|---|---|---|")
+    medians = {}
+    for key, samples in times.items():
+        total = statistics.median(t for t, _ in samples)
+        opt_time = statistics.median(o for _, o in samples)
+        medians[key] = total
+        print(f"| {key} | {total * 1e3:.1f} | {opt_time * 1e3:.2f} | {opt_time / total:.1%} |")
+    ratio = medians["LoRA-Pro (efficient)"] / medians["LoRA + torch AdamW"]
+    print(f"training-step ratio LoRA-Pro / LoRA: {ratio:.3f} (overhead {ratio - 1:+.1%})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="minilm,smollm2")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for name in args.models.split(","):
+        compare(name.strip(), args.steps, args.batch_size, args.seq_len)
+
+
+if __name__ == "__main__":
+    main()
