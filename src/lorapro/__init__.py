@@ -9,6 +9,7 @@ Quick start::
 
 from .adamw import MODES, LoRAProAdamW
 from .closed_form import X_MODES, equivalent_gradient, optimal_gradients
+from .diagnostics import GradientMonitor, LayerRecord, compare_gradients
 from .errors import LoRAProConfigError, NonFiniteGradientError
 from .pairs import LoRAPair, find_lora_pairs
 from .sgd import LoRAProSGD
@@ -18,12 +19,15 @@ __version__ = "0.1.0"
 __all__ = [
     "MODES",
     "X_MODES",
+    "GradientMonitor",
+    "LayerRecord",
     "LoRAPair",
     "LoRAProAdamW",
     "LoRAProConfigError",
     "LoRAProSGD",
     "NonFiniteGradientError",
     "__version__",
+    "compare_gradients",
     "equivalent_gradient",
     "find_lora_pairs",
     "optimal_gradients",
