@@ -11,6 +11,7 @@ A step runs in three phases so that nothing is ever half-updated:
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,17 +52,25 @@ class GroupWork:
     grads: list[Tensor] = field(default_factory=list)
 
 
-def check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None, open_high=False):
-    """Validate a real hyper-parameter: a finite number in [low, high] (or [low, high))."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+def check_number(
+    name: str, value: Any, *, low: float = 0.0, high: float | None = None, open_high=False, open_low=False
+) -> float:
+    """Validate a real hyper-parameter (numpy scalars welcome) and return it as a float.
+
+    The value must be finite and in [low, high], with either end open on request. Returning a
+    plain float keeps param groups loadable with ``torch.load(weights_only=True)``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise LoRAProConfigError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
     if not math.isfinite(value):
         raise LoRAProConfigError(f"{name} must be finite, got {value!r}")
-    if value < low:
-        raise LoRAProConfigError(f"{name} must be >= {low}, got {value!r}")
+    if value < low or (open_low and value == low):
+        raise LoRAProConfigError(f"{name} must be {'>' if open_low else '>='} {low}, got {value!r}")
     if high is not None and (value >= high if open_high else value > high):
         bound = f"< {high}" if open_high else f"<= {high}"
         raise LoRAProConfigError(f"{name} must be {bound}, got {value!r}")
+    return value
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
@@ -151,8 +160,8 @@ class LoRAProOptimizer(Optimizer):
         return [p for group in self._group_pairs for p in group]
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_number("lr", group["lr"])
-        check_number("weight_decay", group["weight_decay"])
+        group["lr"] = check_number("lr", group["lr"])
+        group["weight_decay"] = check_number("weight_decay", group["weight_decay"])
         check_choice("x_mode", group["x_mode"], X_MODES)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -204,6 +213,11 @@ class LoRAProOptimizer(Optimizer):
                 gA, gB = pair.A.grad, pair.B.grad
                 if gA is None and gB is None:
                     continue  # the layer took no part in this forward pass
+                if (gA is not None and gA.is_sparse) or (gB is not None and gB.is_sparse):
+                    raise LoRAProConfigError(
+                        f"{pair.name}: sparse gradients are not supported; "
+                        "use dense embeddings (sparse=False)"
+                    )
                 dtype = compute_dtype(pair.A.dtype)
                 A = pair.matrix_A().to(dtype)
                 B = pair.matrix_B().to(dtype)
@@ -241,6 +255,9 @@ class LoRAProOptimizer(Optimizer):
     def _apply(self, work: GroupWork) -> None:
         raise NotImplementedError
 
+    def _check_before_apply(self, works: list[GroupWork]) -> None:
+        """Raise for anything that would stop ``_apply`` part-way (nothing is modified yet)."""
+
     def _nonfinite(self, works: list[GroupWork]) -> bool:
         """Does any gradient of this step hold NaN or Inf? One host sync.
 
@@ -275,6 +292,7 @@ class LoRAProOptimizer(Optimizer):
                 )
             self.skipped_steps += 1
             return loss
+        self._check_before_apply(works)
         for work in works:
             self._apply(work)
         return loss
@@ -310,6 +328,15 @@ class LoRAProOptimizer(Optimizer):
                 strict=True,
             )
         )
+        for saved_group in saved_groups:
+            merged = {**self.defaults, **saved_group}
+            missing = [k for k in self.defaults if k not in saved_group]
+            if missing:
+                raise LoRAProConfigError(
+                    f"the state dict's param groups lack {missing}: it was saved by another optimizer "
+                    f"(not {type(self).__name__}); load a state dict saved by the same optimizer class"
+                )
+            self._validate_group(merged)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for saved_id, entry in saved_state.items():
             param = id_to_param.get(saved_id)

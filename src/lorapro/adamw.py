@@ -19,6 +19,14 @@ __all__ = ["MODES", "LoRAProAdamW"]
 MODES = ("efficient", "full")
 
 
+def _check_full_mode_decay(lr: float, weight_decay: float) -> None:
+    if lr * weight_decay >= 1.0:
+        raise LoRAProConfigError(
+            f"full mode needs lr * weight_decay < 1 (sqrt(1 - lr*wd) scales A and B), got "
+            f"lr={lr}, weight_decay={weight_decay}; lower one of them"
+        )
+
+
 def _state_dtype(p: Tensor) -> torch.dtype:
     return compute_dtype(p.dtype)
 
@@ -77,12 +85,17 @@ class LoRAProAdamW(LoRAProOptimizer):
         betas = group["betas"]
         if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise LoRAProConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_number("betas[0]", betas[0], high=1.0, open_high=True)
-        check_number("betas[1]", betas[1], high=1.0, open_high=True)
-        check_number("eps", group["eps"])
+        group["betas"] = (
+            check_number("betas[0]", betas[0], high=1.0, open_high=True),
+            check_number("betas[1]", betas[1], high=1.0, open_high=True),
+        )
+        # eps = 0 divides 0 by 0 where an adjusted gradient is exactly zero (grad_A at B = 0).
+        group["eps"] = check_number("eps", group["eps"], open_low=True)
         check_choice("mode", group["mode"], MODES)
         if group["foreach"] not in (None, True, False):
             raise LoRAProConfigError(f"foreach must be None, True or False, got {group['foreach']!r}")
+        if group["mode"] == "full":
+            _check_full_mode_decay(group["lr"], group["weight_decay"])
 
     def _expected_state_shapes(self, group, param):
         if group["mode"] == "full" and id(param) in self._lora_ids:
@@ -127,6 +140,25 @@ class LoRAProAdamW(LoRAProOptimizer):
 
         self._adjust([w for g in works for w in g.pairs], x_mode_of)
 
+    def _check_before_apply(self, works: list[GroupWork]) -> None:
+        for work in works:
+            group = work.group
+            if group["mode"] != "full":
+                continue
+            # A scheduler may have raised lr since construction: check every group first.
+            _check_full_mode_decay(group["lr"], group["weight_decay"])
+            if group["weight_decay"] == 0.0:
+                continue
+            for w in work.pairs:
+                base = w.pair.base_weight
+                if base.dtype not in (torch.float32, torch.float64):
+                    raise LoRAProConfigError(
+                        f"{w.pair.name}: full-mode weight decay scales the frozen base weight by "
+                        f"(1 - lr*wd) = {1 - group['lr'] * group['weight_decay']} each step, which rounds "
+                        f"back to the same value in {base.dtype}: W0 would silently never decay. Keep the "
+                        "base weights in float32, use weight_decay=0, or use mode='efficient'."
+                    )
+
     def _apply(self, work: GroupWork) -> None:
         group = work.group
         if group["mode"] == "efficient":
@@ -145,11 +177,6 @@ class LoRAProAdamW(LoRAProOptimizer):
         group = work.group
         lr, wd = group["lr"], group["weight_decay"]
         beta1, beta2 = group["betas"]
-        if lr * wd >= 1.0:
-            raise LoRAProConfigError(
-                f"full mode needs lr * weight_decay < 1 (sqrt(1 - lr*wd) scales A and B), got "
-                f"lr={lr}, weight_decay={wd}; lower one of them"
-            )
         # Adam on each layer's m x n equivalent gradient, one layer at a time so that only
         # one m x n transient is alive; then map the direction back to LoRA gradients.
         for w in work.pairs:

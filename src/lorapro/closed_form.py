@@ -59,6 +59,29 @@ def _as_batch_scalar(scaling: float | Tensor, like: Tensor) -> Tensor | float:
     return float(scaling)
 
 
+def _check_shapes(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, scaling: float | Tensor) -> None:
+    """Name mismatched shapes instead of letting a matmul fail anonymously (or broadcast)."""
+    if A.dim() < 2 or B.dim() < 2:
+        raise ValueError(
+            f"A and B must be matrices (..., r, n) and (..., m, r); got shapes {A.shape}, {B.shape}"
+        )
+    if A.shape[-2] != B.shape[-1] or A.shape[:-2] != B.shape[:-2]:
+        raise ValueError(
+            f"A of shape {tuple(A.shape)} and B of shape {tuple(B.shape)} do not form a LoRA pair: "
+            "A must be (..., r, n) and B (..., m, r) with the same r and batch dimensions"
+        )
+    if grad_A.shape != A.shape or grad_B.shape != B.shape:
+        raise ValueError(
+            f"gradient shapes {tuple(grad_A.shape)}, {tuple(grad_B.shape)} must equal the factor shapes "
+            f"{tuple(A.shape)}, {tuple(B.shape)} (is a gradient transposed?)"
+        )
+    if isinstance(scaling, Tensor) and scaling.dim() > 0 and scaling.shape != A.shape[:-2]:
+        raise ValueError(
+            f"a scaling tensor must be 0-dim or of the batch shape {tuple(A.shape[:-2])}, "
+            f"got {tuple(scaling.shape)}"
+        )
+
+
 def equivalent_gradient(
     A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, scaling: float | Tensor
 ) -> Tensor:
@@ -67,6 +90,7 @@ def equivalent_gradient(
     Returns an (..., m, n) tensor: only for diagnostics and full mode, never the hot path
     of efficient mode.
     """
+    _check_shapes(A, B, grad_A, grad_B, scaling)
     s = _as_batch_scalar(scaling, A)
     return s * (B @ grad_A + grad_B @ A)
 
@@ -79,19 +103,27 @@ class GramEigen(NamedTuple):
     inverse_values: Tensor  # (..., r) 1/value where kept, 0 where cut
 
 
+def default_rtol(r: int, dtype: torch.dtype) -> float:
+    """The default eigenvalue cut-off of :func:`gram_eigen`, relative to the largest eigenvalue."""
+    eps = torch.finfo(dtype).eps
+    return max(DEFAULT_RTOL_FACTOR * r * eps, eps ** (2.0 / 3.0))
+
+
 def gram_eigen(gram: Tensor, rtol: float | None = None) -> GramEigen:
     """``eigh`` of a symmetric PSD Gram matrix, with a relative cut-off for its pseudo-inverse.
 
     An eigenvalue is kept when it exceeds both ``rtol * max eigenvalue`` and the smallest
     normal number of the dtype (so that 1/value cannot overflow). The default ``rtol`` is
-    ``10 * r * eps``: the rounding noise on an exactly-zero eigenvalue of a Gram matrix was
-    measured at up to ~0.8 * r * eps (duplicate rows, 2,000 seeds, float32 and float64), so
-    the factor 10 keeps noise from ever being inverted into a huge gradient.
+    ``max(10 * r * eps, eps ** (2/3))``. The first term keeps rounding noise out: an exactly
+    zero eigenvalue was measured at up to ~0.8 * r * eps (duplicate rows, 2,000 seeds). The
+    second bounds the solve's error, which grows like eps * K^3 in the condition number K of a
+    factor; in float64 the first term alone kept factors so ill-conditioned that the equivalent
+    gradient came out 1,000x longer than g and pointing uphill (tests/test_property.py).
     """
     r = gram.shape[-1]
     finfo = torch.finfo(gram.dtype)
     if rtol is None:
-        rtol = DEFAULT_RTOL_FACTOR * r * finfo.eps
+        rtol = default_rtol(r, gram.dtype)
     # Symmetrise: the Gram products are symmetric only up to rounding, and eigh reads one
     # triangle; averaging makes the result independent of which.
     values, vectors = torch.linalg.eigh(0.5 * (gram + gram.mT))
@@ -231,7 +263,7 @@ def optimal_gradients(
             tensor of the batch shape.
         x_mode: how the free matrix X is chosen, see :func:`solve_x`.
         rtol: eigenvalue cut-off relative to the largest eigenvalue of each Gram matrix;
-            ``None`` uses ``10 * r * eps`` of the compute dtype.
+            ``None`` uses :func:`default_rtol` of the compute dtype.
 
     Returns:
         ``(grad_A, grad_B)`` adjusted, in the dtype of ``A`` and ``B``::
@@ -244,6 +276,7 @@ def optimal_gradients(
     """
     if x_mode not in X_MODES:
         raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
+    _check_shapes(A, B, grad_A, grad_B, scaling)
     out_dtype = A.dtype
     dtype = compute_dtype(torch.promote_types(A.dtype, B.dtype))
     A, B, grad_A, grad_B = (t.to(dtype) for t in (A, B, grad_A, grad_B))

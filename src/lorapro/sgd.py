@@ -49,7 +49,7 @@ class LoRAProSGD(LoRAProOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
-        check_number("momentum", group["momentum"])
+        group["momentum"] = check_number("momentum", group["momentum"])
 
     def _expected_state_shapes(self, group, param):
         return {"momentum_buffer": tuple(param.shape)} if group["momentum"] != 0.0 else {}
