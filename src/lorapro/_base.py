@@ -150,6 +150,9 @@ class LoRAProOptimizer(Optimizer):
         """Steps skipped because of non-finite gradients (``nonfinite="skip"``)."""
         self._pairs = pairs
         self._checked: list[Tensor] = []  # r x r tensors of the current step, for the NaN check
+        # The options this class defines (torch adds keys such as "differentiable" to
+        # self.defaults on load, and those never appear in a saved group).
+        self._option_keys = tuple(defaults)
         super().__init__(params, defaults)
         self._index_pairs()
 
@@ -330,7 +333,7 @@ class LoRAProOptimizer(Optimizer):
         )
         for saved_group in saved_groups:
             merged = {**self.defaults, **saved_group}
-            missing = [k for k in self.defaults if k not in saved_group]
+            missing = [k for k in self._option_keys if k not in saved_group]
             if missing:
                 raise LoRAProConfigError(
                     f"the state dict's param groups lack {missing}: it was saved by another optimizer "

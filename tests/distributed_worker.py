@@ -1,0 +1,433 @@
+"""One rank of a multi-process lorapro run on the CPU (gloo on 127.0.0.1).
+
+Launched by ``tests/test_integration_distributed.py`` the way torchrun launches a script: the
+environment carries RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and MASTER_PORT. Runs the named
+scenarios one after the other in the same process group and writes each rank's trainable
+parameters to ``<out>/<scenario>_rank<k>.pt``; the test compares them with one process trained
+on the same global batch.
+
+Every scenario trains ``tiny_lora_llama(random_b=True)`` for STEPS steps on the 8 sequences of
+``PatternDataset(8)`` (one global batch per step), so the single-process reference is the same
+for all of them: ``reference_params(mode)`` below.
+
+    python tests/distributed_worker.py OUT ddp accelerate fsdp2 ...
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lorapro
+from integration_common import PatternDataset, lm_loss, tiny_lora_llama, trainable_state
+
+STEPS = 4
+GLOBAL_BATCH = 8
+HYPER = {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-7, "weight_decay": 0.1}
+MODE_LR = {"efficient": 1e-2, "full": 2e-3}
+
+
+def make_optimizer(model, mode="efficient", cls=None):
+    cls = cls or lorapro.LoRAProAdamW
+    return cls(model, **{**HYPER, "lr": MODE_LR[mode]}, mode=mode)
+
+
+def reference_params(mode: str = "efficient") -> dict[str, torch.Tensor]:
+    """One process, the whole global batch per step: what every rank must end with.
+    ``mode="plain"`` is torch.optim.AdamW (plain LoRA), to tell the two apart."""
+    model = tiny_lora_llama(random_b=True)
+    if mode == "plain":
+        lr = HYPER["lr"]
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **{**HYPER, "lr": lr})
+    else:
+        opt = make_optimizer(model, mode)
+    tokens = PatternDataset(GLOBAL_BATCH).tokens
+    for _ in range(STEPS):
+        lm_loss(model, tokens).backward()
+        opt.step()
+        opt.zero_grad()
+    return trainable_state(model)
+
+
+def local_rows(rank: int, world: int) -> torch.Tensor:
+    tokens = PatternDataset(GLOBAL_BATCH).tokens
+    per = GLOBAL_BATCH // world
+    return tokens[rank * per : (rank + 1) * per]
+
+
+def scenario_ddp(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """DDP around the PEFT model, optimizer built from the DDP-wrapped model; each rank sees
+    half of the batch in two micro-batches (accumulated under no_sync, the last one syncs)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(tiny_lora_llama(random_b=True))
+    opt = make_optimizer(model)  # pairs found through the wrapper
+    assert len(opt.pairs) == 8, len(opt.pairs)
+    rows = local_rows(rank, world)
+    micro = rows.chunk(2)
+    for _ in range(STEPS):
+        with model.no_sync():
+            (lm_loss(model, micro[0]) / 2).backward()
+        (lm_loss(model, micro[1]) / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    return trainable_state(model)
+
+
+def scenario_ddp_full(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Full mode under DDP: every rank keeps the same m x n moments and decays the same W0."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(tiny_lora_llama(random_b=True))
+    opt = make_optimizer(model, "full")
+    rows = local_rows(rank, world)
+    for _ in range(STEPS):
+        lm_loss(model, rows).backward()
+        opt.step()
+        opt.zero_grad()
+    return trainable_state(model)
+
+
+def scenario_accelerate(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """accelerator.prepare(model, optimizer, dataloader) with gradient accumulation over 2
+    micro-batches of 2 per rank: 2 ranks x 2 x 2 = the global batch of 8 per step."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    assert accelerator.num_processes == world
+    model = tiny_lora_llama(random_b=True)
+    opt = make_optimizer(model)
+    loader = torch.utils.data.DataLoader(PatternDataset(GLOBAL_BATCH), batch_size=2, shuffle=False)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    steps = 0
+    while steps < STEPS:
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = lm_loss(model, batch["input_ids"])
+                accelerator.backward(loss)
+                opt.step()
+                opt.zero_grad()
+            if accelerator.sync_gradients:
+                steps += 1
+    return trainable_state(accelerator.unwrap_model(model))
+
+
+def _fsdp2_run(mode: str, lora_placement: bool) -> dict[str, torch.Tensor]:
+    """FSDP2 (fully_shard on each decoder layer and the root) with the LoRA factors sharded;
+    lorapro's FSDP optimizer computes the r x r Gram terms from local shards and all-reduces
+    them. Each rank sees half of the global batch."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from lorapro.integrations.fsdp import FSDPLoRAProAdamW, full_state, lora_shard_placement_fn
+
+    model = tiny_lora_llama(random_b=True)
+    place = lora_shard_placement_fn(model) if lora_placement else None
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, shard_placement_fn=place)
+    fully_shard(model, shard_placement_fn=place)
+    opt = FSDPLoRAProAdamW(model, **{**HYPER, "lr": MODE_LR[mode]}, mode=mode)
+    assert all(isinstance(t, DTensor) for p in opt.pairs for t in (p.A, p.B))
+    rows = local_rows(dist.get_rank(), dist.get_world_size())
+    for _ in range(STEPS):
+        lm_loss(model, rows).backward()
+        opt.step()
+        opt.zero_grad()
+    result = full_state(model)
+    result["__comm_numel__"] = torch.tensor([opt.comm_numel.get(k, 0) for k in COMM_KEYS])
+    return result
+
+
+COMM_KEYS = ("gram_allreduce", "reshard_A", "full_mode_gather", "full_mode_allreduce")
+
+
+def _sharded(seed: int = 0):
+    from torch.distributed.fsdp import fully_shard
+
+    from lorapro.integrations.fsdp import lora_shard_placement_fn
+
+    model = tiny_lora_llama(seed=seed, random_b=True)
+    place = lora_shard_placement_fn(model)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, shard_placement_fn=place)
+    fully_shard(model, shard_placement_fn=place)
+    return model
+
+
+def scenario_fsdp2_full_resume(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Full mode, checkpointed after half the steps (each rank saves its own shards of the
+    model and of the DTensor m x n moments), resumed into a model built from another seed."""
+    import io
+
+    from lorapro.integrations.fsdp import FSDPLoRAProAdamW, full_state
+
+    rows = local_rows(rank, world)
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            lm_loss(model, rows).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model = _sharded()
+    opt = FSDPLoRAProAdamW(model, **{**HYPER, "lr": MODE_LR["full"]}, mode="full")
+    train(model, opt, STEPS // 2)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    del model, opt
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    model = _sharded(seed=123)
+    model.load_state_dict(saved["model"])
+    opt = FSDPLoRAProAdamW(model, **{**HYPER, "lr": MODE_LR["full"]}, mode="full")
+    opt.load_state_dict(saved["optimizer"])
+    train(model, opt, STEPS - STEPS // 2)
+    return full_state(model)
+
+
+def scenario_fsdp2(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _fsdp2_run("efficient", lora_placement=True)
+
+
+def scenario_fsdp2_default_placement(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _fsdp2_run("efficient", lora_placement=False)
+
+
+def scenario_fsdp2_full(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _fsdp2_run("full", lora_placement=True)
+
+
+def scenario_trainer_ddp(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """LoRAProTrainer under torchrun: the Trainer wraps the model in DDP itself; 2 ranks x 2
+    micro-batches of 2 = the global batch of 8 per step."""
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    from lorapro.integrations.trainer import LoRAProTrainer
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
+            learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"], adam_beta1=HYPER["betas"][0],
+            adam_beta2=HYPER["betas"][1], adam_epsilon=HYPER["eps"], lr_scheduler_type="constant",
+            max_grad_norm=0.0, use_cpu=True, ddp_backend="gloo", report_to=[], save_strategy="no",
+            train_sampling_strategy="sequential", disable_tqdm=True, seed=0, logging_steps=1,
+        )  # fmt: skip
+        model = tiny_lora_llama(random_b=True)
+        trainer = LoRAProTrainer(model=model, args=args, train_dataset=PatternDataset(8))
+        trainer.train()
+        assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel", type(trainer.model_wrapped)
+        assert type(trainer.lorapro) is lorapro.LoRAProAdamW
+        return trainable_state(trainer.model)
+
+
+def _ds_config(stage: int = 0, **extra) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": stage}, "steps_per_print": 10**9, **extra,
+    }  # fmt: skip
+
+
+def _ds_train(engine, rank: int, world: int) -> None:
+    micro = local_rows(rank, world).chunk(2)
+    for _ in range(STEPS):
+        for tokens in micro:
+            engine.backward(lm_loss(engine, tokens))
+            engine.step()
+
+
+def scenario_deepspeed_zero0(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """DeepSpeed ZeRO stage 0 with lorapro as the client optimizer, 2 micro-batches accumulated by
+    the engine: the engine all-reduces, then calls lorapro on the LoRA factors as they are."""
+    from lorapro.integrations import deepspeed as lds
+
+    model = tiny_lora_llama(random_b=True)
+    opt = make_optimizer(model)
+    engine, engine_opt, _, _ = lds.initialize(model=model, optimizer=opt, config=_ds_config())
+    assert engine_opt is opt, type(engine_opt)
+    _ds_train(engine, rank, world)
+    return trainable_state(engine.module)
+
+
+def scenario_deepspeed_zero0_autocast(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """ZeRO stage 0 with DeepSpeed's torch_autocast (bf16 compute, fp32 weights): supported; the
+    result is bf16-noisy, so the test checks that lorapro ran, not the digits."""
+    from lorapro.integrations import deepspeed as lds
+
+    model = tiny_lora_llama(random_b=True)
+    opt = make_optimizer(model)
+    config = _ds_config(torch_autocast={"enabled": True, "dtype": "bfloat16"})
+    engine, engine_opt, _, _ = lds.initialize(model=model, optimizer=opt, config=config)
+    assert engine_opt is opt, type(engine_opt)
+    dtypes = set()
+    model.base_model.model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda mod, inp, out: dtypes.add(out.dtype)
+    )
+    _ds_train(engine, rank, world)
+    assert dtypes == {torch.bfloat16}, dtypes
+    lds.assert_owns_pairs(opt)
+    return trainable_state(engine.module)
+
+
+def scenario_deepspeed_refusals(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Each unsupported DeepSpeed set-up raises LoRAProConfigError naming the reason: the config
+    check for ZeRO 1/2/3, bf16/fp16 master weights and an optimizer section; and, for a user who
+    calls deepspeed.initialize directly, the pair guard at the first step (ZeRO-2 has replaced
+    the optimizer's parameters by a flat partition)."""
+    import deepspeed
+
+    from lorapro.integrations import deepspeed as lds
+    from lorapro.integrations.guard import install_pair_guard
+
+    messages = {}
+    cases = {
+        "zero1": _ds_config(1), "zero2": _ds_config(2), "zero3": _ds_config(3),
+        "bf16": _ds_config(bf16={"enabled": True}), "fp16": _ds_config(fp16={"enabled": True}),
+        "optimizer": _ds_config(optimizer={"type": "AdamW", "params": {"lr": 1e-3}}),
+    }  # fmt: skip
+    for name, config in cases.items():
+        model = tiny_lora_llama(random_b=True)
+        try:
+            lds.initialize(model=model, optimizer=make_optimizer(model), config=config)
+        except lorapro.LoRAProConfigError as exc:
+            messages[name] = str(exc)
+    model = tiny_lora_llama(random_b=True)
+    opt = install_pair_guard(make_optimizer(model))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=_ds_config(2, zero_allow_untested_optimizer=True)
+    )
+    try:
+        _ds_train(engine, rank, world)
+    except lorapro.LoRAProConfigError as exc:
+        messages["zero2_direct"] = str(exc)
+    expected = {
+        "zero1": "flat fp32 partitions", "zero2": "flat fp32 partitions", "zero3": "flat fp32 partitions",
+        "bf16": "torch_autocast", "fp16": "torch_autocast", "optimizer": "'optimizer' section",
+        "zero2_direct": "no longer among the optimizer's parameters",
+    }  # fmt: skip
+    assert messages.keys() == expected.keys(), sorted(messages)
+    for name, phrase in expected.items():
+        assert phrase in messages[name], (name, messages[name])
+    return {"refused": torch.tensor(len(messages))}
+
+
+def _trainer_deepspeed(stage: int) -> dict[str, torch.Tensor]:
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    from lorapro.integrations.trainer import LoRAProTrainer
+
+    config = {
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
+            learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"], adam_beta1=HYPER["betas"][0],
+            adam_beta2=HYPER["betas"][1], adam_epsilon=HYPER["eps"], lr_scheduler_type="constant",
+            max_grad_norm=0.0, use_cpu=True, report_to=[], save_strategy="no", deepspeed=config,
+            train_sampling_strategy="sequential", disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        try:
+            trainer = LoRAProTrainer(
+                model=tiny_lora_llama(random_b=True), args=args, train_dataset=PatternDataset(8)
+            )
+        except lorapro.LoRAProConfigError as exc:
+            assert stage != 0 and "flat fp32 partitions" in str(exc), str(exc)
+            return {"refused": torch.tensor(1)}
+        trainer.train()
+        assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine"
+        assert type(trainer.lorapro) is lorapro.LoRAProAdamW
+        return trainable_state(trainer.model)
+
+
+def scenario_trainer_deepspeed_zero0(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _trainer_deepspeed(0)
+
+
+def scenario_trainer_deepspeed_zero2(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _trainer_deepspeed(2)
+
+
+def _swapped_after_build(cls) -> dict[str, torch.Tensor]:
+    """What Accelerate's FSDP2 ``prepare(model, optimizer)`` does (Accelerate enables FSDP only on
+    accelerators, so it is replayed here with its own helper): the optimizer is built on the
+    unsharded model, then the model is sharded and the optimizer's parameters are swapped for
+    the sharded DTensors with ``accelerate.utils.fsdp2_switch_optimizer_parameters``."""
+    from accelerate.utils import fsdp2_switch_optimizer_parameters
+    from torch.distributed.fsdp import fully_shard
+
+    from lorapro.integrations.fsdp import full_state
+
+    model = tiny_lora_llama(random_b=True)
+    opt = cls(model, **HYPER, mode="efficient")
+    before = [p for _, p in model.named_parameters()]
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    after = [p for _, p in model.named_parameters()]
+    mapping = {old.data_ptr: new for old, new in zip(before, after, strict=True)}  # keyed as Accelerate does
+    fsdp2_switch_optimizer_parameters(opt, mapping)
+    rows = local_rows(dist.get_rank(), dist.get_world_size())
+    for _ in range(STEPS):
+        lm_loss(model, rows).backward()
+        opt.step()
+        opt.zero_grad()
+    return full_state(model)
+
+
+def scenario_fsdp2_accelerate_swap(rank: int, world: int) -> dict[str, torch.Tensor]:
+    from lorapro.integrations.fsdp import FSDPLoRAProAdamW
+
+    return _swapped_after_build(FSDPLoRAProAdamW)
+
+
+def scenario_fsdp2_without_gram_allreduce(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Negative control: the same FSDP2 run with the Gram all-reduce switched off must NOT match
+    the single-process result (so the comparison can fail)."""
+    from lorapro.integrations.fsdp import FSDPLoRAProAdamW
+
+    original = FSDPLoRAProAdamW._reduce_gram_terms
+    FSDPLoRAProAdamW._reduce_gram_terms = lambda self, terms: terms
+    try:
+        return _fsdp2_run("efficient", lora_placement=True)
+    finally:
+        FSDPLoRAProAdamW._reduce_gram_terms = original
+
+
+SCENARIOS = {
+    name.removeprefix("scenario_"): fn for name, fn in globals().items() if name.startswith("scenario_")
+}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # A rank that fails inside a collective must not leave the other waiting forever.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        for name in sys.argv[2:]:
+            try:
+                result = SCENARIOS[name](rank, world)
+                torch.save(result, out / f"{name}_rank{rank}.pt")
+            except Exception:
+                (out / f"{name}_rank{rank}.err").write_text(traceback.format_exc())
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
