@@ -441,3 +441,26 @@ def test_foreach_and_per_tensor_paths_agree(dtype):
     for p1, p2 in zip(o1.state, o2.state, strict=True):
         for key in o1.state[p1]:
             torch.testing.assert_close(o1.state[p1][key], o2.state[p2][key], rtol=1e-12, atol=1e-12)
+
+
+def test_factors_swapped_by_a_wrapper_are_followed_or_refused():
+    """Wrappers such as Accelerate's FSDP2 prepare replace parameters in the model and in the
+    optimizer's groups after construction: the pairs must follow (else the new factors would
+    silently get plain AdamW), and a factor missing from the groups must be refused."""
+    model, twin = make_model(), make_model()
+    opt, twin_opt = LoRAProSGD(model, lr=0.1), LoRAProSGD(twin, lr=0.1)
+    layer = opt.pairs[0].layer
+    old = layer.lora_A["default"].weight
+    new = nn.Parameter(old.detach().clone())
+    layer.lora_A["default"].weight = new
+    for group in opt.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    train(model, opt, 2)
+    train(twin, twin_opt, 2)
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    assert opt.pairs[0].A is new
+
+    layer.lora_B["default"].weight = nn.Parameter(layer.lora_B["default"].weight.detach().clone())
+    with pytest.raises(LoRAProConfigError, match="same parameter group"):
+        train(model, opt, 1)

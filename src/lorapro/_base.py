@@ -208,7 +208,19 @@ class LoRAProOptimizer(Optimizer):
         self._lora_ids = lora_ids
 
     # -- the step ---------------------------------------------------------------------------
+    def _refresh_pairs(self) -> None:
+        """Follow factors that a wrapper replaced after construction (see LoRAPair.current).
+
+        Without this, the stale pairs would never see a gradient and the new factors would
+        silently get plain AdamW. Raises if the new factors are not among the parameters.
+        """
+        fresh = [pair.current() for pair in self._pairs]
+        if any(new is not old for new, old in zip(fresh, self._pairs, strict=True)):
+            self._pairs = fresh
+            self._index_pairs()
+
     def _collect(self) -> list[GroupWork]:
+        self._refresh_pairs()
         works = []
         for group, pairs in zip(self.param_groups, self._group_pairs, strict=True):
             work = GroupWork(group)

@@ -61,6 +61,20 @@ class LoRAPair:
         t = self.B if tensor is None else tensor
         return t.reshape(t.shape[0], t.shape[1])
 
+    def current(self) -> LoRAPair:
+        """This pair as its layer holds it now.
+
+        Wrappers may replace parameters after the optimizer was built (Accelerate's FSDP2
+        ``prepare`` swaps in sharded DTensors); the layer is the source of truth.
+        """
+        fresh = _pair_of(self.name, self.layer, self.adapter)
+        if fresh is None:
+            raise LoRAProConfigError(
+                f"{self.name}: adapter {self.adapter!r} was removed after the optimizer was built; "
+                "build the optimizer again"
+            )
+        return self if (fresh.A is self.A and fresh.B is self.B) else fresh
+
     @property
     def base_weight(self) -> Tensor:
         """The frozen base weight W0 this pair adapts (full mode scales it for weight decay)."""

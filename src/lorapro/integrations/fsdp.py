@@ -29,7 +29,6 @@ Checkpoints: ``optimizer.state_dict()`` holds DTensor moments; save and load the
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -84,13 +83,6 @@ def full_state(model: nn.Module, trainable_only: bool = True) -> dict[str, Tenso
         value = p.full_tensor() if isinstance(p, DTensor) else p
         out[name] = value.detach().clone()
     return out
-
-
-def _current_factors(pair: LoRAPair) -> tuple[Tensor, Tensor]:
-    layer, adapter = pair.layer, pair.adapter
-    if pair.kind == "embedding":
-        return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
-    return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
 
 
 # -- layouts -----------------------------------------------------------------------------------
@@ -208,26 +200,6 @@ class _ShardedLoRAPro:
                 "lora_shard_placement_fn(model) to fully_shard to communicate only r x r terms."
             )
         return a_layout, b_layout
-
-    def _refresh_pairs(self) -> None:
-        """Follow parameters that were swapped after the optimizer was built.
-
-        Accelerate's FSDP2 ``prepare(model, optimizer)`` shards the model and then replaces the
-        parameters in ``optimizer.param_groups`` by the sharded DTensors; the LoRA pairs found at
-        construction would still point at the old tensors (their gradients never arrive, and the
-        new factors would get plain AdamW). Re-read each pair's factors from its layer.
-        """
-        stale = False
-        fresh = []
-        for pair in self._pairs:
-            A, B = _current_factors(pair)
-            if A is not pair.A or B is not pair.B:
-                stale = True
-                pair = dataclasses.replace(pair, A=A, B=B)
-            fresh.append(pair)
-        if stale:
-            self._pairs = fresh
-            self._index_pairs()  # type: ignore[attr-defined]
 
     def _collect(self) -> list[GroupWork]:
         self._refresh_pairs()
