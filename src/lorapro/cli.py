@@ -19,28 +19,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _parse_lrs(values: Sequence[str] | None, methods: Sequence[str]) -> dict[str, float]:
-    """``--lr 1e-3`` sets every method's rate; ``--lr lora=1e-3`` sets one (repeatable)."""
-    lrs: dict[str, float] = {}
-    for item in values or []:
-        for part in item.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            name, sep, rate = part.rpartition("=")
-            try:
-                lr = float(rate)
-            except ValueError:
-                raise SystemExit(f"lorapro demo: --lr expects RATE or METHOD=RATE, got {part!r}") from None
-            if not lr > 0:
-                raise SystemExit(f"lorapro demo: learning rate must be > 0, got {part!r}")
-            if sep:
-                if name not in methods:
-                    raise SystemExit(f"lorapro demo: --lr names {name!r}, which is not in --methods")
-                lrs[name] = lr
-            else:
-                lrs.update(dict.fromkeys(methods, lr))
-    return lrs
+def _lrs_or_exit(values: Sequence[str] | None, methods: Sequence[str]) -> dict[str, float]:
+    from .bench.options import parse_lrs
+
+    try:
+        return parse_lrs(values, methods)
+    except ValueError as exc:
+        raise SystemExit(f"lorapro demo: {exc}") from None
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -87,7 +72,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         seed=args.seed,
         out=args.out,
-        lrs=_parse_lrs(args.lr, methods),
+        lrs=_lrs_or_exit(args.lr, methods),
         progress=not args.no_progress,
     )
     return 0

@@ -33,6 +33,7 @@ from lorapro.diagnostics import GradientMonitor, LayerRecord, parse_steps, read_
 
 from .data import MOVIE_REVIEW_LABELS, MissingAssetError, movie_review_splits
 from .models import load_minilm
+from .options import parse_lrs
 from .train import MethodUnavailableError, TrainConfig, encode, evaluate_accuracy, get_method
 
 __all__ = ["TASKS", "DiagnoseConfigError", "DiagnoseReport", "add_arguments", "diagnose", "replot", "run"]
@@ -375,23 +376,11 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _parse_lrs(values: Sequence[str] | None, methods: Sequence[str]) -> dict[str, float]:
-    """``--lr 1e-3`` sets every method's rate, ``--lr lora=1e-3`` one method's (repeatable)."""
-    lrs: dict[str, float] = {}
-    for item in values or []:
-        for part in filter(None, (p.strip() for p in item.split(","))):
-            name, sep, rate = part.rpartition("=")
-            try:
-                lr = float(rate)
-            except ValueError:
-                raise DiagnoseConfigError(f"--lr expects RATE or METHOD=RATE, got {part!r}") from None
-            if not lr > 0:
-                raise DiagnoseConfigError(f"learning rate must be > 0, got {part!r}")
-            if sep:
-                lrs[name] = lr
-            else:
-                lrs.update(dict.fromkeys(methods, lr))
-    return lrs
+def _diagnose_lrs(values: Sequence[str] | None, methods: Sequence[str]) -> dict[str, float]:
+    try:
+        return parse_lrs(values, methods)
+    except ValueError as exc:
+        raise DiagnoseConfigError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -464,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
             val_size=args.val_size,
             batch_size=args.batch_size,
             max_length=args.max_length,
-            lrs=_parse_lrs(args.lr, methods),
+            lrs=_diagnose_lrs(args.lr, methods),
             rank=args.rank,
             alpha=args.alpha,
             dropout=args.dropout,
