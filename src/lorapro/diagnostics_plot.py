@@ -46,6 +46,20 @@ def _pyplot() -> Any:
     return plt
 
 
+def _panel_grid(n_rows: int, n_cols: int) -> tuple[Any, Any, Any]:
+    """The paper's layout: one panel per (module kind, depth), shared step axis."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        n_rows,
+        n_cols,
+        figsize=(3.6 * n_cols, 1.9 * n_rows + 1.0),
+        sharex=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    return plt, fig, axes
+
+
 def _dicts(records: Iterable[Record]) -> list[dict[str, Any]]:
     return [r.to_dict() if isinstance(r, LayerRecord) else dict(r) for r in records]
 
@@ -156,15 +170,7 @@ def plot_distances(
         key = (_row_key(d, multi_stack), d["layer_index"], _series_key(d, multi_adapter))
         cells.setdefault(key, []).append(d)
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(
-        len(rows),
-        len(cols),
-        figsize=(3.6 * len(cols), 1.9 * len(rows) + 1.0),
-        sharex=True,
-        squeeze=False,
-        layout="constrained",
-    )
+    plt, fig, axes = _panel_grid(len(rows), len(cols))
     finite: list[float] = []
     for i, row in enumerate(rows):
         for j, col in enumerate(cols):
@@ -243,15 +249,7 @@ def plot_spectra(
         if d["adapter"] == adapter:
             cells.setdefault((_row_key(d, multi_stack), d["layer_index"]), []).append(d)
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(
-        len(rows),
-        len(cols),
-        figsize=(3.6 * len(cols), 1.9 * len(rows) + 1.0),
-        sharex=True,
-        squeeze=False,
-        layout="constrained",
-    )
+    plt, fig, axes = _panel_grid(len(rows), len(cols))
     for i, row in enumerate(rows):
         for j, col in enumerate(cols):
             ax = axes[i][j]
