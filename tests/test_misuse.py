@@ -21,14 +21,9 @@ from torch.nn import functional as F
 
 import lorapro
 from lorapro import LoRAProAdamW, LoRAProConfigError, LoRAProSGD, NonFiniteGradientError, optimal_gradients
+from state_checks import assert_unchanged, snapshot
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Net(nn.Module):
@@ -81,22 +76,6 @@ def one_step(m: nn.Module, opt, seed=0) -> None:
     backward(m, seed)
     opt.step()
     opt.zero_grad()
-
-
-def snapshot(m: nn.Module, opt) -> tuple[dict, dict]:
-    params = {n: p.detach().clone() for n, p in m.named_parameters()}
-    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
-    return params, state
-
-
-def assert_unchanged(m: nn.Module, opt, snap) -> None:
-    params, state = snap
-    for name, p in m.named_parameters():
-        assert torch.equal(p, params[name]), name
-    assert {id(p): set(s) for p, s in opt.state.items()} == {k: set(v) for k, v in state.items()}
-    for p, s in opt.state.items():
-        for key, value in s.items():
-            assert torch.equal(value, state[id(p)][key]), key
 
 
 def exact(message: str) -> str:

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 import lorapro
 from lorapro import LoRAProAdamW, LoRAProConfigError, LoRAProSGD, NonFiniteGradientError, optimal_gradients
+from state_checks import assert_unchanged, snapshot
 
 ALL_MODES = [("sgd", None, xm) for xm in lorapro.X_MODES] + [
     ("adamw", mode, xm) for mode in lorapro.MODES for xm in lorapro.X_MODES
@@ -30,12 +31,7 @@ def mode_id(case) -> str:
     return f"{mode or kind}-{x_mode}"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # -- models --------------------------------------------------------------------------------------------------
@@ -114,22 +110,6 @@ def train(model, opt, steps, seed0=10, batch_fn=None, dtype=None):
         loss_of(model, batch_fn(seed0 + i)).backward()
         opt.step()
         opt.zero_grad()
-
-
-def snapshot(model, opt):
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
-    return params, state
-
-
-def assert_unchanged(model, opt, snap):
-    params, state = snap
-    for name, p in model.named_parameters():
-        assert torch.equal(p, params[name]), name
-    assert {id(p): set(s) for p, s in opt.state.items()} == {k: set(v) for k, v in state.items()}
-    for p, s in opt.state.items():
-        for key, value in s.items():
-            assert torch.equal(value, state[id(p)][key]), key
 
 
 def assert_same_parameters(a: nn.Module, b: nn.Module):

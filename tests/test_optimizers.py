@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 import lorapro
 from lorapro import LoRAProAdamW, LoRAProConfigError, LoRAProSGD, NonFiniteGradientError, optimal_gradients
+from state_checks import assert_unchanged, snapshot
 
 
 class TinyNet(nn.Module):
@@ -382,22 +383,6 @@ def test_split_pair_across_groups_is_refused():
     rest = [p for p in model.parameters() if p.requires_grad and p is not pair.A]
     with pytest.raises(LoRAProConfigError, match="same parameter group"):
         LoRAProAdamW(model, lr=1e-3, params=[{"params": [pair.A]}, {"params": rest}])
-
-
-def snapshot(model, opt):
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
-    return params, state
-
-
-def assert_unchanged(model, opt, snap):
-    params, state = snap
-    for n, p in model.named_parameters():
-        assert torch.equal(p, params[n]), n
-    assert {id(p): set(s) for p, s in opt.state.items()} == {k: set(v) for k, v in state.items()}
-    for p, s in opt.state.items():
-        for k, v in s.items():
-            assert torch.equal(v, state[id(p)][k])
 
 
 @pytest.mark.parametrize(("kind", "mode", "x_mode"), ALL_MODES)

@@ -28,13 +28,7 @@ BERT_TARGETS = ("query", "key", "value", "dense")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny float64 matmuls are dominated by thread start-up (~10 ms each on a busy 2-core host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # -- model builders ---------------------------------------------------------------------------------

@@ -50,13 +50,7 @@ CLEAR_DECADES = 4.5  # strict tests: kept singular values within 10^4.5 of the l
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow], "print_blob": True}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """numpy's BLAS and torch's thread pools fight over 2 cores: one thread is ~50x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # -- problems -------------------------------------------------------------------------------------------

@@ -22,12 +22,7 @@ from resume_worker import CONFIGS, Config
 WORKER = Path(__file__).with_name("resume_worker.py")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers run on one thread too: same reduction order
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def run_worker(phase: str, directory: Path) -> None:

@@ -1,0 +1,19 @@
+"""Fixtures shared by the test files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test on one torch thread, then restore the count.
+
+    Tiny matmuls are dominated by thread start-up on a busy 2-core host (numpy's BLAS and torch's
+    pool fight over the cores), and resume workers run on one thread too (same reduction order).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
