@@ -46,6 +46,18 @@ def _pyplot() -> Any:
     return plt
 
 
+def _label_panel(ax: Any, i: int, j: int, rows: list, cols: list) -> None:
+    """Column titles on the top row, module kinds on the left, steps on the bottom."""
+    if i == 0:
+        ax.set_title(_col_title(cols[j], j, len(cols)), fontsize=10)
+    if j == 0:
+        ax.set_ylabel(rows[i], fontsize=10)
+    if i == len(rows) - 1:
+        ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    ax.tick_params(labelsize=8)
+
+
 def _panel_grid(n_rows: int, n_cols: int) -> tuple[Any, Any, Any]:
     """The paper's layout: one panel per (module kind, depth), shared step axis."""
     plt = _pyplot()
@@ -186,14 +198,7 @@ def plot_distances(
                 ax.plot(
                     xs, ys, style.get(run, "-"), color=_EST_COLOR[est], marker=".", markersize=3, label=label
                 )
-            if i == 0:
-                ax.set_title(_col_title(col, j, len(cols)), fontsize=10)
-            if j == 0:
-                ax.set_ylabel(row, fontsize=10)
-            if i == len(rows) - 1:
-                ax.set_xlabel("step")
-            ax.grid(True, alpha=0.3)
-            ax.tick_params(labelsize=8)
+            _label_panel(ax, i, j, rows, cols)
     # Distances of LoRA and LoRA-Pro can differ by orders of magnitude (LoRA's equivalent
     # gradient scales with s^2 and the factor norms); a log axis keeps both readable.
     if metric != "cosine" and finite and max(finite) / min(finite) > 20:
@@ -274,14 +279,7 @@ def plot_spectra(
                     bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0},
                 )
                 ax.set_yscale("log")
-            if i == 0:
-                ax.set_title(_col_title(col, j, len(cols)), fontsize=10)
-            if j == 0:
-                ax.set_ylabel(row, fontsize=10)
-            if i == len(rows) - 1:
-                ax.set_xlabel("step")
-            ax.grid(True, alpha=0.3)
-            ax.tick_params(labelsize=8)
+            _label_panel(ax, i, j, rows, cols)
     handles, labels = _legend_entries(axes)
     names = {"A": "singular values of A", "B": "singular values of B"}
     fig.suptitle(title or f"Singular values of the LoRA factors ({run})", fontsize=11)
