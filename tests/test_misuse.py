@@ -565,6 +565,6 @@ def test_missing_model_package(monkeypatch):
 
 
 def test_unknown_benchmark_method():
-    train = pytest.importorskip("lorapro.bench.train")
+    methods = pytest.importorskip("lorapro.bench.methods")
     with pytest.raises(ValueError, match=r"^unknown method 'lorapr0'; known: "):
-        train.get_method("lorapr0")
+        methods.get_method("lorapr0")

@@ -95,10 +95,27 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=diagnose.run)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench import bench_cli
+
+    p = sub.add_parser(
+        "bench",
+        help="tune, run and compare methods on a task (tables, JSON and plots)",
+        description=(
+            "For every method, try each learning rate of one grid on seed 0 and choose by the validation "
+            "split; run the chosen rate on N seeds; report test mean +- std, the share of the LoRA-to-full "
+            "gap closed, loss curves and a bar chart. Finished runs are stored by config hash and reused."
+        ),
+    )
+    bench_cli.add_arguments(p)
+    p.set_defaults(run=bench_cli.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorapro", description="LoRA-Pro for PEFT models: demo and tools.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(sub)
+    _add_bench(sub)
     _add_diagnose(sub)
     return parser
 
@@ -107,11 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .bench.data import MissingAssetError
     from .bench.demo import DemoConfigError
-    from .bench.train import MethodUnavailableError
+    from .bench.harness import BenchConfigError
+    from .bench.methods import MethodUnavailableError
 
     try:
         return int(args.run(args) or 0)
-    except (MissingAssetError, MethodUnavailableError, DemoConfigError) as exc:
+    except (MissingAssetError, MethodUnavailableError, DemoConfigError, BenchConfigError) as exc:
         # Set-up problems and bad option values, not bugs: show the fix, not a traceback.
         # Anything else keeps its traceback, which is what a bug report needs.
         print(f"lorapro {args.command}: error: {exc}", file=sys.stderr)

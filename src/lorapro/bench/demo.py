@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .data import MOVIE_REVIEW_LABELS, load_movie_reviews, movie_review_splits
-from .models import load_minilm, load_minilm_tokenizer
-from .train import RunResult, TrainConfig, encode, get_method, train_and_evaluate
+from .methods import get_method
+from .tasks import TaskOptions, get_task
+from .train import RunResult, TrainConfig, train_and_evaluate
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -33,7 +33,7 @@ __all__ = [
     "run_demo",
 ]
 
-DEFAULT_METHODS: tuple[str, ...] = ("lora", "lorapro")
+DEFAULT_METHODS: tuple[str, ...] = ("full", "lora", "lorapro")
 # 4000 sentences = 125 steps, ~2 min per method on 2 idle cores. With 2000 (63 steps) both
 # methods were still on the initial loss plateau (~0.69 for the first ~40 steps) when
 # training ended, so the comparison said little; 3000 was barely past it.
@@ -64,7 +64,7 @@ def markdown_table(results: Sequence[RunResult]) -> str:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        acc = "n/a" if r.test_accuracy is None else f"{r.test_accuracy:.4f}"
+        acc = "n/a" if "accuracy" not in r.test else f"{r.test['accuracy']:.4f}"
         lines.append(f"| {r.method} | {r.lr:g} | {r.final_train_loss:.4f} | {acc} | {r.seconds:.1f} |")
     return "\n".join(lines)
 
@@ -91,7 +91,7 @@ def plot_loss_curves(results: Sequence[RunResult], path: Path, title: str = "") 
         color = f"C{i}"
         steps = range(1, len(r.loss_curve) + 1)
         window = max(1, len(r.loss_curve) // 15)
-        acc = "" if r.test_accuracy is None else f", test acc {r.test_accuracy:.3f}"
+        acc = "" if "accuracy" not in r.test else f", test acc {r.test['accuracy']:.3f}"
         ax.plot(steps, r.loss_curve, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(
             steps,
@@ -160,48 +160,44 @@ def run_demo(
         if spec.check is not None:
             spec.check()
 
-    data_notes = load_movie_reviews().notes
+    task = get_task("mr")
+    task.check()
+    options = TaskOptions(train_size=train_size, val_size=val_size, test_size=test_size, max_length=64)
     try:
-        splits = movie_review_splits(train_size, val_size, test_size, seed=seed)
+        prepared = task.prepare(options)
     except ValueError as exc:
         raise DemoConfigError(f"cannot split the movie reviews that way: {exc}") from None
-    tokenizer = load_minilm_tokenizer()
+    sizes = prepared.info["sizes"]
+    data_notes = prepared.info["data_notes"]
     base = TrainConfig(lr=0.0, epochs=epochs, seed=seed)
-    train_enc = encode(tokenizer, splits.train, base.max_length)
-    val_enc = encode(tokenizer, splits.validation, base.max_length) if len(splits.validation) else None
-    test_enc = encode(tokenizer, splits.test, base.max_length)
     log(
         f"Task: {TASK}\n"
-        f"Data: {len(splits.train)} train / {len(splits.validation)} validation / "
-        f"{len(splits.test)} test sentences (seed {seed}; {'; '.join(data_notes)}); "
-        f"{epochs} epoch(s) of {math.ceil(len(splits.train) / base.batch_size)} steps at batch "
+        f"Data: {sizes['train']} train / {sizes['validation']} validation / "
+        f"{sizes['test']} test sentences (split seed 0; {'; '.join(data_notes)}); "
+        f"{epochs} epoch(s) of {math.ceil(sizes['train'] / base.batch_size)} steps at batch "
         f"{base.batch_size}, cosine schedule, 3% warm-up, torch threads {torch.get_num_threads()}\n"
         f"Methods: {', '.join(methods)}"
     )
 
-    def load_model() -> torch.nn.Module:
-        return load_minilm(len(MOVIE_REVIEW_LABELS))[0]
-
     results: list[RunResult] = []
     for spec in specs:
         cfg = TrainConfig(lr=lrs.get(spec.name, spec.default_lr), epochs=epochs, seed=seed)
-        result = train_and_evaluate(
-            spec, load_model, train_enc, cfg, validation=val_enc, test=test_enc, progress=progress
-        )
-        if not all(math.isfinite(x) for x in result.loss_curve):
+        evaluate_on = ("validation", "test") if sizes["validation"] else ("test",)
+        result = train_and_evaluate(spec, prepared, cfg, evaluate_on=evaluate_on, progress=progress)
+        if result.diverged:
             log(f"warning: {spec.name} produced a non-finite training loss (diverged?)")
         results.append(result)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
-    title = f"MiniLM-L6 on movie reviews: {len(splits.train)} sentences x {epochs} epoch(s), seed {seed}"
+    title = f"MiniLM-L6 on movie reviews: {sizes['train']} sentences x {epochs} epoch(s), seed {seed}"
     plot_path = plot_loss_curves(results, out / "loss_curves.png", title)
     config = {
         "task": TASK,
-        "train_size": len(splits.train),
-        "val_size": len(splits.validation),
-        "test_size": len(splits.test),
+        "train_size": sizes["train"],
+        "val_size": sizes["validation"],
+        "test_size": sizes["test"],
         "seed": seed,
         "methods": methods,
         "data_notes": data_notes,

@@ -7,14 +7,15 @@ of A and B. ``--method lora,lorapro`` runs both trajectories from the same initi
 data order and schedule, and adds the paper's view: each method's own equivalent gradient
 along its own training (``distances_paper.png``).
 
-The training loop is written here rather than reused from :mod:`lorapro.bench.train`
-because the monitor must wrap the forward and backward pass of chosen steps; otherwise it
-follows that loop (same builders, same seeding, cosine schedule with 3% warm-up).
+Training is :func:`lorapro.bench.train.train_and_evaluate`, the benchmark's own loop (same
+methods, seeding, cosine schedule with 3% warm-up), with the monitor wrapped around the
+forward and backward pass of every step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -22,8 +23,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +32,16 @@ import torch
 
 from lorapro.diagnostics import GradientMonitor, LayerRecord, parse_steps, read_jsonl, summarize, write_csv
 
-from .data import MOVIE_REVIEW_LABELS, MissingAssetError, movie_review_splits
-from .models import load_minilm
+from .data import MissingAssetError
+from .methods import MethodUnavailableError, get_method
 from .options import parse_lrs
-from .train import MethodUnavailableError, TrainConfig, encode, evaluate_accuracy, get_method
+from .tasks import TaskOptions, get_task, task_names
+from .train import TrainConfig, train_and_evaluate
 
-__all__ = ["TASKS", "DiagnoseConfigError", "DiagnoseReport", "add_arguments", "diagnose", "replot", "run"]
+__all__ = ["DiagnoseConfigError", "DiagnoseReport", "add_arguments", "diagnose", "replot", "run"]
 
-TASKS: dict[str, str] = {"mr": "movie-review sentence polarity (Hutto & Gilbert 2014), all-MiniLM-L6-v2"}
 DEFAULT_STEPS = "0,1,2,5:300:5"
 DEFAULT_VAL_SIZE = 500
-DEFAULT_TEST_SIZE = 1000  # carved out (and unused) so the training pool matches `lorapro demo`
 
 
 class DiagnoseConfigError(ValueError):
@@ -56,7 +56,7 @@ class RunInfo:
     measured_steps: int
     seconds_measured: float  # wall time of measured steps (forward + backward + measurement + update)
     seconds_other: float
-    val_accuracy: float | None
+    val_accuracy: float | None  # the task's selection metric on validation (accuracy for mr, trec)
     loss_curve: list[float] = field(default_factory=list)
 
 
@@ -95,72 +95,24 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def _train_one(
-    method: str,
-    lr: float,
-    cfg_kwargs: Mapping[str, Any],
-    train: Any,
-    validation: Any,
-    steps: Sequence[int],
-    max_steps: int,
-    jsonl: Path,
-    select: str | None,
-    progress: bool,
-) -> tuple[list[LayerRecord], RunInfo]:
-    from transformers import get_cosine_schedule_with_warmup
+class _TimedMonitor:
+    """Wraps a GradientMonitor to time forward + backward of measured and other steps apart."""
 
-    spec = get_method(method)
-    cfg = TrainConfig(lr=lr, **cfg_kwargs)
-    # Same seeding as bench.train.train_and_evaluate: identical head, LoRA A and data order
-    # for every method at a given seed.
-    torch.manual_seed(cfg.seed)
-    model, optimizer = spec.build(load_minilm(len(MOVIE_REVIEW_LABELS))[0], cfg)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * max_steps), max_steps)
-    monitor = GradientMonitor(model, steps, select=select, run=method, jsonl=jsonl)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    def __init__(self, monitor: GradientMonitor) -> None:
+        self.monitor = monitor
+        self.seconds = {True: 0.0, False: 0.0}
+        self.counts = {True: 0, False: 0}
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    @contextlib.contextmanager
+    def measure(self, step: int) -> Iterator[bool]:
+        t0 = time.perf_counter()
+        with self.monitor.measure(step) as measured:
+            yield measured
+        self.seconds[measured] += time.perf_counter() - t0
+        self.counts[measured] += 1
 
-        bar = tqdm(total=max_steps, desc=f"{method} lr={lr:g}", unit="step")
-    losses: list[float] = []
-    t_measured = t_other = 0.0
-    n_measured = 0
-    step = 0
-    model.train()
-    try:
-        while step < max_steps:
-            for idx in torch.randperm(len(train), generator=gen).split(cfg.batch_size):
-                if step >= max_steps:
-                    break
-                batch = train.batch(idx.tolist())
-                t0 = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                with monitor.measure(step) as measured:
-                    loss = model(**batch).loss
-                    loss.backward()
-                optimizer.step()
-                scheduler.step()
-                dt = time.perf_counter() - t0
-                if measured:
-                    t_measured += dt
-                    n_measured += 1
-                else:
-                    t_other += dt
-                losses.append(float(loss.detach()))
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-    finally:
-        monitor.close()
-        if bar is not None:
-            bar.close()
-    val_acc = evaluate_accuracy(model, validation, cfg.eval_batch_size) if validation is not None else None
-    info = RunInfo(method, lr, step, n_measured, t_measured, t_other, val_acc, losses)
-    return monitor.records, info
+    def close(self) -> None:
+        self.monitor.close()
 
 
 def diagnose(
@@ -171,8 +123,9 @@ def diagnose(
     max_steps: int | None = None,
     train_size: int | None = None,
     val_size: int = DEFAULT_VAL_SIZE,
+    test_size: int | None = None,
     batch_size: int = 32,
-    max_length: int = 64,
+    max_length: int | None = None,
     lrs: Mapping[str, float] | None = None,
     rank: int = 8,
     alpha: float = 16,
@@ -187,12 +140,14 @@ def diagnose(
     """Train each method on ``task`` and write records and figures into ``out``.
 
     Writes ``records.jsonl``, ``records.csv``, ``summary.md``, ``run.json`` (configuration,
-    environment, timings, accuracy, loss curves) and the figures of
+    environment, timings, validation metrics, loss curves) and the figures of
     :func:`lorapro.diagnostics_plot.write_figures` (with both lora and lorapro, also
     ``distances_paper.png``, the paper's Figure 4 view).
     """
-    if task not in TASKS:
-        raise DiagnoseConfigError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    try:
+        task_obj = get_task(task)
+    except ValueError as exc:
+        raise DiagnoseConfigError(str(exc)) from None
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise DiagnoseConfigError("no method given")
@@ -226,25 +181,24 @@ def diagnose(
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "records.jsonl"
     jsonl.unlink(missing_ok=True)
+    task_obj.check()
+    # The training pool is everything the task does not hold out, unless --train-size says less.
+    options = TaskOptions(
+        train_size=train_size, val_size=val_size, test_size=test_size, max_length=max_length
+    )
+    if train_size is None:
+        probe = task_obj.prepare(replace(options, train_size=1))
+        pool = probe.info["sizes"]
+        options = replace(options, train_size=pool["pool"] - pool["validation"] - pool["test"])
     try:
-        splits = movie_review_splits(train_size, val_size, DEFAULT_TEST_SIZE, seed=seed)
+        prepared = task_obj.prepare(options)
     except ValueError as exc:
-        raise DiagnoseConfigError(f"cannot split the movie reviews that way: {exc}") from None
-    _, tokenizer = load_minilm(len(MOVIE_REVIEW_LABELS))
-    train_enc = encode(tokenizer, splits.train, max_length)
-    val_enc = encode(tokenizer, splits.validation, max_length) if len(splits.validation) else None
-    cfg_kwargs = {
-        "batch_size": batch_size,
-        "max_length": max_length,
-        "seed": seed,
-        "lora_rank": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-    }
+        raise DiagnoseConfigError(f"cannot split task {task} that way: {exc}") from None
+    sizes = prepared.info["sizes"]
     env = _environment()
     log(
-        f"Task: {TASKS[task]}\nData: {len(splits.train)} train / {len(splits.validation)} validation "
-        f"sentences (seed {seed}); {max_steps} steps at batch {batch_size}; LoRA r={rank}, alpha={alpha}, "
+        f"Task: {task_obj.description}\nData: {sizes['train']} train / {sizes['validation']} validation "
+        f"examples (split seed 0); {max_steps} steps at batch {batch_size}; LoRA r={rank}, alpha={alpha}, "
         f"dropout={dropout}\nMeasured steps: {len([s for s in step_list if s < max_steps])} "
         f"({_compact(step_list)}); methods: {', '.join(methods)}; torch threads {env['torch_threads']}"
     )
@@ -253,17 +207,55 @@ def diagnose(
     runs: list[RunInfo] = []
     for spec in specs:
         lr = lrs.get(spec.name, spec.default_lr)
-        recs, info = _train_one(
-            spec.name, lr, cfg_kwargs, train_enc, val_enc, step_list, max_steps, jsonl, select, progress
+        cfg = TrainConfig(
+            lr=lr,
+            epochs=0,
+            batch_size=batch_size,
+            seed=seed,
+            lora_rank=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
         )
-        records += recs
+        timed: list[_TimedMonitor] = []
+
+        def make_monitor(
+            model: torch.nn.Module, method: str = spec.name, timed: list[_TimedMonitor] = timed
+        ) -> _TimedMonitor:
+            timed.append(
+                _TimedMonitor(GradientMonitor(model, step_list, select=select, run=method, jsonl=jsonl))
+            )
+            return timed[0]
+
+        result = train_and_evaluate(
+            spec,
+            prepared,
+            cfg,
+            evaluate_on=("validation",) if sizes["validation"] else (),
+            max_steps=max_steps,
+            make_monitor=make_monitor,
+            progress=progress,
+        )
+        monitor = timed[0]
+        records += monitor.monitor.records
+        metric = task_obj.selection_metric.name
+        info = RunInfo(
+            spec.name,
+            lr,
+            result.steps,
+            monitor.counts[True],
+            monitor.seconds[True],
+            monitor.seconds[False],
+            result.validation.get(metric),
+            result.loss_curve,
+        )
         runs.append(info)
         acc = "n/a" if info.val_accuracy is None else f"{info.val_accuracy:.4f}"
         per_measured = info.seconds_measured / max(1, info.measured_steps)
         per_other = info.seconds_other / max(1, info.steps - info.measured_steps)
         log(
             f"{spec.name}: {info.steps} steps, final loss {_tail_mean(info.loss_curve):.4f}, validation "
-            f"accuracy {acc}; {per_measured:.2f} s per measured step vs {per_other:.2f} s per other step"
+            f"{metric} {acc}; forward+backward {per_measured:.2f} s per measured step vs {per_other:.2f} s "
+            "per other step"
         )
 
     write_csv(records, out / "records.csv")
@@ -273,15 +265,15 @@ def diagnose(
     figures = _figures(records, out, layers, log)
     config = {
         "task": task,
-        "task_description": TASKS[task],
+        "task_description": task_obj.description,
         "methods": methods,
         "lrs": {r.method: r.lr for r in runs},
         "steps": step_list,
         "max_steps": max_steps,
-        "train_size": len(splits.train),
-        "val_size": len(splits.validation),
+        "train_size": sizes["train"],
+        "val_size": sizes["validation"],
         "batch_size": batch_size,
-        "max_length": max_length,
+        "max_length": prepared.info.get("max_length"),
         "lora_rank": rank,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
@@ -392,7 +384,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "layout (rows: module kind, columns: shallow/middle/deep layer)."
     )
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument("--task", default="mr", choices=sorted(TASKS), help="mr: movie-review polarity")
+    parser.add_argument(
+        "--task", default="mr", help=f"task ({', '.join(task_names())}); LoRA on Linear or Conv layers"
+    )
     parser.add_argument(
         "--method", default="lora", help="training method(s), comma-separated: lora, lorapro, lorapro-full"
     )
@@ -406,11 +400,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-steps", type=_positive_int, help="training steps (default: last measured step + 1)"
     )
     parser.add_argument(
-        "--train-size", type=_positive_int, help="training sentences (default: all not held out, ~9.1k)"
+        "--train-size", type=_positive_int, help="training examples (default: all the task does not hold out)"
     )
     parser.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE, help="validation sentences")
     parser.add_argument("--batch-size", type=_positive_int, default=32)
-    parser.add_argument("--max-length", type=_positive_int, default=64, help="tokens per sentence")
+    parser.add_argument("--max-length", type=_positive_int, help="tokens per example (default: the task's)")
     parser.add_argument(
         "--lr", action="append", metavar="[METHOD=]RATE", help="learning rate override (default: per method)"
     )

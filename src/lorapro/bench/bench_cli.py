@@ -1,0 +1,167 @@
+"""``lorapro bench``: arguments and entry point (the CLI module only registers it)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .harness import DEFAULT_LR_GRID, BenchConfig, BenchResult, run_benchmark
+
+__all__ = ["DIAGNOSABLE", "add_arguments", "diagnose_benchmark", "diagnose_steps", "run"]
+
+DEFAULT_METHODS = "full,lora,lorapro"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _grid(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 1e-4,1e-3, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("the learning-rate grid is empty")
+    return tuple(sorted(values))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .methods import method_names
+    from .tasks import task_names
+
+    p.add_argument(
+        "--task",
+        default="mr",
+        help=f"task: {', '.join(n + (':PATH' if n == 'text-csv' else '') for n in task_names())}",
+    )
+    p.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated methods from: {', '.join(method_names())}",
+    )
+    p.add_argument(
+        "--seeds", type=_positive_int, default=3, help="seeds per method at the chosen lr (default 3)"
+    )
+    p.add_argument(
+        "--lr-grid",
+        type=_grid,
+        default=DEFAULT_LR_GRID,
+        help="learning rates tried for every method (seed 0, chosen on validation); "
+        f"default {','.join(f'{x:g}' for x in DEFAULT_LR_GRID)}",
+    )
+    p.add_argument("--train-size", type=_positive_int, help="training examples (default: the task's)")
+    p.add_argument("--val-size", type=_positive_int, help="validation examples (default: the task's)")
+    p.add_argument("--test-size", type=_positive_int, help="test examples (default: the task's)")
+    p.add_argument("--max-length", type=_positive_int, help="maximum tokens per example (text tasks)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs (default: the task's)")
+    p.add_argument("--batch-size", type=_positive_int, help="batch size (default: the task's)")
+    p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=16.0,
+        help="LoRA alpha (default 16; scaling alpha/r, alpha/sqrt(r) for rs*)",
+    )
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the train/validation/test split")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="output folder (default: bench-output/TASK)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="afterwards, retrain seed 0 of each LoRA-family method at its chosen lr with the gradient "
+        "monitor on ~13 steps, and write records and figures (as `lorapro diagnose`) to OUT/diagnose",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    out = args.out or f"bench-output/{args.task.split(':', 1)[0]}"
+    cfg = BenchConfig(
+        task=args.task,
+        methods=methods,
+        seeds=args.seeds,
+        lr_grid=tuple(args.lr_grid),
+        train_size=args.train_size,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        max_length=args.max_length,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        rank=args.rank,
+        alpha=args.alpha,
+        weight_decay=args.weight_decay,
+        data_seed=args.data_seed,
+        out=out,
+    )
+    result = run_benchmark(cfg, progress=not args.no_progress)
+    if args.diagnose:
+        diagnose_benchmark(result, progress=not args.no_progress)
+    return 0
+
+
+#: Methods whose model holds plain LoRA pairs the monitor can measure (not full fine-tuning,
+#: not DoRA or AdaLoRA, whose layers are not W0 + s*B*A).
+DIAGNOSABLE = {
+    "lora", "rslora", "pissa", "loraplus", "loraga",
+    "lorapro", "lorapro-zero", "lorapro-symmetric", "lorapro-full", "rslorapro",
+}  # fmt: skip
+
+
+def diagnose_steps(total_steps: int) -> list[int]:
+    """The first steps (where B leaves zero) and ten more spread to the last one."""
+    stride = max(1, total_steps // 10)
+    candidates = {0, 1, 2, *range(stride, total_steps, stride), total_steps - 1}
+    return sorted(s for s in candidates if 0 <= s < total_steps)
+
+
+def diagnose_benchmark(result: BenchResult, *, progress: bool = True, log=print) -> None:
+    """Retrain seed 0 at each diagnosable method's chosen lr with the gradient monitor."""
+    import math
+
+    from .diagnose import diagnose
+
+    cfg = result.config
+    chosen = {o.method: o.chosen_lr for o in result.outcomes if o.runs and o.method in DIAGNOSABLE}
+    skipped = [o.method for o in result.outcomes if o.runs and o.method not in DIAGNOSABLE]
+    if skipped:
+        log(f"diagnose: skipping {', '.join(skipped)} (no plain LoRA pairs to measure)")
+    if not chosen:
+        log("diagnose: no LoRA-family method to measure")
+        return
+    sizes = result.task_info["sizes"]
+    batch = cfg.batch_size or result.task.default_batch_size
+    total = math.ceil(sizes["train"] / batch) * (cfg.epochs or result.task.default_epochs)
+    diagnose(
+        task=cfg.task,
+        methods=list(chosen),
+        steps=diagnose_steps(total),
+        max_steps=total,
+        train_size=sizes["train"],
+        val_size=sizes["validation"],
+        test_size=sizes["test"],
+        batch_size=batch,
+        max_length=cfg.max_length,
+        lrs=chosen,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        seed=0,
+        out=Path(cfg.out) / "diagnose",
+        progress=progress,
+        log=log,
+    )

@@ -1,0 +1,360 @@
+"""The benchmark: tune each method's learning rate on one grid, then run the winner on N seeds.
+
+Fairness rules, the same for every method:
+- one learning-rate grid; each method's rate is chosen on the *validation* split, with
+  seed 0, by the task's selection metric;
+- the chosen rate then runs on seeds 1..N-1 as well, and methods are compared on the
+  *test* split (mean +- std over the N seeds; the seed-0 tuning run is one of them);
+- same data, splits, initial weights per seed, step budget, schedule and LoRA placement.
+
+Every run is stored as one JSON file named by the hash of everything that determines it
+(task and its data, sizes, method, learning rate, seed, hyper-parameters, library
+version), so an interrupted or extended benchmark never repeats a finished run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .methods import MethodUnavailableError, get_method
+from .tasks import Task, TaskOptions, get_task
+from .train import RunResult, TrainConfig, train_and_evaluate
+
+__all__ = [
+    "DEFAULT_LR_GRID",
+    "BenchConfig",
+    "BenchConfigError",
+    "BenchResult",
+    "MethodOutcome",
+    "run_benchmark",
+    "run_hash",
+]
+
+#: Spans full fine-tuning's natural scale (~5e-5 on MiniLM) to LoRA's (2e-3 and more on
+#: TREC): a grid stopping at 5e-4 makes LoRA look worse than it is (field notes). About
+#: 4x apart, so the chosen rate is within 2x of the grid's best possible.
+DEFAULT_LR_GRID: tuple[float, ...] = (5e-5, 2e-4, 1e-3, 5e-3)
+
+#: Bump when a change to the loop or a method would change results: stored runs with an
+#: older version are then not reused.
+HARNESS_VERSION = 1
+
+
+class BenchConfigError(ValueError):
+    """The benchmark's options are inconsistent; the message names the option to change."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    task: str = "mr"
+    methods: tuple[str, ...] = ("full", "lora", "lorapro")
+    seeds: int = 3
+    lr_grid: tuple[float, ...] = DEFAULT_LR_GRID
+    train_size: int | None = None
+    val_size: int | None = None
+    test_size: int | None = None
+    max_length: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    rank: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    weight_decay: float = 0.0
+    data_seed: int = 0
+    out: str = "bench-output"
+
+    def validate(self) -> None:
+        if not self.methods:
+            raise BenchConfigError("no methods given; pass --methods full,lora,lorapro")
+        if len(set(self.methods)) != len(self.methods):
+            raise BenchConfigError(f"a method is listed twice in --methods {','.join(self.methods)}")
+        for m in self.methods:
+            try:
+                get_method(m)
+            except ValueError as exc:
+                raise BenchConfigError(str(exc)) from None
+        if self.seeds < 1:
+            raise BenchConfigError(f"--seeds must be >= 1, got {self.seeds}")
+        if not self.lr_grid or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lr_grid):
+            raise BenchConfigError(f"--lr-grid needs positive learning rates, got {self.lr_grid}")
+        if len(set(self.lr_grid)) != len(self.lr_grid):
+            raise BenchConfigError(f"--lr-grid lists a rate twice: {self.lr_grid}")
+        for name in ("train_size", "val_size", "test_size", "max_length", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise BenchConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.rank < 1:
+            raise BenchConfigError(f"--rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise BenchConfigError(f"--alpha must be > 0, got {self.alpha}")
+
+
+@dataclass
+class MethodOutcome:
+    """What the benchmark found for one method."""
+
+    method: str
+    description: str
+    #: lr -> validation metrics of the seed-0 tuning run (None for an unavailable method).
+    grid: dict[float, dict[str, float]] = field(default_factory=dict)
+    chosen_lr: float | None = None
+    runs: list[RunResult] = field(default_factory=list)  # the chosen lr, one per seed
+    unavailable: str | None = None  # why the method could not run here
+
+    def test_values(self, metric: str) -> list[float]:
+        return [r.test.get(metric, math.nan) for r in self.runs]
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    task: Task
+    task_info: dict[str, Any]
+    outcomes: list[MethodOutcome]
+    all_runs: list[RunResult]
+    out: Path
+    environment: dict[str, Any]
+    runs_executed: int
+    runs_reused: int
+
+
+def run_hash(key: dict[str, Any]) -> str:
+    blob = json.dumps(key, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def environment() -> dict[str, Any]:
+    import peft
+    import transformers
+
+    import lorapro
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "lorapro": getattr(lorapro, "__version__", "unknown"),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+class _RunStore:
+    """One JSON file per finished run under ``out/runs/<method>/``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, method: str, lr: float, seed: int, digest: str) -> Path:
+        return self.root / method / f"lr{lr:g}-seed{seed}-{digest}.json"
+
+    def load(self, path: Path, digest: str) -> RunResult | None:
+        if not path.is_file():
+            return None
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None  # a torn file from a killed run: run it again
+        if payload.get("hash") != digest:
+            return None
+        return RunResult.from_dict(payload["result"])
+
+    def save(self, path: Path, digest: str, key: dict[str, Any], result: RunResult, env: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "hash": digest,
+            "key": key,
+            "result": result.to_dict(),
+            "environment": env,
+            "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)  # atomic: a killed run leaves no half-written result
+
+
+def _train_config(cfg: BenchConfig, task: Task, lr: float, seed: int) -> TrainConfig:
+    return TrainConfig(
+        lr=lr,
+        epochs=cfg.epochs or task.default_epochs,
+        batch_size=cfg.batch_size or task.default_batch_size,
+        weight_decay=cfg.weight_decay,
+        seed=seed,
+        lora_rank=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+    )
+
+
+def run_benchmark(
+    cfg: BenchConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    task: Task | None = None,
+) -> BenchResult:
+    """Run (or resume) the benchmark described by ``cfg`` and write its reports.
+
+    ``task`` overrides ``cfg.task``'s registry lookup (tests pass a tiny task object).
+    """
+    from .report import write_reports
+
+    cfg.validate()
+    task = task or _get_task(cfg.task)
+    task.check()
+    for m in cfg.methods:
+        spec = get_method(m)
+        if spec.check is not None:
+            spec.check()
+    options = TaskOptions(
+        train_size=cfg.train_size,
+        val_size=cfg.val_size,
+        test_size=cfg.test_size,
+        max_length=cfg.max_length,
+        data_seed=cfg.data_seed,
+    )
+    try:
+        prepared = task.prepare(options)
+    except ValueError as exc:
+        raise BenchConfigError(str(exc)) from None
+    out = Path(cfg.out)
+    store = _RunStore(out / "runs")
+    env = environment()
+    base_key = {
+        "harness_version": HARNESS_VERSION,
+        "task": task.identity(),
+        "options": asdict(options),
+        # Sizes, not the whole info dict: rewording a note must not invalidate finished runs.
+        "sizes": prepared.info.get("sizes"),
+    }
+    seeds = list(range(cfg.seeds))
+    grid = sorted(cfg.lr_grid)  # ascending: ties then keep the smaller rate
+    selection = task.selection_metric
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=len(cfg.methods) * (len(grid) + len(seeds) - 1),
+            desc=f"bench {task.name}",
+            unit="run",
+            position=0,
+            dynamic_ncols=True,
+        )
+    log(
+        f"Task {task.name}: {task.description}\n"
+        f"Data: {prepared.info.get('sizes')}; methods: {', '.join(cfg.methods)}; lr grid: "
+        f"{', '.join(f'{x:g}' for x in grid)}; seeds: {cfg.seeds}; results under {out}"
+    )
+    counters = {"executed": 0, "reused": 0}
+    all_runs: list[RunResult] = []
+
+    def run(method: str, lr: float, seed: int) -> RunResult:
+        train_cfg = _train_config(cfg, task, lr, seed)
+        key = {**base_key, "method": method, "train": train_cfg.to_dict()}
+        digest = run_hash(key)
+        path = store.path(method, lr, seed, digest)
+        result = store.load(path, digest)
+        if result is None:
+            result = train_and_evaluate(method, prepared, train_cfg, progress=progress, progress_position=1)
+            store.save(path, digest, key, result, env)
+            counters["executed"] += 1
+        else:
+            counters["reused"] += 1
+        if bar is not None:
+            bar.update(1)
+        all_runs.append(result)
+        return result
+
+    # Two phases, so that an interrupted benchmark has tuned every method before it spends
+    # time on extra seeds: first the whole grid at seed 0 for all methods, then the seeds.
+    outcomes = [MethodOutcome(m, get_method(m).description) for m in cfg.methods]
+    tuning: dict[str, dict[float, RunResult]] = {m: {} for m in cfg.methods}
+    try:
+        for outcome in outcomes:
+            try:
+                for lr in grid:
+                    tuning[outcome.method][lr] = run(outcome.method, lr, seeds[0])
+            except MethodUnavailableError as exc:
+                outcome.unavailable = str(exc)
+                log(f"{outcome.method}: not run: {exc}")
+                if bar is not None:
+                    bar.update(len(grid) + len(seeds) - 1 - len(tuning[outcome.method]))
+        for outcome in outcomes:
+            if outcome.unavailable:
+                continue
+            runs = tuning[outcome.method]
+            outcome.grid = {lr: r.validation for lr, r in runs.items()}
+            best = grid[0]
+            for lr in grid[1:]:
+                # Strictly better only: ties keep the smaller rate (the grid is ascending).
+                if selection.better(
+                    runs[lr].validation.get(selection.name, math.nan),
+                    runs[best].validation.get(selection.name, math.nan),
+                ):
+                    best = lr
+            outcome.chosen_lr = best
+            outcome.runs = [runs[best]] + [run(outcome.method, best, s) for s in seeds[1:]]
+            values = outcome.test_values(task.report_metric.name)
+            log(
+                f"{outcome.method}: lr {best:g} (validation {selection.name} "
+                f"{runs[best].validation.get(selection.name, math.nan):.4f}); test "
+                f"{task.report_metric.name} {_mean(values):.4f} +- {_std(values):.4f} "
+                f"over {len(values)} seed(s)"
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+
+    result = BenchResult(
+        config=cfg,
+        task=task,
+        task_info=prepared.info,
+        outcomes=outcomes,
+        all_runs=all_runs,
+        out=out,
+        environment=env,
+        runs_executed=counters["executed"],
+        runs_reused=counters["reused"],
+    )
+    write_reports(result, log=log)
+    return result
+
+
+def _get_task(spec: str) -> Task:
+    try:
+        return get_task(spec)
+    except ValueError as exc:
+        raise BenchConfigError(str(exc)) from None
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _std(values: Sequence[float]) -> float:
+    """Sample standard deviation (n-1); 0 for a single value."""
+    if len(values) < 2:
+        return 0.0
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+# Shared with the report module.
+mean = _mean
+std = _std

@@ -1,0 +1,275 @@
+"""The training methods the benchmark compares, each a builder registered by name.
+
+A method turns a freshly loaded, unwrapped model into (model to train, optimizer, and an
+optional per-step hook). Every baseline that PEFT ships comes from PEFT itself (LoRA,
+rsLoRA, DoRA, PiSSA, LoRA+, LoRA-GA, AdaLoRA); nothing here re-implements them. The
+LoRA-Pro methods use the library's public API only.
+
+Shared defaults (the paper's): rank 8, alpha 16, LoRA on every linear or 1x1-conv layer
+of the body chosen by the task, the task's head trained in full, AdamW with betas
+(0.9, 0.999) and weight decay 0.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .tasks.base import PreparedTask
+    from .train import TrainConfig
+
+__all__ = [
+    "METHODS",
+    "BuildContext",
+    "Built",
+    "MethodSpec",
+    "MethodUnavailableError",
+    "get_method",
+    "method_names",
+    "register_method",
+]
+
+
+class MethodUnavailableError(RuntimeError):
+    """A method cannot run here (missing package, or PEFT does not support it on this model)."""
+
+
+@dataclass
+class Built:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    #: Called after every optimizer step with the 0-based step index, while gradients are
+    #: still present (AdaLoRA's rank allocation needs them).
+    after_step: Callable[[int], None] | None = None
+
+
+@dataclass
+class BuildContext:
+    """What a builder may use besides the model: the run's config and the task."""
+
+    cfg: TrainConfig
+    task: PreparedTask
+    total_steps: int
+
+    def lora_config(self, model: nn.Module, config_cls: Any = None, **options: Any) -> Any:
+        """A PEFT config with the shared defaults; ``options`` select the variant."""
+        from peft import LoraConfig
+
+        cls = config_cls or LoraConfig
+        return cls(
+            task_type=self.task.peft_task_type,
+            r=self.cfg.lora_rank,
+            lora_alpha=self.cfg.lora_alpha,
+            lora_dropout=self.cfg.lora_dropout,
+            target_modules=self.task.lora_targets(model),
+            modules_to_save=self.task.modules_to_save,
+            **options,
+        )
+
+    def wrap(self, model: nn.Module, config: Any) -> nn.Module:
+        from peft import get_peft_model
+
+        # Same A matrices for every method at a given seed, whatever loading consumed.
+        torch.manual_seed(self.cfg.seed)
+        with warnings.catch_warnings():
+            # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`; not ours.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            try:
+                return get_peft_model(model, config)
+            except (ValueError, TypeError, NotImplementedError) as exc:
+                raise MethodUnavailableError(f"PEFT cannot build this adapter on this model: {exc}") from exc
+
+    def adamw(self, params: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            params, lr=self.cfg.lr, betas=(0.9, 0.999), weight_decay=self.cfg.weight_decay
+        )
+
+
+Builder = Callable[[nn.Module, BuildContext], Built]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    build: Builder
+    description: str
+    #: Learning rate for single runs (demo, diagnose) when none is given. The benchmark
+    #: never uses it: it tunes every method on the same grid.
+    default_lr: float
+    #: Raises MethodUnavailableError when the method cannot run in this environment.
+    check: Callable[[], None] | None = None
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
+    if spec.name in METHODS and not replace:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    METHODS[spec.name] = spec
+    return spec
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _full(model: nn.Module, ctx: BuildContext) -> Built:
+    return Built(model, ctx.adamw(_trainable(model)))
+
+
+def _peft_adamw(**options: Any) -> Builder:
+    def build(model: nn.Module, ctx: BuildContext) -> Built:
+        wrapped = ctx.wrap(model, ctx.lora_config(model, **options))
+        return Built(wrapped, ctx.adamw(_trainable(wrapped)))
+
+    return build
+
+
+#: LoRA+'s ratio of B's to A's learning rate: the value its authors recommend and PEFT's
+#: documentation uses.
+LORAPLUS_LR_RATIO = 16.0
+
+
+def _loraplus(model: nn.Module, ctx: BuildContext) -> Built:
+    from peft.optimizers import create_loraplus_optimizer
+
+    wrapped = ctx.wrap(model, ctx.lora_config(model))
+    opt = create_loraplus_optimizer(
+        wrapped,
+        torch.optim.AdamW,
+        lr=ctx.cfg.lr,
+        loraplus_lr_ratio=LORAPLUS_LR_RATIO,
+        betas=(0.9, 0.999),
+        weight_decay=ctx.cfg.weight_decay,
+    )
+    return Built(wrapped, opt)
+
+
+#: Batches whose gradient LoRA-GA's initialisation averages (its paper uses a few dozen
+#: examples; 4 batches of the run's batch size is in that range).
+LORAGA_BATCHES = 4
+
+
+def _loraga(model: nn.Module, ctx: BuildContext) -> Built:
+    from peft import LoraGAConfig, preprocess_loraga
+
+    config = ctx.lora_config(model, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+    train = ctx.task.train
+    gen = torch.Generator().manual_seed(ctx.cfg.seed + 7919)  # not the training order's stream
+    order = torch.randperm(len(train), generator=gen).split(ctx.cfg.batch_size)[:LORAGA_BATCHES]
+
+    def estimate() -> None:
+        for idx in order:
+            ctx.task.loss(model, train.batch(idx.tolist())).backward()
+
+    try:
+        preprocess_loraga(model, config, estimate)
+    except ValueError as exc:
+        raise MethodUnavailableError(f"PEFT's LoRA-GA cannot initialise this model: {exc}") from exc
+    wrapped = ctx.wrap(model, config)
+    return Built(wrapped, ctx.adamw(_trainable(wrapped)))
+
+
+def _adalora(model: nn.Module, ctx: BuildContext) -> Built:
+    from peft import AdaLoraConfig
+
+    total = ctx.total_steps
+    # AdaLoRA's schedule: start at rank 12, prune to an average of 8 (the shared rank)
+    # between 10% and 80% of training, then hold the allocation fixed.
+    tinit = max(1, total // 10)
+    tfinal = max(1, total // 5)
+    if tinit + tfinal >= total:
+        raise MethodUnavailableError(
+            f"AdaLoRA needs more training steps than {total} to prune ranks; raise --epochs or --train-size"
+        )
+    config = ctx.lora_config(
+        model,
+        AdaLoraConfig,
+        init_r=ctx.cfg.lora_rank * 3 // 2,
+        target_r=ctx.cfg.lora_rank,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=max(1, total // 50),
+        total_step=total,
+    )
+    wrapped = ctx.wrap(model, config)
+    base = wrapped.base_model
+
+    def after_step(step: int) -> None:
+        base.update_and_allocate(step)
+
+    return Built(wrapped, ctx.adamw(_trainable(wrapped)), after_step)
+
+
+def _lorapro(mode: str, x_mode: str, **lora_options: Any) -> Builder:
+    def build(model: nn.Module, ctx: BuildContext) -> Built:
+        from lorapro import LoRAProAdamW
+
+        wrapped = ctx.wrap(model, ctx.lora_config(model, **lora_options))
+        # The optimizer takes the model: it pairs each lora_A with its lora_B by module and
+        # reads the live scaling; the head gets plain AdamW.
+        opt = LoRAProAdamW(
+            wrapped,
+            lr=ctx.cfg.lr,
+            betas=(0.9, 0.999),
+            weight_decay=ctx.cfg.weight_decay,
+            mode=mode,
+            x_mode=x_mode,
+        )
+        return Built(wrapped, opt)
+
+    return build
+
+
+# Default single-run rates follow the trial runs in the field notes: methods that take an
+# Adam-normalised step on the whole weight (full fine-tuning, LoRA-Pro full mode) want
+# ~5e-5; methods that normalise A and B separately want ~5e-4 or more.
+for _spec in (
+    MethodSpec("full", _full, "full fine-tuning, torch AdamW", 5e-5),
+    MethodSpec("lora", _peft_adamw(), "PEFT LoRA, torch AdamW", 5e-4),
+    MethodSpec("rslora", _peft_adamw(use_rslora=True), "PEFT rsLoRA (scaling alpha/sqrt(r)), AdamW", 5e-4),
+    MethodSpec("dora", _peft_adamw(use_dora=True), "PEFT DoRA, AdamW", 5e-4),
+    MethodSpec("pissa", _peft_adamw(init_lora_weights="pissa"), "PEFT PiSSA initialisation, AdamW", 5e-4),
+    MethodSpec("loraplus", _loraplus, f"PEFT LoRA+ optimizer (B lr = {LORAPLUS_LR_RATIO:g} x A lr)", 5e-4),
+    MethodSpec("loraga", _loraga, "PEFT LoRA-GA initialisation, AdamW", 5e-4),
+    MethodSpec("adalora", _adalora, "PEFT AdaLoRA (rank 12 -> 8 budget), AdamW", 5e-4),
+    MethodSpec(
+        "lorapro", _lorapro("efficient", "sylvester"), "LoRAProAdamW efficient mode, X by Sylvester", 5e-4
+    ),
+    MethodSpec("lorapro-zero", _lorapro("efficient", "zero"), "LoRAProAdamW efficient mode, X = 0", 5e-4),
+    MethodSpec(
+        "lorapro-symmetric",
+        _lorapro("efficient", "symmetric"),
+        "LoRAProAdamW efficient mode, symmetric X",
+        5e-4,
+    ),
+    MethodSpec("lorapro-full", _lorapro("full", "sylvester"), "LoRAProAdamW full mode (m x n moments)", 5e-5),
+    MethodSpec(
+        "rslorapro",
+        _lorapro("efficient", "sylvester", use_rslora=True),
+        "rsLoRA scaling + LoRAProAdamW efficient mode",
+        5e-4,
+    ),
+):
+    register_method(_spec)

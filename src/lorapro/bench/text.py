@@ -1,0 +1,65 @@
+"""Tokenised text splits with per-batch padding, and classification accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import Split
+
+__all__ = ["Encoded", "encode", "evaluate_accuracy"]
+
+
+@dataclass
+class Encoded:
+    """A tokenised text split: unpadded token ids per example (padding happens per batch)."""
+
+    input_ids: list[list[int]]
+    labels: list[int]
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Pad just to the longest example in the batch: short sentences would otherwise
+        pay for max_length tokens each."""
+        rows = [self.input_ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[j, : len(r)] = 1
+        labels = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def encode(tokenizer: Any, split: Split, max_length: int = 64) -> Encoded:
+    """Tokenise a split once; every method and epoch reuses the result."""
+    out = tokenizer(list(split.texts), truncation=True, max_length=max_length, padding=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Encoded(list(out["input_ids"]), list(split.labels), int(pad))
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, data: Encoded, batch_size: int = 128) -> float:
+    """Accuracy of argmax predictions. Batches are formed from length-sorted examples so
+    dynamic padding wastes little; the order does not change the result."""
+    if len(data) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        batch = data.batch(order[start : start + batch_size])
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+    model.train(was_training)
+    return correct / len(data)

@@ -1,0 +1,168 @@
+"""The benchmark harness on a tiny task: tuning, seeds, resume, reports and bad options."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench_tiny import TinyTask
+from lorapro.bench.harness import BenchConfig, BenchConfigError, run_benchmark
+from lorapro.bench.methods import METHODS, MethodSpec, MethodUnavailableError, register_method
+from lorapro.bench.report import gap_closed
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _config(tmp_path, **kw):
+    base = dict(
+        task="tiny", methods=("full", "lora", "lorapro"), seeds=2, lr_grid=(1e-3, 1e-2), out=str(tmp_path)
+    )
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+def test_benchmark_tunes_on_validation_runs_seeds_and_writes_reports(tmp_path):
+    logs: list[str] = []
+    result = run_benchmark(_config(tmp_path), task=TinyTask(), progress=False, log=logs.append)
+    assert result.runs_executed == 3 * (2 + 1) and result.runs_reused == 0
+    for outcome in result.outcomes:
+        # The chosen rate is the grid point with the best validation accuracy (ties: smaller).
+        scores = {lr: m["accuracy"] for lr, m in outcome.grid.items()}
+        best = max(scores.values())
+        assert outcome.chosen_lr == min(lr for lr, s in scores.items() if s == best)
+        assert [r.seed for r in outcome.runs] == [0, 1]
+        assert all(r.lr == outcome.chosen_lr for r in outcome.runs)
+        assert all(0.0 <= r.test["accuracy"] <= 1.0 for r in outcome.runs)
+        assert all(len(r.loss_curve) == 2 * 4 and r.steps == 8 for r in outcome.runs)
+    # Seeds differ in initial weights and data order, so their loss curves differ.
+    lora = next(o for o in result.outcomes if o.method == "lora")
+    assert lora.runs[0].loss_curve != lora.runs[1].loss_curve
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {r["method"]: r for r in summary["methods"]}
+    assert rows["lorapro"]["gap_closed"] == gap_closed(
+        rows["lorapro"]["test_mean"], rows["lora"]["test_mean"], rows["full"]["test_mean"]
+    )
+    assert rows["lora"]["optimizer_state_bytes"] == rows["lorapro"]["optimizer_state_bytes"] > 0
+    assert rows["full"]["trainable_params"] > rows["lora"]["trainable_params"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| lorapro |" in md and "val accuracy @ 0.01" in md
+    for name in ("loss_curves.png", "test_bars.png", "lr_sweep.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One JSON file per run, named by method, lr, seed and config hash.
+    files = sorted(p.name for p in (tmp_path / "runs" / "lora").glob("*.json"))
+    assert len(files) == 3 and all(f.startswith("lr") for f in files)
+
+
+def test_finished_runs_are_reused_and_a_changed_config_is_not(tmp_path):
+    run_benchmark(_config(tmp_path, methods=("lora",)), task=TinyTask(), progress=False, log=lambda _: None)
+    again = run_benchmark(
+        _config(tmp_path, methods=("lora",)), task=TinyTask(), progress=False, log=lambda _: None
+    )
+    assert again.runs_executed == 0 and again.runs_reused == 3
+    # A different rank is a different run; a third seed adds one run and reuses the rest.
+    more = run_benchmark(
+        _config(tmp_path, methods=("lora",), seeds=3), task=TinyTask(), progress=False, log=lambda _: None
+    )
+    assert more.runs_executed == 1 and more.runs_reused == 3
+    other = run_benchmark(
+        _config(tmp_path, methods=("lora",), rank=4), task=TinyTask(), progress=False, log=lambda _: None
+    )
+    assert other.runs_executed == 3
+
+
+def test_torn_run_file_is_run_again(tmp_path):
+    run_benchmark(_config(tmp_path, methods=("lora",), seeds=1, lr_grid=(1e-3,)), task=TinyTask(),
+                  progress=False, log=lambda _: None)  # fmt: skip
+    (path,) = (tmp_path / "runs" / "lora").glob("*.json")
+    path.write_text(path.read_text()[:50])
+    again = run_benchmark(_config(tmp_path, methods=("lora",), seeds=1, lr_grid=(1e-3,)), task=TinyTask(),
+                          progress=False, log=lambda _: None)  # fmt: skip
+    assert again.runs_executed == 1
+    json.loads(path.read_text())
+
+
+def test_unavailable_method_is_reported_not_fatal(tmp_path):
+    def refuse(model, ctx):
+        raise MethodUnavailableError("PEFT does not support this layer")
+
+    register_method(MethodSpec("refused-test", refuse, "always refused", 1e-3), replace=True)
+    try:
+        result = run_benchmark(
+            _config(tmp_path, methods=("lora", "refused-test"), seeds=1), task=TinyTask(), progress=False,
+            log=lambda _: None,
+        )  # fmt: skip
+    finally:
+        METHODS.pop("refused-test")
+    refused = next(o for o in result.outcomes if o.method == "refused-test")
+    assert refused.unavailable == "PEFT does not support this layer" and not refused.runs
+    assert "not run: PEFT does not support this layer" in (tmp_path / "results.md").read_text()
+
+
+def test_divergence_is_recorded_and_loses_the_tuning(tmp_path):
+    cfg = _config(tmp_path, methods=("lorapro",), seeds=1, lr_grid=(1e-3, 1e9))
+    result = run_benchmark(cfg, task=TinyTask(), progress=False, log=lambda _: None)
+    (outcome,) = result.outcomes
+    assert outcome.chosen_lr == 1e-3
+    huge = next(r for r in result.all_runs if r.lr == 1e9)
+    assert huge.diverged and math.isnan(huge.final_train_loss)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"methods": ()}, "no methods"),
+        ({"methods": ("lora", "lora")}, "listed twice"),
+        ({"methods": ("lora", "nope")}, "unknown method 'nope'"),
+        ({"seeds": 0}, "--seeds"),
+        ({"lr_grid": (1e-3, -1.0)}, "--lr-grid"),
+        ({"lr_grid": (1e-3, 1e-3)}, "twice"),
+        ({"train_size": 0}, "--train-size"),
+        ({"rank": 0}, "--rank"),
+    ],
+)
+def test_bad_options_name_the_option(tmp_path, kw, message):
+    with pytest.raises(BenchConfigError, match=message):
+        run_benchmark(_config(tmp_path, **kw), task=TinyTask(), progress=False, log=lambda _: None)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_task_lists_the_known_ones(tmp_path):
+    with pytest.raises(BenchConfigError, match=r"unknown task 'nope'.*mr.*text-csv.*trec"):
+        run_benchmark(_config(tmp_path, task="nope"), progress=False, log=lambda _: None)
+
+
+def test_gap_closed():
+    assert gap_closed(0.8, 0.7, 0.9) == pytest.approx(0.5)
+    assert gap_closed(0.6, 0.7, 0.9) == pytest.approx(-0.5)
+    assert gap_closed(0.8, 0.7, 0.7) is None
+    assert gap_closed(math.nan, 0.7, 0.9) is None
+
+
+def test_bench_diagnose_measures_the_lora_family_at_the_chosen_rates(tmp_path):
+    from lorapro.bench.bench_cli import diagnose_benchmark, diagnose_steps
+    from lorapro.bench.tasks.registry import TASKS, register_task
+    from lorapro.diagnostics import read_jsonl
+
+    assert diagnose_steps(64) == [0, 1, 2, 6, 12, 18, 24, 30, 36, 42, 48, 54, 60, 63]
+    assert diagnose_steps(2) == [0, 1]
+    register_task("tiny", TinyTask)
+    try:
+        result = run_benchmark(
+            _config(tmp_path, seeds=1), task=TinyTask(), progress=False, log=lambda _: None
+        )
+        logs: list[str] = []
+        diagnose_benchmark(result, progress=False, log=logs.append)
+    finally:
+        TASKS.pop("tiny")
+    assert any("skipping full" in line for line in logs)
+    records = read_jsonl(tmp_path / "diagnose" / "records.jsonl")
+    assert {r.run for r in records} == {"lora", "lorapro"}
+    assert {r.step for r in records} == set(diagnose_steps(8))
+    # LoRA-Pro's equivalent gradient is the least-squares optimum: never farther from g.
+    assert all(r.pro_rel_distance <= r.lora_rel_distance + 1e-6 for r in records)
+    run = json.loads((tmp_path / "diagnose" / "run.json").read_text())
+    chosen = {o.method: o.chosen_lr for o in result.outcomes}
+    assert run["config"]["lrs"] == {"lora": chosen["lora"], "lorapro": chosen["lorapro"]}
