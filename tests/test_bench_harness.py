@@ -134,6 +134,51 @@ def test_unknown_task_lists_the_known_ones(tmp_path):
         run_benchmark(_config(tmp_path, task="nope"), progress=False, log=lambda _: None)
 
 
+def _fake_run(lr: float, score: float, diverged: bool = False):
+    from lorapro.bench.train import RunResult
+
+    return RunResult(
+        method="m", lr=lr, seed=0, validation={"accuracy": score}, test={}, final_train_loss=0.0,
+        loss_curve=[], steps=1, trainable_params=1, optimizer_state_bytes=0, train_seconds=0.0,
+        seconds=0.0, diverged=diverged,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("grid", "peak", "expected_new"),
+    [
+        ((1e-4, 5e-4, 2e-3), 1e-2, [8e-3, 3.2e-2]),  # best at the top: extend twice, up to the cap
+        ((1e-4, 5e-4, 2e-3), 3e-3, [8e-3]),  # the first extension brackets the optimum
+        ((1e-4, 5e-4, 2e-3), 1e-5, [2e-5, 4e-6]),  # best at the bottom: extend downwards
+        ((1e-4, 5e-4, 2e-3), 5e-4, []),  # already bracketed
+    ],
+)
+def test_grid_extends_where_the_best_rate_is_at_an_edge(grid, peak, expected_new):
+    from lorapro.bench.harness import _extend_at_edges
+    from lorapro.bench.tasks import Metric
+
+    def score(lr):  # unimodal in log(lr), peaked at `peak`
+        return -abs(math.log(lr / peak))
+
+    runs = {lr: _fake_run(lr, score(lr)) for lr in grid}
+    tried = []
+
+    def run(lr):
+        tried.append(lr)
+        return _fake_run(lr, score(lr))
+
+    _extend_at_edges(runs, 2, Metric("accuracy"), None, run)
+    assert tried == pytest.approx(expected_new)
+
+
+def test_grid_does_not_extend_past_a_diverged_top():
+    from lorapro.bench.harness import _extend_at_edges
+    from lorapro.bench.tasks import Metric
+
+    runs = {1e-3: _fake_run(1e-3, 0.5), 1e-2: _fake_run(1e-2, 0.6, diverged=True)}
+    _extend_at_edges(runs, 2, Metric("accuracy"), None, lambda lr: pytest.fail("extended"))
+
+
 def test_gap_closed():
     assert gap_closed(0.8, 0.7, 0.9) == pytest.approx(0.5)
     assert gap_closed(0.6, 0.7, 0.9) == pytest.approx(-0.5)
@@ -166,3 +211,31 @@ def test_bench_diagnose_measures_the_lora_family_at_the_chosen_rates(tmp_path):
     run = json.loads((tmp_path / "diagnose" / "run.json").read_text())
     chosen = {o.method: o.chosen_lr for o in result.outcomes}
     assert run["config"]["lrs"] == {"lora": chosen["lora"], "lorapro": chosen["lorapro"]}
+
+
+def test_combined_table_has_a_row_per_method_and_a_column_per_task(tmp_path, capsys):
+    from lorapro.bench.report import combined_table
+    from lorapro.cli import main
+
+    def row(method, mean, gap=None, unavailable=None):
+        return {"method": method, "test_mean": mean, "test_std": 0.01, "test_values": [mean] * 3,
+                "chosen_lr": 1e-3, "gap_closed": gap, "unavailable": unavailable}  # fmt: skip
+
+    a = {"task": "mr", "report_metric": "accuracy",
+         "methods": [row("full", 0.8), row("lora", 0.7), row("lorapro", 0.75, 0.5)]}  # fmt: skip
+    trec_rows = [row("lora", 0.9), row("lorapro", 0.8, -1.0), row("pissa", None, unavailable="no conv")]
+    b = {"task": "trec", "report_metric": "accuracy", "methods": trec_rows}
+    table = combined_table([a, b]).splitlines()
+    assert table[0] == "| method | mr (accuracy) | trec (accuracy) | mean gap closed |"
+    assert table[2].startswith("| full | 0.800 ± 0.010 (n=3, lr 0.001) | — |")
+    assert table[4].endswith("| -0.25 (2 tasks) |")
+    assert table[5] == "| pissa | — | not run | — |"
+    for name, summary in (("mr", a), ("trec", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    assert (
+        main(["report", str(tmp_path / "mr"), str(tmp_path / "trec"), "--out", str(tmp_path / "t.md")]) == 0
+    )
+    assert (tmp_path / "t.md").read_text().splitlines() == table
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "run `lorapro bench --out" in capsys.readouterr().err

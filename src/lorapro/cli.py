@@ -111,11 +111,41 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=bench_cli.run)
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="one table across benchmark folders: methods x tasks, test mean +- std",
+        description="Read summary.json from each `lorapro bench` output folder and print (or write) "
+        "one Markdown table in the paper's layout: a row per method, a column per task.",
+    )
+    p.add_argument("folders", nargs="+", help="output folders of `lorapro bench`")
+    p.add_argument("--out", help="also write the table to this Markdown file")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench.report import combined_table, load_summary
+
+    try:
+        summaries = [load_summary(folder) for folder in args.folders]
+    except FileNotFoundError as exc:
+        print(f"lorapro report: error: {exc}", file=sys.stderr)
+        return 2
+    table = combined_table(summaries)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n", encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorapro", description="LoRA-Pro for PEFT models: demo and tools.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(sub)
     _add_bench(sub)
+    _add_report(sub)
     _add_diagnose(sub)
     return parser
 

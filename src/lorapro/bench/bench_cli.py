@@ -58,6 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="learning rates tried for every method (seed 0, chosen on validation); "
         f"default {','.join(f'{x:g}' for x in DEFAULT_LR_GRID)}",
     )
+    p.add_argument(
+        "--extend-grid",
+        type=int,
+        default=2,
+        metavar="N",
+        help="when a method's best rate is at an end of the grid, try up to N more points beyond it, "
+        "continuing the grid's spacing (default 2; 0 keeps the grid fixed)",
+    )
     p.add_argument("--train-size", type=_positive_int, help="training examples (default: the task's)")
     p.add_argument("--val-size", type=_positive_int, help="validation examples (default: the task's)")
     p.add_argument("--test-size", type=_positive_int, help="test examples (default: the task's)")
@@ -106,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         weight_decay=args.weight_decay,
         data_seed=args.data_seed,
+        extend_grid=args.extend_grid,
         out=out,
     )
     result = run_benchmark(cfg, progress=not args.no_progress)

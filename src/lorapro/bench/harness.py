@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .methods import MethodUnavailableError, get_method
-from .tasks import Task, TaskOptions, get_task
+from .tasks import Metric, Task, TaskOptions, get_task
 from .train import RunResult, TrainConfig, train_and_evaluate
 
 __all__ = [
@@ -72,6 +72,8 @@ class BenchConfig:
     dropout: float = 0.0
     weight_decay: float = 0.0
     data_seed: int = 0
+    #: Extra grid points a method may get beyond an end of the grid where its best rate lies.
+    extend_grid: int = 2
     out: str = "bench-output"
 
     def validate(self) -> None:
@@ -94,6 +96,8 @@ class BenchConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise BenchConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.extend_grid < 0:
+            raise BenchConfigError(f"--extend-grid must be >= 0, got {self.extend_grid}")
         if self.rank < 1:
             raise BenchConfigError(f"--rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:
@@ -290,6 +294,8 @@ def run_benchmark(
             try:
                 for lr in grid:
                     tuning[outcome.method][lr] = run(outcome.method, lr, seeds[0])
+                _extend_at_edges(tuning[outcome.method], cfg.extend_grid, selection, bar,
+                                 lambda lr, m=outcome.method: run(m, lr, seeds[0]))  # fmt: skip
             except MethodUnavailableError as exc:
                 outcome.unavailable = str(exc)
                 log(f"{outcome.method}: not run: {exc}")
@@ -299,15 +305,8 @@ def run_benchmark(
             if outcome.unavailable:
                 continue
             runs = tuning[outcome.method]
-            outcome.grid = {lr: r.validation for lr, r in runs.items()}
-            best = grid[0]
-            for lr in grid[1:]:
-                # Strictly better only: ties keep the smaller rate (the grid is ascending).
-                if selection.better(
-                    runs[lr].validation.get(selection.name, math.nan),
-                    runs[best].validation.get(selection.name, math.nan),
-                ):
-                    best = lr
+            outcome.grid = {lr: runs[lr].validation for lr in sorted(runs)}
+            best = _best_lr(runs, selection)
             outcome.chosen_lr = best
             outcome.runs = [runs[best]] + [run(outcome.method, best, s) for s in seeds[1:]]
             values = outcome.test_values(task.report_metric.name)
@@ -334,6 +333,54 @@ def run_benchmark(
     )
     write_reports(result, log=log)
     return result
+
+
+def _score(run: RunResult, selection: Metric) -> float:
+    return run.validation.get(selection.name, math.nan)
+
+
+def _best_lr(runs: dict[float, RunResult], selection: Metric) -> float:
+    """The rate with the best validation score; ties keep the smaller rate."""
+    lrs = sorted(runs)
+    best = lrs[0]
+    for lr in lrs[1:]:
+        if selection.better(_score(runs[lr], selection), _score(runs[best], selection)):
+            best = lr
+    return best
+
+
+def _extend_at_edges(
+    runs: dict[float, RunResult],
+    max_extensions: int,
+    selection: Metric,
+    bar: Any,
+    run: Callable[[float], RunResult],
+) -> None:
+    """While a method's best rate sits at an end of the grid, try one more point beyond it.
+
+    The same rule for every method, so the grid stays common: it only grows where the
+    optimum is not bracketed (LoRA on TREC still improved at the top of a grid that suits
+    full fine-tuning). New points continue the grid's spacing at that end.
+    """
+    for _ in range(max_extensions):
+        lrs = sorted(runs)
+        if len(lrs) < 2:
+            return
+        best = _best_lr(runs, selection)
+        if best == lrs[-1] and not runs[best].diverged:
+            new = _round_rate(lrs[-1] * lrs[-1] / lrs[-2])
+        elif best == lrs[0]:
+            new = _round_rate(lrs[0] * lrs[0] / lrs[1])
+        else:
+            return
+        if bar is not None:
+            bar.total += 1
+        runs[new] = run(new)
+
+
+def _round_rate(lr: float) -> float:
+    """Two significant digits, so the extended points print cleanly (8e-3, not 8.0000001e-3)."""
+    return float(f"{lr:.2g}")
 
 
 def _get_task(spec: str) -> Task:
