@@ -403,6 +403,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--train-size", type=_positive_int, help="training examples (default: all the task does not hold out)"
     )
     parser.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE, help="validation sentences")
+    parser.add_argument(
+        "--test-size", type=_positive_int, help="test examples held out (default: the task's)"
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=32)
     parser.add_argument("--max-length", type=_positive_int, help="tokens per example (default: the task's)")
     parser.add_argument(
@@ -445,6 +448,7 @@ def run(args: argparse.Namespace) -> int:
             max_steps=args.max_steps,
             train_size=args.train_size,
             val_size=args.val_size,
+            test_size=args.test_size,
             batch_size=args.batch_size,
             max_length=args.max_length,
             lrs=_diagnose_lrs(args.lr, methods),
