@@ -239,3 +239,15 @@ def test_combined_table_has_a_row_per_method_and_a_column_per_task(tmp_path, cap
     assert (tmp_path / "t.md").read_text().splitlines() == table
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "run `lorapro bench --out" in capsys.readouterr().err
+
+
+def test_report_only_trains_nothing_and_marks_what_is_pending(tmp_path):
+    quiet = {"task": TinyTask(), "progress": False, "log": lambda _: None}
+    run_benchmark(_config(tmp_path, methods=("lora",), seeds=1), **quiet)
+    result = run_benchmark(_config(tmp_path, methods=("lora", "lorapro"), seeds=3), report_only=True, **quiet)
+    assert result.runs_executed == 0
+    lora, pro = result.outcomes
+    assert len(lora.runs) == 1 and lora.pending == "1 of 3 seeds run so far"
+    assert not pro.runs and pro.pending.startswith("tuning not finished (lr 0.001 seed 0")
+    md = (tmp_path / "results.md").read_text()
+    assert "(1 of 3 seeds run so far)" in md and "pending: tuning not finished" in md

@@ -85,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (default: bench-output/TASK)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the tables and plots from the runs stored in OUT so far "
+        "(unfinished methods are marked pending)",
+    )
+    p.add_argument(
         "--diagnose",
         action="store_true",
         help="afterwards, retrain seed 0 of each LoRA-family method at its chosen lr with the gradient "
@@ -117,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
         extend_grid=args.extend_grid,
         out=out,
     )
-    result = run_benchmark(cfg, progress=not args.no_progress)
+    result = run_benchmark(
+        cfg, progress=not args.no_progress and not args.report_only, report_only=args.report_only
+    )
     if args.diagnose:
         diagnose_benchmark(result, progress=not args.no_progress)
     return 0

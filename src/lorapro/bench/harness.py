@@ -14,6 +14,7 @@ version), so an interrupted or extended benchmark never repeats a finished run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -115,6 +116,7 @@ class MethodOutcome:
     chosen_lr: float | None = None
     runs: list[RunResult] = field(default_factory=list)  # the chosen lr, one per seed
     unavailable: str | None = None  # why the method could not run here
+    pending: str | None = None  # report_only: what is not run yet
 
     def test_values(self, metric: str) -> list[float]:
         return [r.test.get(metric, math.nan) for r in self.runs]
@@ -204,16 +206,23 @@ def _train_config(cfg: BenchConfig, task: Task, lr: float, seed: int) -> TrainCo
     )
 
 
+class _NotRunYet(Exception):
+    """A run the report needs is not stored (``report_only``)."""
+
+
 def run_benchmark(
     cfg: BenchConfig,
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
     task: Task | None = None,
+    report_only: bool = False,
 ) -> BenchResult:
     """Run (or resume) the benchmark described by ``cfg`` and write its reports.
 
     ``task`` overrides ``cfg.task``'s registry lookup (tests pass a tiny task object).
+    With ``report_only`` nothing is trained: the reports show the stored runs, and methods
+    whose tuning or seeds are unfinished are marked pending.
     """
     from .report import write_reports
 
@@ -274,6 +283,8 @@ def run_benchmark(
         digest = run_hash(key)
         path = store.path(method, lr, seed, digest)
         result = store.load(path, digest)
+        if result is None and report_only:
+            raise _NotRunYet(f"lr {lr:g} seed {seed}")
         if result is None:
             result = train_and_evaluate(method, prepared, train_cfg, progress=progress, progress_position=1)
             store.save(path, digest, key, result, env)
@@ -296,19 +307,26 @@ def run_benchmark(
                     tuning[outcome.method][lr] = run(outcome.method, lr, seeds[0])
                 _extend_at_edges(tuning[outcome.method], cfg.extend_grid, selection, bar,
                                  lambda lr, m=outcome.method: run(m, lr, seeds[0]))  # fmt: skip
+            except _NotRunYet as missing:
+                outcome.pending = f"tuning not finished ({missing} not run yet)"
             except MethodUnavailableError as exc:
                 outcome.unavailable = str(exc)
                 log(f"{outcome.method}: not run: {exc}")
                 if bar is not None:
                     bar.update(len(grid) + len(seeds) - 1 - len(tuning[outcome.method]))
         for outcome in outcomes:
-            if outcome.unavailable:
-                continue
             runs = tuning[outcome.method]
             outcome.grid = {lr: runs[lr].validation for lr in sorted(runs)}
+            if outcome.unavailable or outcome.pending:
+                continue
             best = _best_lr(runs, selection)
             outcome.chosen_lr = best
-            outcome.runs = [runs[best]] + [run(outcome.method, best, s) for s in seeds[1:]]
+            outcome.runs = [runs[best]]
+            for seed in seeds[1:]:
+                with contextlib.suppress(_NotRunYet):  # report_only: show the seeds run so far
+                    outcome.runs.append(run(outcome.method, best, seed))
+            if len(outcome.runs) < len(seeds):
+                outcome.pending = f"{len(outcome.runs)} of {len(seeds)} seeds run so far"
             values = outcome.test_values(task.report_metric.name)
             log(
                 f"{outcome.method}: lr {best:g} (validation {selection.name} "

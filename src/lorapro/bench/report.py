@@ -41,6 +41,7 @@ def summarize(result: BenchResult) -> dict[str, Any]:
             "method": o.method,
             "description": o.description,
             "unavailable": o.unavailable,
+            "pending": o.pending,
             "chosen_lr": o.chosen_lr,
             "grid_validation": {f"{lr:g}": m for lr, m in o.grid.items()},
             "test_values": values,
@@ -95,8 +96,15 @@ def markdown_table(summary: dict[str, Any]) -> str:
     )
     lines = [head, "| " + " | ".join(["---"] + ["---:"] * (len(grid) + 5)) + " |"]
     for row in summary["methods"]:
-        if row["unavailable"]:
-            cells = [f"not run: {row['unavailable']}".replace("|", "/")] + [""] * (len(grid) + 4)
+        if row["unavailable"] or (row.get("pending") and not row["test_values"]):
+            why = f"not run: {row['unavailable']}" if row["unavailable"] else f"pending: {row['pending']}"
+            vals = [
+                _fmt(row["grid_validation"][f"{lr:g}"].get(sel))
+                if f"{lr:g}" in row["grid_validation"]
+                else "—"
+                for lr in grid
+            ]
+            cells = ["—", why.replace("|", "/"), "—", *vals, "", ""]
             lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
             continue
         n = len(row["test_values"])
@@ -108,6 +116,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
         ]
         if row["diverged_runs"]:
             score += f" ⚠ {row['diverged_runs']} diverged"
+        if row.get("pending"):
+            score += f" ({row['pending']})"
         peak = _fmt(row["peak_memory_mb_max"], 0)
         lines.append(
             f"| {row['method']} | {row['chosen_lr']:g} | {score} | {gap} | "
@@ -270,8 +280,10 @@ def combined_table(summaries: Sequence[dict[str, Any]]) -> str:
             row = next((r for r in s["methods"] if r["method"] == m), None)
             if row is None:
                 cells.append("—")
-            elif row["unavailable"] or row["test_mean"] is None:
+            elif row["unavailable"]:
                 cells.append("not run")
+            elif row.get("pending") and not row["test_values"]:
+                cells.append("pending")
             else:
                 cells.append(
                     f"{_fmt(row['test_mean'], 3)} ± {_fmt(row['test_std'], 3)} "
