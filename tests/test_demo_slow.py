@@ -56,7 +56,7 @@ def test_demo_tiny_budget_writes_results(tmp_path: Path) -> None:
         assert 0.0 <= r["validation"]["accuracy"] <= 1.0
         assert math.isfinite(r["final_train_loss"])
         assert len(r["loss_curve"]) == 2 and all(math.isfinite(x) for x in r["loss_curve"])
-        assert r["lr"] == 5e-4  # the per-method default
+        assert r["lr"] == 2e-3  # the rate the mr benchmark chose for both
     # Same seed, data and initial weights: the very first loss (before any update) matches.
     assert results[0]["loss_curve"][0] == pytest.approx(results[1]["loss_curve"][0], abs=1e-6)
     text = "\n".join(lines)

@@ -33,13 +33,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="compare LoRA and LoRA-Pro on movie-review polarity (offline, a few minutes on CPU)",
+        help="compare full fine-tuning, LoRA and LoRA-Pro on movie-review polarity (offline, ~10 min on CPU)",
         description=(
             "Fine-tune all-MiniLM-L6-v2 on movie-review sentence polarity with each method, "
             "with identical seed, data and step budget, and compare final training loss and "
-            "held-out accuracy. Known methods: full, lora, lorapro, lorapro-full. Default "
-            "learning rates: 5e-4 for lora and lorapro (efficient mode), 5e-5 for full and "
-            "lorapro-full."
+            "held-out accuracy. Any method of `lorapro bench` can be given. Default learning rates: "
+            "the ones `lorapro bench --task mr` chose (full 5e-4, lora 2e-3, lorapro 2e-3); other "
+            "methods use their registered default."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
