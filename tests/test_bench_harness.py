@@ -94,11 +94,17 @@ def test_unavailable_method_is_reported_not_fatal(tmp_path):
             _config(tmp_path, methods=("lora", "refused-test"), seeds=1), task=TinyTask(), progress=False,
             log=lambda _: None,
         )  # fmt: skip
+        refused = next(o for o in result.outcomes if o.method == "refused-test")
+        assert refused.unavailable == "PEFT does not support this layer" and not refused.runs
+        assert "not run: PEFT does not support this layer" in (tmp_path / "results.md").read_text()
+        # The refusal is stored, so a report-only pass still says why the method did not run.
+        again = run_benchmark(
+            _config(tmp_path, methods=("lora", "refused-test"), seeds=1), task=TinyTask(), progress=False,
+            log=lambda _: None, report_only=True,
+        )  # fmt: skip
+        assert again.outcomes[1].unavailable == "PEFT does not support this layer"
     finally:
         METHODS.pop("refused-test")
-    refused = next(o for o in result.outcomes if o.method == "refused-test")
-    assert refused.unavailable == "PEFT does not support this layer" and not refused.runs
-    assert "not run: PEFT does not support this layer" in (tmp_path / "results.md").read_text()
 
 
 def test_divergence_is_recorded_and_loses_the_tuning(tmp_path):
@@ -184,6 +190,11 @@ def test_gap_closed():
     assert gap_closed(0.6, 0.7, 0.9) == pytest.approx(-0.5)
     assert gap_closed(0.8, 0.7, 0.7) is None
     assert gap_closed(math.nan, 0.7, 0.9) is None
+    # Full fine-tuning worse than LoRA: no gap, and a method worse than LoRA is not "closer".
+    assert gap_closed(0.76, 0.79, 0.76) is None
+    # Lower-is-better metrics (a loss): full 1.0, LoRA 1.2, method 1.1 closes half.
+    assert gap_closed(1.1, 1.2, 1.0, higher_is_better=False) == pytest.approx(0.5)
+    assert gap_closed(1.1, 1.0, 1.2, higher_is_better=False) is None
 
 
 def test_bench_diagnose_measures_the_lora_family_at_the_chosen_rates(tmp_path):

@@ -179,6 +179,28 @@ class _RunStore:
             return None
         return RunResult.from_dict(payload["result"])
 
+    @staticmethod
+    def _refusal_path(path: Path) -> Path:
+        return path.with_name(path.stem + ".unavailable.json")
+
+    def refusal(self, path: Path, digest: str, env: dict) -> str | None:
+        """Why this run could not be built, if an earlier invocation found out with the same PEFT."""
+        marker = self._refusal_path(path)
+        if not marker.is_file():
+            return None
+        try:
+            payload = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        if payload.get("hash") != digest or payload.get("peft") != env.get("peft"):
+            return None  # another configuration or PEFT release: try again
+        return str(payload["reason"])
+
+    def save_refusal(self, path: Path, digest: str, reason: str, env: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"hash": digest, "reason": reason, "peft": env.get("peft")}
+        self._refusal_path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+
     def save(self, path: Path, digest: str, key: dict[str, Any], result: RunResult, env: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -283,10 +305,19 @@ def run_benchmark(
         digest = run_hash(key)
         path = store.path(method, lr, seed, digest)
         result = store.load(path, digest)
+        refused = store.refusal(path, digest, env)
+        if refused is not None:
+            raise MethodUnavailableError(refused)
         if result is None and report_only:
             raise _NotRunYet(f"lr {lr:g} seed {seed}")
         if result is None:
-            result = train_and_evaluate(method, prepared, train_cfg, progress=progress, progress_position=1)
+            try:
+                result = train_and_evaluate(
+                    method, prepared, train_cfg, progress=progress, progress_position=1
+                )
+            except MethodUnavailableError as exc:
+                store.save_refusal(path, digest, str(exc), env)
+                raise
             store.save(path, digest, key, result, env)
             counters["executed"] += 1
         else:

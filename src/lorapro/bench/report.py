@@ -21,9 +21,16 @@ if TYPE_CHECKING:
 __all__ = ["combined_table", "gap_closed", "load_summary", "markdown_table", "summarize", "write_reports"]
 
 
-def gap_closed(value: float, lora: float, full: float) -> float | None:
-    """(value - LoRA) / (full - LoRA); None when undefined (missing baseline or no gap)."""
-    if any(not math.isfinite(x) for x in (value, lora, full)) or full == lora:
+def gap_closed(value: float, lora: float, full: float, higher_is_better: bool = True) -> float | None:
+    """(value - LoRA) / (full - LoRA); None when undefined.
+
+    Undefined means a missing baseline, or no gap to close: when full fine-tuning does not
+    beat LoRA, the ratio would call a method that is *worse* than LoRA "closer to full".
+    """
+    if any(not math.isfinite(x) for x in (value, lora, full)):
+        return None
+    gap = full - lora if higher_is_better else lora - full
+    if gap <= 0:
         return None
     return (value - lora) / (full - lora)
 
@@ -34,6 +41,7 @@ def summarize(result: BenchResult) -> dict[str, Any]:
     metric = result.task.report_metric.name
     means = {o.method: mean(o.test_values(metric)) for o in result.outcomes if o.runs}
     lora, full = means.get("lora", math.nan), means.get("full", math.nan)
+    higher = result.task.report_metric.higher_is_better
     methods = []
     for o in result.outcomes:
         values = o.test_values(metric)
@@ -48,7 +56,7 @@ def summarize(result: BenchResult) -> dict[str, Any]:
             "test_mean": mean(values) if values else None,
             "test_std": std(values) if values else None,
             "seeds": [r.seed for r in o.runs],
-            "gap_closed": gap_closed(mean(values), lora, full) if values else None,
+            "gap_closed": gap_closed(mean(values), lora, full, higher) if values else None,
             "test_metrics_per_seed": [r.test for r in o.runs],
             "final_train_loss": [r.final_train_loss for r in o.runs],
             "train_seconds_mean": mean([r.train_seconds for r in o.runs]) if o.runs else None,
@@ -92,9 +100,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
     head = (
         f"| method | chosen lr | test {metric} (mean ± std, n) | gap closed | "
         + " | ".join(f"val {sel} @ {lr:g}" for lr in grid)
-        + " | train s/run | peak MB |"
+        + " | other test metrics (mean) | train s/run | peak MB |"
     )
-    lines = [head, "| " + " | ".join(["---"] + ["---:"] * (len(grid) + 5)) + " |"]
+    lines = [head, "| " + " | ".join(["---"] + ["---:"] * (len(grid) + 6)) + " |"]
     for row in summary["methods"]:
         if row["unavailable"] or (row.get("pending") and not row["test_values"]):
             why = f"not run: {row['unavailable']}" if row["unavailable"] else f"pending: {row['pending']}"
@@ -104,7 +112,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 else "—"
                 for lr in grid
             ]
-            cells = ["—", why.replace("|", "/"), "—", *vals, "", ""]
+            cells = ["—", why.replace("|", "/"), "—", *vals, "", "", ""]
             lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
             continue
         n = len(row["test_values"])
@@ -119,12 +127,23 @@ def markdown_table(summary: dict[str, Any]) -> str:
         if row.get("pending"):
             score += f" ({row['pending']})"
         peak = _fmt(row["peak_memory_mb_max"], 0)
+        others = _other_means(row["test_metrics_per_seed"], metric)
         lines.append(
             f"| {row['method']} | {row['chosen_lr']:g} | {score} | {gap} | "
             + " | ".join(vals)
-            + f" | {_fmt(row['train_seconds_mean'], 1)} | {peak} |"
+            + f" | {others} | {_fmt(row['train_seconds_mean'], 1)} | {peak} |"
         )
     return "\n".join(lines)
+
+
+def _other_means(per_seed: Sequence[dict[str, float]], skip: str) -> str:
+    """Means over seeds of the test metrics besides the headline one (gsm: the test loss)."""
+    names = sorted({k for m in per_seed for k in m} - {skip})
+    parts = []
+    for name in names:
+        values = [m[name] for m in per_seed if name in m]
+        parts.append(f"{name} {_fmt(sum(values) / len(values))}")
+    return ", ".join(parts) or "—"
 
 
 def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
@@ -144,7 +163,8 @@ def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
         "and is scored on the test split. A method whose best rate lay at an end of the grid got up to "
         f"{cfg['extend_grid']} more points beyond it (same spacing), so every optimum is bracketed where "
         "possible. "
-        "Gap closed = (method - LoRA) / (full - LoRA) on the test mean.",
+        "Gap closed = (method - LoRA) / (full - LoRA) on the test mean; n/a when full fine-tuning "
+        "does not beat LoRA (there is no gap to close).",
         "",
         markdown_table(summary),
         "",
