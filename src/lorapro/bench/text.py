@@ -41,8 +41,10 @@ class Encoded:
 
 def encode(tokenizer: Any, split: Split, max_length: int = 64) -> Encoded:
     """Tokenise a split once; every method and epoch reuses the result."""
-    out = tokenizer(list(split.texts), truncation=True, max_length=max_length, padding=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if len(split) == 0:  # e.g. --val-size 0; fast tokenizers fail on an empty batch
+        return Encoded([], [], int(pad))
+    out = tokenizer(list(split.texts), truncation=True, max_length=max_length, padding=False)
     return Encoded(list(out["input_ids"]), list(split.labels), int(pad))
 
 
