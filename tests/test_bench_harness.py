@@ -16,9 +16,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _config(tmp_path, **kw):
+    # No grid extension by default here, so run counts are exact; one test turns it on.
     base = dict(
-        task="tiny", methods=("full", "lora", "lorapro"), seeds=2, lr_grid=(1e-3, 1e-2), out=str(tmp_path)
-    )
+        task="tiny", methods=("full", "lora", "lorapro"), seeds=2, lr_grid=(1e-3, 1e-2), extend_grid=0,
+        out=str(tmp_path),
+    )  # fmt: skip
     base.update(kw)
     return BenchConfig(**base)
 
@@ -71,6 +73,21 @@ def test_finished_runs_are_reused_and_a_changed_config_is_not(tmp_path):
         _config(tmp_path, methods=("lora",), rank=4), task=TinyTask(), progress=False, log=lambda _: None
     )
     assert other.runs_executed == 3
+
+
+def test_benchmark_extends_the_grid_beyond_an_edge_optimum(tmp_path):
+    # Two grid points: the best is always at an edge, so exactly one point is added beyond it.
+    cfg = _config(tmp_path, methods=("lora",), seeds=1, lr_grid=(1e-6, 1e-5), extend_grid=1)
+    result = run_benchmark(cfg, task=TinyTask(), progress=False, log=lambda _: None)
+    (outcome,) = result.outcomes
+    lrs = sorted(outcome.grid)
+    assert len(lrs) == 3 and result.runs_executed == 3
+    first_two = {lr: outcome.grid[lr]["accuracy"] for lr in (1e-6, 1e-5)}
+    if first_two[1e-5] > first_two[1e-6]:  # strictly better at the top: extend upwards
+        assert lrs[-1] == pytest.approx(1e-4)
+    else:  # ties keep the smaller rate, which is then the bottom edge
+        assert lrs[0] == pytest.approx(1e-7)
+    assert "val accuracy @ " in (tmp_path / "results.md").read_text()
 
 
 def test_torn_run_file_is_run_again(tmp_path):
