@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,9 @@ from typing import Any
 
 import torch
 
+from .harness import environment
 from .methods import get_method
+from .report import smooth
 from .tasks import TaskOptions, get_task
 from .train import RunResult, TrainConfig, train_and_evaluate
 
@@ -74,17 +75,6 @@ def markdown_table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def _smooth(values: Sequence[float], window: int) -> list[float]:
-    """Trailing moving average; the raw per-step loss of batch 32 is too noisy to compare by eye."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
-
-
 def plot_loss_curves(results: Sequence[RunResult], path: Path, title: str = "") -> Path:
     import matplotlib
 
@@ -100,7 +90,7 @@ def plot_loss_curves(results: Sequence[RunResult], path: Path, title: str = "") 
         ax.plot(steps, r.loss_curve, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(
             steps,
-            _smooth(r.loss_curve, window),
+            smooth(r.loss_curve, window),
             color=color,
             linewidth=2,
             label=f"{r.method} (lr {r.lr:g}{acc})",
@@ -115,19 +105,6 @@ def plot_loss_curves(results: Sequence[RunResult], path: Path, title: str = "") 
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": str(torch.get_num_threads()),
-    }
 
 
 def run_demo(
@@ -208,7 +185,7 @@ def run_demo(
         "methods": methods,
         "data_notes": data_notes,
         "train_config": {k: v for k, v in asdict(base).items() if k != "lr"},
-        "versions": _versions(),
+        "versions": environment(),
     }
     json_path = out / "results.json"
     payload = {"config": config, "results": [r.to_dict() for r in results]}

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .harness import BenchResult, MethodOutcome
 
-__all__ = ["combined_table", "gap_closed", "load_summary", "markdown_table", "summarize", "write_reports"]
+__all__ = [
+    "combined_table",
+    "gap_closed",
+    "load_summary",
+    "markdown_table",
+    "smooth",
+    "summarize",
+    "write_reports",
+]
 
 
 def gap_closed(value: float, lora: float, full: float, higher_is_better: bool = True) -> float | None:
@@ -177,7 +185,8 @@ def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _smooth(values: Sequence[float], window: int) -> list[float]:
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average: per-step losses at batch 32 are too noisy to compare by eye."""
     out, acc = [], 0.0
     for i, v in enumerate(values):
         acc += v
@@ -206,7 +215,7 @@ def _plots(result: BenchResult, summary: dict[str, Any], out: Path) -> list[Path
         window = max(1, len(curve) // 15)
         ax.plot(
             range(1, len(curve) + 1),
-            _smooth(curve, window),
+            smooth(curve, window),
             color=f"C{i % 10}",
             label=f"{o.method} (lr {o.chosen_lr:g})",
         )
