@@ -33,7 +33,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="compare full fine-tuning, LoRA and LoRA-Pro on movie-review polarity (offline, ~10 min on CPU)",
+        help="compare full fine-tuning, LoRA and LoRA-Pro on movie-review polarity (offline, CPU)",
         description=(
             "Fine-tune all-MiniLM-L6-v2 on movie-review sentence polarity with each method, "
             "with identical seed, data and step budget, and compare final training loss and "
