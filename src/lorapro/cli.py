@@ -11,12 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+from .bench.options import positive_int as _positive_int
 
 
 def _lrs_or_exit(values: Sequence[str] | None, methods: Sequence[str]) -> dict[str, float]:

@@ -6,20 +6,11 @@ import argparse
 from pathlib import Path
 
 from .harness import DEFAULT_LR_GRID, BenchConfig, BenchResult, run_benchmark
+from .options import positive_int as _positive_int
 
 __all__ = ["DIAGNOSABLE", "add_arguments", "diagnose_benchmark", "diagnose_steps", "run"]
 
 DEFAULT_METHODS = "full,lora,lorapro"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def _grid(text: str) -> tuple[float, ...]:

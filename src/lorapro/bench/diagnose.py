@@ -35,6 +35,7 @@ from lorapro.diagnostics import GradientMonitor, LayerRecord, parse_steps, read_
 from .data import MissingAssetError
 from .methods import MethodUnavailableError, get_method
 from .options import parse_lrs
+from .options import positive_int as _positive_int
 from .tasks import TaskOptions, get_task, task_names
 from .train import TrainConfig, train_and_evaluate
 
@@ -345,13 +346,6 @@ def summary_table(summary: Sequence[Mapping[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def _steps(text: str) -> list[int]:

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 
-__all__ = ["parse_lrs"]
+__all__ = ["parse_lrs", "positive_int"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type for sizes, counts and steps: an integer > 0, or a message saying so."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def parse_lrs(values: Sequence[str] | None, methods: Sequence[str]) -> dict[str, float]:
