@@ -220,9 +220,14 @@ def test_unknown_keyword_option():
         ({"x_mode": "eig"}, "unknown x_mode 'eig': use one of 'sylvester', 'zero', 'symmetric'"),
         ({"nonfinite": "ignore"}, "unknown nonfinite policy 'ignore': use one of 'raise', 'skip'"),
         ({"foreach": "yes"}, "foreach must be None, True or False, got 'yes'"),
+        ({"fused": "auto"}, "fused must be None, True or False, got 'auto'"),
+        (
+            {"fused": True, "foreach": False},
+            "fused=True and foreach=False ask for two different AdamW paths; drop one of them",
+        ),
         ({"betas": 0.9}, "betas must be a pair (beta1, beta2), got 0.9"),
     ],
-    ids=["mode", "x_mode", "nonfinite", "foreach", "betas-scalar"],
+    ids=["mode", "x_mode", "nonfinite", "foreach", "fused", "fused-and-per-tensor", "betas-scalar"],
 )
 def test_unknown_option_value(kwargs, message):
     with pytest.raises(LoRAProConfigError, match=exact(message)):
@@ -370,8 +375,8 @@ def test_state_dict_of_the_other_optimizer_class():
     sgd = LoRAProSGD(m, lr=0.1, momentum=0.9)
     one_step(m, sgd)
     with pytest.raises(LoRAProConfigError, match=re.escape(
-        "the state dict's param groups lack ['betas', 'eps', 'mode', 'foreach']: it was saved by another "
-        "optimizer (not LoRAProAdamW); load a state dict saved by the same optimizer class"
+        "the state dict's param groups lack ['betas', 'eps', 'mode', 'foreach', 'fused']: it was saved by "
+        "another optimizer (not LoRAProAdamW); load a state dict saved by the same optimizer class"
     )):  # fmt: skip
         LoRAProAdamW(m, lr=1e-3).load_state_dict(sgd.state_dict())
 
@@ -568,3 +573,16 @@ def test_unknown_benchmark_method():
     methods = pytest.importorskip("lorapro.bench.methods")
     with pytest.raises(ValueError, match=r"^unknown method 'lorapr0'; known: "):
         methods.get_method("lorapr0")
+
+
+def test_fused_true_refuses_parameters_the_kernel_cannot_hold():
+    """bf16 parameters keep float32 moments, which torch's fused kernel cannot hold: fused=True
+    must say so instead of quietly using another path."""
+    m = model().to(torch.bfloat16)
+    with pytest.raises(LoRAProConfigError, match=exact(
+        "fused=True needs float32/float64 parameters on the CPU, got a torch.bfloat16 parameter on cpu "
+        "(bf16/fp16 parameters keep float32 moments, which the fused kernel cannot hold; on CUDA the "
+        "foreach path is used). Use fused=None to fuse wherever it applies."
+    )):  # fmt: skip
+        LoRAProAdamW(m, lr=1e-3, fused=True)
+    LoRAProAdamW(m, lr=1e-3)  # the default picks the foreach path for these

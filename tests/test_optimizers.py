@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 import lorapro
 from lorapro import LoRAProAdamW, LoRAProConfigError, LoRAProSGD, NonFiniteGradientError, optimal_gradients
+from lorapro._base import PairWork, adjust_pairs
 from state_checks import assert_unchanged, snapshot
 
 
@@ -151,12 +152,19 @@ def test_efficient_mode_is_adamw_on_the_adjusted_gradients():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=name)
 
 
-def test_ordinary_parameters_get_exactly_torch_adamw():
+@pytest.mark.parametrize(
+    ("ours", "torchs"),
+    [({}, {"fused": True}), ({"fused": False}, {"foreach": False}), ({"foreach": False}, {"foreach": False})],
+    ids=["default-is-fused", "foreach", "per-tensor"],
+)
+def test_ordinary_parameters_get_exactly_torch_adamw(ours, torchs):
+    """Bit for bit: float32 CPU parameters take torch's fused kernel by default, and the other
+    paths repeat torch's per-tensor arithmetic."""
     model = make_model(dtype=torch.float32)
-    opt = LoRAProAdamW(model, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
+    opt = LoRAProAdamW(model, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, **ours)
     head = [p for n, p in model.named_parameters() if "head" in n and p.requires_grad]
     twins = [p.detach().clone().requires_grad_(True) for p in head]
-    ref = torch.optim.AdamW(twins, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, foreach=False)
+    ref = torch.optim.AdamW(twins, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05, **torchs)
     gen = torch.Generator().manual_seed(0)
     for _ in range(4):
         for p in model.parameters():
@@ -217,6 +225,32 @@ def test_batched_layers_equal_unbatched():
     for pair in pairs:
         torch.testing.assert_close(pair.A.detach(), expected[pair.name][0], rtol=1e-13, atol=1e-15)
         torch.testing.assert_close(pair.B.detach(), expected[pair.name][1], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("x_mode", ["sylvester", "zero", "symmetric"])
+@pytest.mark.parametrize("stack", [False, True], ids=["per-layer", "stacked"])
+def test_adjust_pairs_equals_the_closed_form_layer_by_layer(stack, x_mode):
+    """Both ways of batching the closed form (per layer on the CPU, stacked by shape on GPUs)
+    give each layer exactly Theorem 2.1's answer: shapes repeated and interleaved, several
+    scalings, two ranks, a B = 0 layer (PEFT's initialisation), in float64."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    layers = [  # (m, n, r, scaling)
+        (12, 9, 3, 2.0), (7, 9, 3, 2.0), (12, 9, 3, 2.0), (12, 5, 3, 0.5), (7, 9, 3, 2.0),
+        (12, 9, 2, 1.0), (12, 9, 3, 2.0), (6, 4, 2, 1.0),
+    ]  # fmt: skip
+    works = []
+    for i, (m, n, r, s) in enumerate(layers):
+        B = torch.zeros(m, r, dtype=torch.float64) if i == 4 else randn(m, r)
+        works.append(PairWork(None, s, randn(r, n), B, randn(r, n), randn(m, r)))
+    adjust_pairs(works, lambda w: x_mode, stack=stack)
+    for w in works:
+        gA, gB = optimal_gradients(w.A, w.B, w.grad_A, w.grad_B, w.scaling, x_mode=x_mode)
+        torch.testing.assert_close(w.adjusted_A, gA, rtol=1e-12, atol=1e-12 * gA.abs().max())
+        torch.testing.assert_close(w.adjusted_B, gB, rtol=1e-12, atol=1e-12 * gB.abs().max())
 
 
 def test_scaling_is_read_at_every_step():
@@ -413,11 +447,15 @@ def test_nonfinite_gradients_raise_or_skip_with_nothing_modified(kind, mode, x_m
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_foreach_and_per_tensor_paths_agree(dtype):
+@pytest.mark.parametrize(
+    "fast", [{"foreach": True, "fused": False}, {"fused": None}], ids=["foreach", "fused"]
+)
+def test_foreach_and_per_tensor_paths_agree(dtype, fast):
+    """bf16 parameters (float32 moments) never take the fused kernel; float64 ones do by default."""
     runs = []
-    for foreach in (False, True):
+    for kwargs in ({"foreach": False}, fast):
         model = make_model(dtype=dtype)
-        opt = LoRAProAdamW(model, lr=1e-2, weight_decay=0.1, foreach=foreach)
+        opt = LoRAProAdamW(model, lr=1e-2, weight_decay=0.1, **kwargs)
         train(model, opt, 3)
         runs.append((model, opt))
     (m1, o1), (m2, o2) = runs

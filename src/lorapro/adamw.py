@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ._base import GroupWork, LoRAProOptimizer, PairWork, check_choice, check_number
 from .closed_form import XMode, compute_dtype, equivalent_gradient
 from .errors import LoRAProConfigError
-from .functional import adam_direction, adamw_update
+from .functional import adam_direction, adamw_update, fused_kernel_applies
 
 __all__ = ["MODES", "LoRAProAdamW"]
 
@@ -53,6 +53,11 @@ class LoRAProAdamW(LoRAProOptimizer):
         nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose gradients hold NaN/Inf;
             either way nothing is modified.
         foreach: use the multi-tensor AdamW path (default, ``None``: on) or per-tensor updates.
+        fused: torch's fused AdamW kernel for the moments. ``None`` (default) uses it wherever
+            it applies, i.e. for float32/float64 parameters on the CPU (one pass per tensor,
+            ~6x faster there than foreach), and the foreach path elsewhere (CUDA, and bf16/fp16
+            parameters, whose moments are float32). ``True`` insists: every parameter must be
+            a float32/float64 CPU tensor. ``False`` never uses it.
         params: parameters or param groups (default: every trainable parameter of ``model``).
             Both factors of a LoRA pair must be in the same group.
 
@@ -72,11 +77,12 @@ class LoRAProAdamW(LoRAProOptimizer):
         *,
         nonfinite: str = "raise",
         foreach: bool | None = None,
+        fused: bool | None = None,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
         defaults = {
             "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-            "mode": mode, "x_mode": x_mode, "foreach": foreach,
+            "mode": mode, "x_mode": x_mode, "foreach": foreach, "fused": fused,
         }  # fmt: skip
         super().__init__(model, params, defaults, nonfinite)
 
@@ -94,6 +100,22 @@ class LoRAProAdamW(LoRAProOptimizer):
         check_choice("mode", group["mode"], MODES)
         if group["foreach"] not in (None, True, False):
             raise LoRAProConfigError(f"foreach must be None, True or False, got {group['foreach']!r}")
+        if group["fused"] not in (None, True, False):
+            raise LoRAProConfigError(f"fused must be None, True or False, got {group['fused']!r}")
+        if group["fused"] is True:
+            if group["foreach"] is False:
+                raise LoRAProConfigError(
+                    "fused=True and foreach=False ask for two different AdamW paths; drop one of them"
+                )
+            # (a saved group, checked on load, lists parameter ids instead of tensors)
+            for p in group.get("params", ()):
+                if isinstance(p, Tensor) and not fused_kernel_applies(p.device, p.dtype, _state_dtype(p)):
+                    raise LoRAProConfigError(
+                        f"fused=True needs float32/float64 parameters on the CPU, got a {p.dtype} "
+                        f"parameter on {p.device} (bf16/fp16 parameters keep float32 moments, which the "
+                        "fused kernel cannot hold; on CUDA the foreach path is used). Use fused=None to "
+                        "fuse wherever it applies."
+                    )
         if group["mode"] == "full":
             _check_full_mode_decay(group["lr"], group["weight_decay"])
 
@@ -111,6 +133,11 @@ class LoRAProAdamW(LoRAProOptimizer):
         # Multi-tensor kernels by default: fewer launches on GPU, less Python on CPU.
         return True if group["foreach"] is None else group["foreach"]
 
+    @staticmethod
+    def _use_fused(group: dict[str, Any]) -> bool:
+        # An explicit foreach=False asks for the per-tensor path, which the default respects.
+        return group["fused"] is not False and group["foreach"] is not False
+
     def _adamw(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """Plain AdamW on ``params`` with the given gradients, state created on first use."""
         for p in params:
@@ -127,6 +154,7 @@ class LoRAProAdamW(LoRAProOptimizer):
             [self.state[p]["step"] for p in params],
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], foreach=self._use_foreach(group, params),
+            fused=self._use_fused(group),
         )  # fmt: skip
 
     def _prepare(self, works: list[GroupWork]) -> None:

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw as adamw_functional
 
-__all__ = ["adam_direction", "adamw_update", "any_nonfinite", "sgd_update"]
+__all__ = ["adam_direction", "adamw_update", "any_nonfinite", "fused_kernel_applies", "sgd_update"]
 
 
 def _bias_corrections(step: Tensor, beta1: float, beta2: float) -> tuple[float, float]:
@@ -69,6 +70,17 @@ def _adamw_single(
             p.copy_(target)
 
 
+def fused_kernel_applies(device: torch.device, param_dtype: torch.dtype, state_dtype: torch.dtype) -> bool:
+    """Can torch's fused AdamW kernel update these tensors with our state layout?
+
+    Only on the CPU: the kernel reads the step counts on the parameters' device, and ours live
+    on the CPU (so that bias corrections never sync). Only when parameter and moments share a
+    dtype: the kernel keeps moments in the parameter dtype, while bf16/fp16 parameters get
+    float32 moments here.
+    """
+    return device.type == "cpu" and param_dtype == state_dtype and param_dtype.is_floating_point
+
+
 def _adamw_foreach(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -81,17 +93,28 @@ def _adamw_foreach(
     beta2: float,
     eps: float,
     weight_decay: float,
+    fused: bool = False,
 ) -> None:
     # foreach kernels need one device and dtype per call.
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, m) in enumerate(zip(params, exp_avgs, strict=True)):
         buckets[(p.device, p.dtype, m.dtype)].append(i)
-    for (_, p_dtype, m_dtype), idx in buckets.items():
+    for (device, p_dtype, m_dtype), idx in buckets.items():
         ps = [params[i] for i in idx]
         ms = [exp_avgs[i] for i in idx]
         vs = [exp_avg_sqs[i] for i in idx]
         gs = [grads[i] if grads[i].dtype == m_dtype else grads[i].to(m_dtype) for i in idx]
         st = [steps[i] for i in idx]
+        if fused and fused_kernel_applies(device, p_dtype, m_dtype):
+            # One vectorised pass per tensor instead of ~8 foreach passes: on the CPU, where
+            # foreach ops loop over tensors anyway, this is ~6x faster than the foreach path.
+            # torch's functional AdamW increments the steps itself, as we do.
+            adamw_functional(
+                ps, gs, ms, vs, [], st, fused=True,
+                amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+                eps=eps, maximize=False,
+            )  # fmt: skip
+            continue
         torch._foreach_add_(st, 1)
         corrections = [_bias_corrections(s, beta1, beta2) for s in st]
         torch._foreach_lerp_(ms, gs, 1.0 - beta1)
@@ -121,15 +144,24 @@ def adamw_update(
     eps: float,
     weight_decay: float,
     foreach: bool = False,
+    fused: bool = False,
 ) -> None:
     """AdamW (decoupled weight decay), in place, matching ``torch.optim.AdamW``'s arithmetic.
 
-    ``steps`` are 0-dim CPU float tensors, incremented in place.
+    ``steps`` are 0-dim CPU float tensors, incremented in place. ``fused`` (with ``foreach``)
+    uses torch's fused AdamW kernel for the tensors it applies to (see
+    :func:`fused_kernel_applies`) and the foreach path for the rest; the fused kernel orders
+    its arithmetic differently, so results differ from the other paths in the last bits.
     """
     if not params:
         return
-    fn = _adamw_foreach if foreach else _adamw_single
-    fn(
+    if foreach:
+        _adamw_foreach(
+            params, grads, exp_avgs, exp_avg_sqs, steps,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, fused=fused,
+        )  # fmt: skip
+        return
+    _adamw_single(
         params, grads, exp_avgs, exp_avg_sqs, steps,
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
     )  # fmt: skip
