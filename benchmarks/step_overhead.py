@@ -4,10 +4,17 @@ Per block: q, k, v, o (4096 x 4096), gate and up (11008 x 4096), down (4096 x 11
 weights live on the meta device (they are never read by the step), so only the LoRA factors
 and their gradients take memory. Timed in one process, interleaved, median of repeats:
 
-- torch.optim.AdamW(foreach=True) on the LoRA factors (the baseline);
-- lorapro.LoRAProAdamW efficient and full mode, lorapro.LoRAProSGD;
+- torch.optim.AdamW(foreach=True) on the LoRA factors (the baseline of issue 6), and
+  torch.optim.AdamW(fused=True), the fastest AdamW torch has on the CPU;
+- lorapro.LoRAProAdamW efficient mode (default: torch's fused kernel for the moments, and
+  with fused=False: the foreach path), full mode, and lorapro.LoRAProSGD;
 - a per-layer reference written from the description of the official code: two pinv, two
   general (complex) eig, one inv and the explicit m x m projector, then AdamW.
+
+Steps are interleaved round-robin among the optimizers compared (each on its own identical
+model), so that machine noise hits all alike. Also printed: optimizer-state bytes and the
+step's transient peak, the most memory torch allocated at once during one step beyond what it
+held before (from the profiler's allocation events; the CPU allocator keeps no peak).
 
 Example: python benchmarks/step_overhead.py --blocks 4 --rank 8
 """
@@ -22,6 +29,7 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import lorapro
 
@@ -93,18 +101,52 @@ class ReferenceStep:
         self.adam.step()
 
 
-def time_step(make_step, params, repeats: int) -> list[float]:
-    times = []
-    for i in range(repeats):
-        set_grads(params, seed=i)
-        start = time.perf_counter()
-        make_step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
+def state_bytes(opt) -> int:
+    opt = opt.adam if isinstance(opt, ReferenceStep) else opt
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if v.dim() > 0)
+
+
+def transient_peak_bytes(step) -> int:
+    """The most memory torch held at once during one step beyond what it held before, from the
+    profiler's allocation and free events (exact on CPU, where there is no allocator peak)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = []
+    for e in prof.events():
+        nbytes = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if nbytes:
+            events.append((e.time_range.start, nbytes))
+    held = peak = 0
+    for _, nbytes in sorted(events):
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def compare(rows: list, blocks: int, rank: int, repeats: int, makers: dict) -> None:
+    """Time the optimizers of ``makers`` on identical models, steps interleaved (round-robin),
+    so that machine noise hits all of them alike; append one row per optimizer."""
+    runs = {}
+    for name, make in makers.items():
+        model = build_model(blocks, rank)
+        params = lora_params(model)
+        opt = make(model, params)
+        set_grads(params, seed=1000)
+        opt.step()  # warm-up: state creation
+        runs[name] = (params, opt)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(repeats):
+        for name, (params, opt) in runs.items():
+            set_grads(params, seed=i)
+            start = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - start)
+    for name, (params, opt) in runs.items():
+        set_grads(params, seed=repeats)
+        peak = transient_peak_bytes(opt.step)
+        rows.append((name, blocks, statistics.median(times[name]), state_bytes(opt), peak))
+    del runs
+    gc.collect()
 
 
 def main() -> None:
@@ -113,7 +155,7 @@ def main() -> None:
     )
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per method (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=21, help="timed steps per optimizer (after a warm-up)")
     parser.add_argument("--full-blocks", type=int, default=1, help="blocks for full mode (m x n moments)")
     parser.add_argument("--reference-blocks", type=int, default=1, help="blocks for the per-layer reference")
     parser.add_argument("--skip-full", action="store_true")
@@ -124,49 +166,45 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rank {args.rank}")
-
-    def measure(name, blocks, make_opt):
-        model = build_model(blocks, args.rank)
-        params = lora_params(model)
-        opt = make_opt(model, params)
-        set_grads(params, seed=1000)
-        opt.step()  # warm-up (state creation)
-        times = time_step(opt.step, params, args.repeats)
-        med = statistics.median(times)
-        nbytes = state_bytes(opt) if isinstance(opt, torch.optim.Optimizer) else state_bytes(opt.adam)
-        del opt, model, params
-        gc.collect()
-        return name, blocks, med, nbytes
-
     lr = 1e-4
+    foreach = "torch AdamW (foreach)"
 
-    def adamw(m, p):
-        return torch.optim.AdamW(p, lr=lr, foreach=True)
+    def adamw(**kwargs):
+        return lambda m, p: torch.optim.AdamW(p, lr=lr, **kwargs)
 
-    rows = [
-        measure("torch AdamW (foreach)", args.blocks, adamw),
-        measure("LoRAProAdamW efficient", args.blocks, lambda m, p: lorapro.LoRAProAdamW(m, lr=lr)),
-        measure("LoRAProSGD", args.blocks, lambda m, p: lorapro.LoRAProSGD(m, lr=lr)),
-    ]
+    rows: list = []
+    compare(rows, args.blocks, args.rank, args.repeats, {
+        foreach: adamw(foreach=True),
+        "torch AdamW (fused)": adamw(fused=True),
+        "LoRAProAdamW efficient": lambda m, p: lorapro.LoRAProAdamW(m, lr=lr),
+        "LoRAProAdamW efficient, foreach Adam": lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, fused=False),
+        "LoRAProSGD": lambda m, p: lorapro.LoRAProSGD(m, lr=lr),
+    })  # fmt: skip
     if not args.skip_full:
-        rows.append(measure("torch AdamW (foreach)", args.full_blocks, adamw))
         full = lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, mode="full")  # noqa: E731
-        rows.append(measure("LoRAProAdamW full", args.full_blocks, full))
+        compare(rows, args.full_blocks, args.rank, max(3, args.repeats // 4), {
+            foreach: adamw(foreach=True), "LoRAProAdamW full": full,
+        })  # fmt: skip
     if not args.skip_reference:
-        rows.append(measure("torch AdamW (foreach)", args.reference_blocks, adamw))
-        rows.append(measure("per-layer reference", args.reference_blocks, lambda m, p: ReferenceStep(m, lr)))
+        compare(rows, args.reference_blocks, args.rank, max(3, args.repeats // 4), {
+            foreach: adamw(foreach=True), "per-layer reference": lambda m, p: ReferenceStep(m, lr),
+        })  # fmt: skip
 
-    base = {blocks: med for name, blocks, med, _ in rows if name.startswith("torch AdamW")}
-    print("\n| step | blocks | median ms | per block ms | x torch AdamW | optimizer state MB |")
-    print("|---|---|---|---|---|---|")
-    for name, blocks, med, nbytes in rows:
-        per_block = med / blocks
-        ratio = med / base[blocks] if blocks in base else float("nan")
-        cells = [name, blocks, f"{med * 1e3:.1f}", f"{per_block * 1e3:.1f}", f"{ratio:.2f}"]
-        cells.append(f"{nbytes / 2**20:.1f}")
+    print(
+        "\n| step | blocks | median ms | per block ms | x torch AdamW foreach | x torch AdamW fused "
+        "| optimizer state MB | step transient peak MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    foreach_ms = {blocks: med for name, blocks, med, _, _ in rows if name == foreach}
+    fused_ms = {blocks: med for name, blocks, med, _, _ in rows if name == "torch AdamW (fused)"}
+    for name, blocks, med, nbytes, peak in rows:
+        cells = [name, blocks, f"{med * 1e3:.1f}", f"{med / blocks * 1e3:.1f}"]
+        cells.append(f"{med / foreach_ms[blocks]:.2f}")
+        cells.append(f"{med / fused_ms[blocks]:.2f}" if blocks in fused_ms else "")
+        cells += [f"{nbytes / 2**20:.1f}", f"{peak / 2**20:.1f}"]
         print("| " + " | ".join(map(str, cells)) + " |")
-    eff = next(med / b for name, b, med, _ in rows if name == "LoRAProAdamW efficient")
-    for name, b, med, _ in rows:
+    eff = next(med / b for name, b, med, _, _ in rows if name == "LoRAProAdamW efficient")
+    for name, b, med, _, _ in rows:
         if name == "per-layer reference":
             print(f"\nper-layer reference / efficient mode, per block: {med / b / eff:.0f}x")
 

