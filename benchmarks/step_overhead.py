@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -107,23 +110,24 @@ def state_bytes(opt) -> int:
 
 
 def transient_peak_bytes(step) -> int:
-    """The most memory torch held at once during one step beyond what it held before, from the
-    profiler's allocation and free events (exact on CPU, where there is no allocator peak)."""
+    """The most memory torch held at once during one step beyond what it held before.
+
+    Read from the profiler's memory events: each carries the allocator's running total
+    ("Total Allocated", counted from the start of profiling), in time order. Exact on the
+    CPU, whose allocator keeps no peak of its own.
+    """
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = []
-    for e in prof.events():
-        nbytes = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        if nbytes:
-            events.append((e.time_range.start, nbytes))
-    held = peak = 0
-    for _, nbytes in sorted(events):
-        held += nbytes
-        peak = max(peak, held)
-    return peak
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max([0, *totals])
 
 
 def compare(rows: list, blocks: int, rank: int, repeats: int, makers: dict) -> None:
+    group = len({row[0] for row in rows})  # rows of one call share their baselines
     """Time the optimizers of ``makers`` on identical models, steps interleaved (round-robin),
     so that machine noise hits all of them alike; append one row per optimizer."""
     runs = {}
@@ -144,7 +148,7 @@ def compare(rows: list, blocks: int, rank: int, repeats: int, makers: dict) -> N
     for name, (params, opt) in runs.items():
         set_grads(params, seed=repeats)
         peak = transient_peak_bytes(opt.step)
-        rows.append((name, blocks, statistics.median(times[name]), state_bytes(opt), peak))
+        rows.append((group, name, blocks, statistics.median(times[name]), state_bytes(opt), peak))
     del runs
     gc.collect()
 
@@ -195,16 +199,16 @@ def main() -> None:
         "| optimizer state MB | step transient peak MB |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    foreach_ms = {blocks: med for name, blocks, med, _, _ in rows if name == foreach}
-    fused_ms = {blocks: med for name, blocks, med, _, _ in rows if name == "torch AdamW (fused)"}
-    for name, blocks, med, nbytes, peak in rows:
+    foreach_ms = {group: med for group, name, _, med, _, _ in rows if name == foreach}
+    fused_ms = {group: med for group, name, _, med, _, _ in rows if name == "torch AdamW (fused)"}
+    for group, name, blocks, med, nbytes, peak in rows:
         cells = [name, blocks, f"{med * 1e3:.1f}", f"{med / blocks * 1e3:.1f}"]
-        cells.append(f"{med / foreach_ms[blocks]:.2f}")
-        cells.append(f"{med / fused_ms[blocks]:.2f}" if blocks in fused_ms else "")
+        cells.append(f"{med / foreach_ms[group]:.2f}")
+        cells.append(f"{med / fused_ms[group]:.2f}" if group in fused_ms else "")
         cells += [f"{nbytes / 2**20:.1f}", f"{peak / 2**20:.1f}"]
         print("| " + " | ".join(map(str, cells)) + " |")
-    eff = next(med / b for name, b, med, _, _ in rows if name == "LoRAProAdamW efficient")
-    for name, b, med, _, _ in rows:
+    eff = next(med / b for _, name, b, med, _, _ in rows if name == "LoRAProAdamW efficient")
+    for _, name, b, med, _, _ in rows:
         if name == "per-layer reference":
             print(f"\nper-layer reference / efficient mode, per block: {med / b / eff:.0f}x")
 
