@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -228,10 +229,10 @@ def test_batched_layers_equal_unbatched():
 
 
 @pytest.mark.parametrize("x_mode", ["sylvester", "zero", "symmetric"])
-@pytest.mark.parametrize("stack", [False, True], ids=["per-layer", "stacked"])
-def test_adjust_pairs_equals_the_closed_form_layer_by_layer(stack, x_mode):
-    """Both ways of batching the closed form (per layer on the CPU, stacked by shape on GPUs)
-    give each layer exactly Theorem 2.1's answer: shapes repeated and interleaved, several
+@pytest.mark.parametrize("max_stack_bytes", [0, 1200, None, math.inf], ids=["one", "two", "cpu", "all"])
+def test_adjust_pairs_equals_the_closed_form_layer_by_layer(max_stack_bytes, x_mode):
+    """However layers are stacked (one by one, cut stacks, the CPU default, all of a shape as
+    on GPUs), each gets exactly Theorem 2.1's answer: shapes repeated and interleaved, several
     scalings, two ranks, a B = 0 layer (PEFT's initialisation), in float64."""
     gen = torch.Generator().manual_seed(0)
 
@@ -246,7 +247,7 @@ def test_adjust_pairs_equals_the_closed_form_layer_by_layer(stack, x_mode):
     for i, (m, n, r, s) in enumerate(layers):
         B = torch.zeros(m, r, dtype=torch.float64) if i == 4 else randn(m, r)
         works.append(PairWork(None, s, randn(r, n), B, randn(r, n), randn(m, r)))
-    adjust_pairs(works, lambda w: x_mode, stack=stack)
+    adjust_pairs(works, lambda w: x_mode, max_stack_bytes=max_stack_bytes)
     for w in works:
         gA, gB = optimal_gradients(w.A, w.B, w.grad_A, w.grad_B, w.scaling, x_mode=x_mode)
         torch.testing.assert_close(w.adjusted_A, gA, rtol=1e-12, atol=1e-12 * gA.abs().max())

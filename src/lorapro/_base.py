@@ -79,32 +79,37 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
         raise LoRAProConfigError(f"unknown {name} {value!r}: use one of {', '.join(map(repr, choices))}")
 
 
+#: On the CPU, stacks of layers are cut so that no stacked operand exceeds this many bytes:
+#: larger buffers are fresh allocations every step, page-faulted each time (measured by
+#: benchmarks/closed_form_layout.py). GPU caching allocators have no such cost.
+CPU_MAX_STACK_BYTES = 1 << 20
+
+
 def adjust_pairs(
     works: list[PairWork],
     x_mode_of: Callable[[PairWork], str],
     reduce_terms: Callable[[Tensor], Tensor] | None = None,
     *,
-    stack: bool | None = None,
+    max_stack_bytes: float | None = None,
 ) -> list[Tensor]:
     """Theorem 2.1 for many layers at once; fills ``adjusted_A`` / ``adjusted_B``.
 
     Layers of equal rank, dtype, device and x_mode form a bucket that shares one batched
-    solve whatever their shapes and scalings: the (m, r) and (r, n) operands are reduced to
-    r x r terms, written into one (k, 4 r^2) buffer per bucket (per layer
-    ``[B^T B, B^T grad_B]`` then ``[A A^T; grad_A A^T]``); the buffer gets two batched
-    ``eigh`` and a little r x r algebra; the r x r coefficients then produce the adjusted
-    gradients, with 1/s^2 folded in from Python floats.
+    solve whatever their shapes and scalings. Within a bucket, layers of equal (m, n) are
+    stacked: ``Z = [B, grad_B]`` (g, m, 2r) and ``Y = [A; grad_A]`` (g, 2r, n), one copy each.
+    Then, per stack:
 
-    How the skinny matmuls run depends on the device (``stack=None``) or on ``stack``:
+    - two ``bmm`` give all four r x r terms, ``B^T Z = [B^T B, B^T grad_B]`` and
+      ``Y A^T = [A A^T; grad_A A^T]``, written straight into the bucket's (k, 4 r^2) buffer;
+    - after two batched ``eigh`` and some r x r algebra for the whole bucket (1/s^2 folded
+      into the coefficients), two more ``bmm`` give the adjusted gradients,
+      ``[X, (B^T B)^+] Y`` and ``Z [b_coef; (A A^T)^+]``.
 
-    - stacked (GPUs): layers of equal (m, n) are stacked, ``Z = [B, grad_B]`` (g, m, 2r) and
-      ``Y = [A; grad_A]`` (g, 2r, n), so each shape costs four ``bmm`` and two copies
-      instead of eight matmuls per layer: fewer kernel launches.
-    - per layer (CPU, where stacking does not pay: the stacked buffers are fresh multi-MB
-      allocations, page-faulted every step, and BLAS is no faster on them). ``B^T B`` and
-      ``B^T grad_B`` still come from one matmul on ``Z = [B, grad_B]`` in a scratch buffer:
-      with r = 8 a (m, r) operand has 32-byte rows, which BLAS reads about twice as slowly
-      as the 64-byte rows of Z.
+    The concatenation pays twice on the CPU: BLAS reads the 32-byte rows of an (m, 8) factor
+    about half as fast as the 64-byte rows of Z, and each operand is then read by one matmul
+    instead of two. Stacking saves launches and per-layer overhead. ``max_stack_bytes`` caps
+    a stack's largest operand (``None``: :data:`CPU_MAX_STACK_BYTES` on the CPU, no cap
+    elsewhere; 0 runs layer by layer).
 
     ``reduce_terms`` sums partial terms across shards when the factors are sharded (every
     term is a sum over the rows of B or the columns of A, so shard terms add up).
@@ -115,74 +120,79 @@ def adjust_pairs(
         buckets[(w.A.shape[0], w.A.dtype, w.A.device, x_mode_of(w))].append(w)
     small: list[Tensor] = []
     for (r, dtype, device, x_mode), unordered in buckets.items():
-        stacked = device.type != "cpu" if stack is None else stack
-        # Equal shapes next to each other, so each shape is a contiguous range of the bucket.
-        bucket = sorted(unordered, key=lambda w: (w.B.shape[0], w.A.shape[1])) if stacked else unordered
+        limit = max_stack_bytes
+        if limit is None:
+            limit = CPU_MAX_STACK_BYTES if device.type == "cpu" else math.inf
+        # Equal shapes next to each other, so each stack is a contiguous range of the bucket.
+        bucket = sorted(unordered, key=lambda w: (w.B.shape[0], w.A.shape[1]))
+        stacks = _stacks(bucket, limit)
         terms = torch.empty((len(bucket), 4 * r * r), dtype=dtype, device=device)
-        operands = _stacked_terms(bucket, terms, r) if stacked else _per_layer_terms(bucket, terms, r)
+        b_terms, a_terms = _split_term_views(terms, r)
+        # One scratch serves every stack, in both passes: the concatenations are rebuilt for
+        # the second pass rather than kept, so the step holds one stack's worth of them (on
+        # the CPU, <= 2 x max_stack_bytes; reused, so not page-faulted anew) instead of a
+        # copy of every factor and gradient.
+        scratch = terms.new_empty(max(_stack_elements(bucket[lo:hi], r) for _, lo, hi in stacks))
+        for shape, lo, hi in stacks:
+            Z, Y = _concatenate(bucket[lo:hi], shape, r, scratch)
+            torch.bmm(Z[..., :r].mT, Z, out=b_terms[lo:hi])
+            torch.bmm(Y, Y[:, :r].mT, out=a_terms[lo:hi])
         if reduce_terms is not None:
             terms = reduce_terms(terms)
-        b_terms, a_terms = _split_term_views(terms, r)
+            b_terms, a_terms = _split_term_views(terms, r)
         coefs = solve_coefficients(
             b_terms[..., :r], a_terms[..., :r, :], b_terms[..., r:], a_terms[..., r:, :], x_mode=x_mode
         )
-        left = torch.cat((coefs.a_coef, coefs.grad_a_coef), dim=-1)  # (k, r, 2r), times [A; grad_A]
-        right = torch.cat((coefs.b_coef, coefs.grad_b_coef), dim=-2)  # (k, 2r, r), [B, grad_B] times it
+        left = torch.cat((coefs.a_coef, coefs.grad_a_coef), dim=-1)  # (k, r, 2r), times Y
+        right = torch.cat((coefs.b_coef, coefs.grad_b_coef), dim=-2)  # (k, 2r, r), Z times it
         _scale_coefficients(left, right, [w.scaling for w in bucket])
-        if stacked:
-            for (_, lo, hi), (Z, Y) in zip(_shape_ranges(bucket), operands, strict=True):
-                adjusted_A = torch.bmm(left[lo:hi], Y).unbind(0)
-                adjusted_B = torch.bmm(Z, right[lo:hi]).unbind(0)
-                for w, gA, gB in zip(bucket[lo:hi], adjusted_A, adjusted_B, strict=True):
-                    w.adjusted_A, w.adjusted_B = gA, gB
-        else:
-            for w, lc, rc in zip(bucket, left.unbind(0), right.unbind(0), strict=True):
-                # [X, Pb] [A; gA] and [B, gB] [b_coef; Pa], without concatenating again
-                w.adjusted_A = torch.addmm(lc[:, :r] @ w.A, lc[:, r:], w.grad_A)
-                w.adjusted_B = torch.addmm(w.B @ rc[:r], w.grad_B, rc[r:])
+        for shape, lo, hi in stacks:
+            Z, Y = _concatenate(bucket[lo:hi], shape, r, scratch)
+            adjusted_A = torch.bmm(left[lo:hi], Y).unbind(0)
+            adjusted_B = torch.bmm(Z, right[lo:hi]).unbind(0)
+            for w, gA, gB in zip(bucket[lo:hi], adjusted_A, adjusted_B, strict=True):
+                w.adjusted_A, w.adjusted_B = gA, gB
         small += [terms, *coefs]
     return small
 
 
-def _per_layer_terms(bucket: list[PairWork], terms: Tensor, r: int) -> None:
-    """Fill ``terms`` one layer at a time (see :func:`adjust_pairs`)."""
-    b_terms, a_terms = _split_term_views(terms, r)
-    # One scratch for every layer's Z: reused, so it is not a fresh allocation per layer.
-    scratch = terms.new_empty(max(w.B.shape[0] for w in bucket) * 2 * r)
-    for w, b_out, a_out in zip(bucket, b_terms.unbind(0), a_terms.unbind(0), strict=True):
-        m = w.B.shape[0]
-        Z = torch.cat((w.B, w.grad_B), dim=1, out=scratch[: m * 2 * r].view(m, 2 * r))
-        torch.mm(w.B.mT, Z, out=b_out)
-        torch.mm(w.A, w.A.mT, out=a_out[:r])
-        torch.mm(w.grad_A, w.A.mT, out=a_out[r:])
+def _split_term_views(terms: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Views of the (k, 4 r^2) term buffer: (k, r, 2r) ``[B^T B, B^T gB]`` and (k, 2r, r)
+    ``[A A^T; gA A^T]``, each layer's block contiguous."""
+    half = 2 * r * r
+    return terms[:, :half].unflatten(-1, (r, 2 * r)), terms[:, half:].unflatten(-1, (2 * r, r))
 
 
-def _stacked_terms(bucket: list[PairWork], terms: Tensor, r: int) -> list[tuple[Tensor, Tensor]]:
-    """Fill ``terms`` with one ``bmm`` per shape and side; returns each shape's (Z, Y)."""
-    b_terms, a_terms = _split_term_views(terms, r)
-    operands = []
-    for (m, n), lo, hi in _shape_ranges(bucket):
-        Z = terms.new_empty((hi - lo, m, 2 * r))
-        Y = terms.new_empty((hi - lo, 2 * r, n))
-        for w, z, y in zip(bucket[lo:hi], Z.unbind(0), Y.unbind(0), strict=True):
-            torch.cat((w.B, w.grad_B), dim=1, out=z)
-            torch.cat((w.A, w.grad_A), dim=0, out=y)
-        torch.bmm(Z[..., :r].mT, Z, out=b_terms[lo:hi])
-        torch.bmm(Y, Y[:, :r].mT, out=a_terms[lo:hi])
-        operands.append((Z, Y))
-    return operands
+def _stack_elements(stack: list[PairWork], r: int) -> int:
+    m, n = stack[0].B.shape[0], stack[0].A.shape[1]
+    return len(stack) * 2 * r * (m + n)
 
 
-def _shape_ranges(bucket: list[PairWork]) -> list[tuple[tuple[int, int], int, int]]:
-    """((m, n), start, stop) of each run of equal shapes in a shape-sorted bucket."""
-    ranges: list[tuple[tuple[int, int], int, int]] = []
+def _concatenate(
+    stack: list[PairWork], shape: tuple[int, int], r: int, scratch: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``Z = [B, grad_B]`` (g, m, 2r) and ``Y = [A; grad_A]`` (g, 2r, n) of a stack, in ``scratch``."""
+    (m, n), g = shape, len(stack)
+    Z = scratch[: g * m * 2 * r].view(g, m, 2 * r)
+    Y = scratch[g * m * 2 * r : g * 2 * r * (m + n)].view(g, 2 * r, n)
+    for w, z, y in zip(stack, Z.unbind(0), Y.unbind(0), strict=True):
+        torch.cat((w.B, w.grad_B), dim=1, out=z)
+        torch.cat((w.A, w.grad_A), dim=0, out=y)
+    return Z, Y
+
+
+def _stacks(bucket: list[PairWork], max_bytes: float) -> list[tuple[tuple[int, int], int, int]]:
+    """((m, n), start, stop) of each stack in a shape-sorted bucket: a run of equal shapes,
+    cut where its larger operand (Z or Y) would exceed ``max_bytes`` (never below one layer)."""
+    stacks: list[tuple[tuple[int, int], int, int]] = []
     for i, w in enumerate(bucket):
         shape = (w.B.shape[0], w.A.shape[1])
-        if ranges and ranges[-1][0] == shape:
-            ranges[-1] = (shape, ranges[-1][1], i + 1)
+        layer_bytes = 2 * w.A.shape[0] * max(shape) * w.A.element_size()
+        if stacks and stacks[-1][0] == shape and (i + 1 - stacks[-1][1]) * layer_bytes <= max_bytes:
+            stacks[-1] = (shape, stacks[-1][1], i + 1)
         else:
-            ranges.append((shape, i, i + 1))
-    return ranges
+            stacks.append((shape, i, i + 1))
+    return stacks
 
 
 def _scale_coefficients(left: Tensor, right: Tensor, scalings: list[float]) -> None:
@@ -197,13 +207,6 @@ def _scale_coefficients(left: Tensor, right: Tensor, scalings: list[float]) -> N
     for lc, rc, c in zip(left.unbind(0), right.unbind(0), inv_s2, strict=True):
         lc.mul_(c)
         rc.mul_(c)
-
-
-def _split_term_views(terms: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """Views of the (k, 4 r^2) term buffer: (k, r, 2r) ``[B^T B, B^T gB]`` and (k, 2r, r)
-    ``[A A^T; gA A^T]``, each layer's block contiguous (so ``mm(out=...)`` writes in place)."""
-    half = 2 * r * r
-    return terms[:, :half].unflatten(-1, (r, 2 * r)), terms[:, half:].unflatten(-1, (2 * r, r))
 
 
 class LoRAProOptimizer(Optimizer):
