@@ -586,3 +586,14 @@ def test_fused_true_refuses_parameters_the_kernel_cannot_hold():
     )):  # fmt: skip
         LoRAProAdamW(m, lr=1e-3, fused=True)
     LoRAProAdamW(m, lr=1e-3)  # the default picks the foreach path for these
+
+
+def test_fused_true_is_checked_again_when_a_state_dict_is_loaded():
+    """A saved group's fused=True overrides the constructor's option on load, so the load must
+    check the parameters it will apply to, before anything changes."""
+    saved = LoRAProAdamW(model(), lr=1e-3, fused=True).state_dict()
+    m = model().to(torch.bfloat16)
+    opt = LoRAProAdamW(m, lr=1e-3)
+    with pytest.raises(LoRAProConfigError, match="^fused=True needs float32/float64 parameters on the CPU"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["fused"] is None

@@ -55,9 +55,10 @@ class LoRAProAdamW(LoRAProOptimizer):
         foreach: use the multi-tensor AdamW path (default, ``None``: on) or per-tensor updates.
         fused: torch's fused AdamW kernel for the moments. ``None`` (default) uses it wherever
             it applies, i.e. for float32/float64 parameters on the CPU (one pass per tensor,
-            ~6x faster there than foreach), and the foreach path elsewhere (CUDA, and bf16/fp16
-            parameters, whose moments are float32). ``True`` insists: every parameter must be
-            a float32/float64 CPU tensor. ``False`` never uses it.
+            about 4x faster there than foreach: docs/performance.md), and the foreach path
+            elsewhere (CUDA, and bf16/fp16 parameters, whose moments are float32). ``True``
+            insists: every parameter must be a float32/float64 CPU tensor. ``False`` never
+            uses it.
         params: parameters or param groups (default: every trainable parameter of ``model``).
             Both factors of a LoRA pair must be in the same group.
 
@@ -107,9 +108,8 @@ class LoRAProAdamW(LoRAProOptimizer):
                 raise LoRAProConfigError(
                     "fused=True and foreach=False ask for two different AdamW paths; drop one of them"
                 )
-            # (a saved group, checked on load, lists parameter ids instead of tensors)
-            for p in group.get("params", ()):
-                if isinstance(p, Tensor) and not fused_kernel_applies(p.device, p.dtype, _state_dtype(p)):
+            for p in group["params"]:
+                if not fused_kernel_applies(p.device, p.dtype, _state_dtype(p)):
                     raise LoRAProConfigError(
                         f"fused=True needs float32/float64 parameters on the CPU, got a {p.dtype} "
                         f"parameter on {p.device} (bf16/fp16 parameters keep float32 moments, which the "
