@@ -107,7 +107,7 @@ def _adamw_foreach(
         st = [steps[i] for i in idx]
         if fused and fused_kernel_applies(device, p_dtype, m_dtype):
             # One vectorised pass per tensor instead of ~8 foreach passes: on the CPU, where
-            # foreach ops loop over tensors anyway, this is ~6x faster than the foreach path.
+            # foreach ops loop over tensors anyway, this is about 4x faster (docs/performance.md).
             # torch's functional AdamW increments the steps itself, as we do.
             adamw_functional(
                 ps, gs, ms, vs, [], st, fused=True,
@@ -148,14 +148,14 @@ def adamw_update(
 ) -> None:
     """AdamW (decoupled weight decay), in place, matching ``torch.optim.AdamW``'s arithmetic.
 
-    ``steps`` are 0-dim CPU float tensors, incremented in place. ``fused`` (with ``foreach``)
-    uses torch's fused AdamW kernel for the tensors it applies to (see
-    :func:`fused_kernel_applies`) and the foreach path for the rest; the fused kernel orders
-    its arithmetic differently, so results differ from the other paths in the last bits.
+    ``steps`` are 0-dim CPU float tensors, incremented in place. ``fused`` uses torch's fused
+    AdamW kernel for the tensors it applies to (see :func:`fused_kernel_applies`) and the
+    foreach path for the rest, whatever ``foreach`` says; the fused kernel orders its
+    arithmetic differently, so results differ from the other paths in the last bits.
     """
     if not params:
         return
-    if foreach:
+    if foreach or fused:
         _adamw_foreach(
             params, grads, exp_avgs, exp_avg_sqs, steps,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, fused=fused,
