@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 import lorapro
 from lorapro import LoRAProAdamW, LoRAProConfigError, LoRAProSGD, NonFiniteGradientError, optimal_gradients
-from lorapro._base import PairWork, adjust_pairs
+from lorapro._base import CPU_CHUNK_BYTES, PairWork, adjust_pairs, adjusted_chunks, solve_pairs
 from state_checks import assert_unchanged, snapshot
 
 
@@ -228,16 +228,13 @@ def test_batched_layers_equal_unbatched():
         torch.testing.assert_close(pair.B.detach(), expected[pair.name][1], rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("x_mode", ["sylvester", "zero", "symmetric"])
-@pytest.mark.parametrize("max_stack_bytes", [0, 1200, None, math.inf], ids=["one", "two", "cpu", "all"])
-def test_adjust_pairs_equals_the_closed_form_layer_by_layer(max_stack_bytes, x_mode):
-    """However layers are stacked (one by one, cut stacks, the CPU default, all of a shape as
-    on GPUs), each gets exactly Theorem 2.1's answer: shapes repeated and interleaved, several
-    scalings, two ranks, a B = 0 layer (PEFT's initialisation), in float64."""
+def _mixed_layers(dtype=torch.float64) -> list[PairWork]:
+    """Shapes repeated and interleaved, several scalings, two ranks, a B = 0 layer (PEFT's
+    initialisation)."""
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return torch.randn(*shape, generator=gen, dtype=dtype)
 
     layers = [  # (m, n, r, scaling)
         (12, 9, 3, 2.0), (7, 9, 3, 2.0), (12, 9, 3, 2.0), (12, 5, 3, 0.5), (7, 9, 3, 2.0),
@@ -245,13 +242,73 @@ def test_adjust_pairs_equals_the_closed_form_layer_by_layer(max_stack_bytes, x_m
     ]  # fmt: skip
     works = []
     for i, (m, n, r, s) in enumerate(layers):
-        B = torch.zeros(m, r, dtype=torch.float64) if i == 4 else randn(m, r)
+        B = torch.zeros(m, r, dtype=dtype) if i == 4 else randn(m, r)
         works.append(PairWork(None, s, randn(r, n), B, randn(r, n), randn(m, r)))
-    adjust_pairs(works, lambda w: x_mode, max_stack_bytes=max_stack_bytes)
+    return works
+
+
+def _assert_theorem_2_1(w: PairWork, adjusted_A, adjusted_B, x_mode: str) -> None:
+    gA, gB = optimal_gradients(w.A, w.B, w.grad_A, w.grad_B, w.scaling, x_mode=x_mode)
+    torch.testing.assert_close(adjusted_A, gA, rtol=1e-12, atol=1e-12 * gA.abs().max())
+    torch.testing.assert_close(adjusted_B, gB, rtol=1e-12, atol=1e-12 * gB.abs().max())
+
+
+@pytest.mark.parametrize("x_mode", ["sylvester", "zero", "symmetric"])
+def test_adjust_pairs_equals_the_closed_form_layer_by_layer(x_mode):
+    """The batched solve (layers of every shape and scaling of a rank in one eigh) gives each
+    layer exactly Theorem 2.1's answer, in float64."""
+    works = _mixed_layers()
+    adjust_pairs(works, lambda w: x_mode)
     for w in works:
-        gA, gB = optimal_gradients(w.A, w.B, w.grad_A, w.grad_B, w.scaling, x_mode=x_mode)
-        torch.testing.assert_close(w.adjusted_A, gA, rtol=1e-12, atol=1e-12 * gA.abs().max())
-        torch.testing.assert_close(w.adjusted_B, gB, rtol=1e-12, atol=1e-12 * gB.abs().max())
+        _assert_theorem_2_1(w, w.adjusted_A, w.adjusted_B, x_mode)
+
+
+@pytest.mark.parametrize("x_mode", ["sylvester", "symmetric"])
+@pytest.mark.parametrize("max_bytes", [0, 1200, None, math.inf], ids=["one", "some", "default", "all"])
+def test_adjusted_chunks_stream_the_closed_form(max_bytes, x_mode):
+    """However the adjusted gradients are chunked (layer by layer, a few layers, the device
+    default, all at once), every layer comes out once, in order, with Theorem 2.1's answer;
+    each chunk fits the cap unless it is a single layer; and the chunk's views are released
+    before the buffer is reused."""
+    works = _mixed_layers()
+    cap = CPU_CHUNK_BYTES if max_bytes is None else max_bytes
+    solve_pairs(works, lambda w: x_mode)
+    chunks: list[list[PairWork]] = []
+    for chunk in adjusted_chunks(works, max_bytes):
+        for w in chunk:
+            _assert_theorem_2_1(w, w.adjusted_A, w.adjusted_B, x_mode)
+        chunks.append(list(chunk))
+    assert [w for chunk in chunks for w in chunk] == works
+    assert all(w.adjusted_A is None and w.adjusted_B is None for w in works)
+
+    def size(ws):
+        return sum(w.A.numel() + w.B.numel() for w in ws) * 8
+
+    for chunk, following in zip(chunks, chunks[1:] + [None], strict=True):
+        assert len(chunk) == 1 or size(chunk) <= cap
+        assert following is None or size(chunk + following[:1]) > cap  # filled greedily
+    if max_bytes == 1200:
+        assert 1 < len(chunks) < len(works)
+
+
+def test_chunked_steps_equal_one_chunk_steps(monkeypatch):
+    """The optimizer's result does not depend on how its adjusted gradients are chunked:
+    bit-for-bit, over several steps, for AdamW and SGD with momentum."""
+    results = []
+    for chunk_bytes in (0, 1 << 30):
+        monkeypatch.setattr(lorapro._base, "CPU_CHUNK_BYTES", chunk_bytes)
+        runs = []
+        for make in (
+            lambda m: LoRAProAdamW(m, lr=1e-2, weight_decay=0.1),
+            lambda m: LoRAProSGD(m, lr=1e-1, momentum=0.9),
+        ):
+            model = make_model(depth=3)
+            train(model, make(model), steps=3)
+            runs.append([p.detach().clone() for p in model.parameters()])
+        results.append(runs)
+    for one, whole in zip(*results, strict=True):
+        for a, b in zip(one, whole, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_scaling_is_read_at_every_step():

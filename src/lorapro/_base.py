@@ -3,9 +3,11 @@
 A step runs in three phases so that nothing is ever half-updated:
 
 1. collect every parameter that has a gradient, pairing LoRA factors by module;
-2. compute the adjusted LoRA gradients (batched over layers of equal shape and scaling)
-   and check raw and adjusted gradients for NaN/Inf in one reduction (one host sync);
-3. only then touch parameters and optimizer state.
+2. solve the r x r half of the closed form for every LoRA layer (batched over layers) and
+   check raw gradients, Gram terms and coefficients for NaN/Inf in one reduction (one host
+   sync);
+3. only then touch parameters and optimizer state: the adjusted LoRA gradients are produced
+   chunk by chunk into one reused buffer, each chunk consumed by the update at once.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -40,6 +42,9 @@ class PairWork:
     B: Tensor  # (m, r)
     grad_A: Tensor  # LoRA's own gradient, (r, n)
     grad_B: Tensor  # (m, r)
+    # (4, r, r): grad_A_coef, a_coef, grad_B_coef, b_coef of closed_form.Coefficients, 1/s^2
+    # folded in; set by solve_pairs.
+    coefficients: Tensor | None = None
     adjusted_A: Tensor | None = None
     adjusted_B: Tensor | None = None
 
@@ -79,135 +84,146 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
         raise LoRAProConfigError(f"unknown {name} {value!r}: use one of {', '.join(map(repr, choices))}")
 
 
-#: On the CPU, stacks of layers are cut so that no stacked operand exceeds this many bytes:
-#: larger buffers are fresh allocations every step, page-faulted each time (measured by
-#: benchmarks/closed_form_layout.py). GPU caching allocators have no such cost.
-CPU_MAX_STACK_BYTES = 1 << 20
+#: Adjusted gradients are produced and consumed in chunks of at most this many bytes (one
+#: reused buffer; a single larger layer gets a chunk of its own), so a step never holds a copy
+#: of every factor's gradient. On the CPU a cache-sized chunk is also the fastest: the update
+#: reads each adjusted gradient while it is still in cache, and the buffer is not page-faulted
+#: anew every step as freshly allocated per-layer gradients are (benchmarks/stream_chunks.py).
+CPU_CHUNK_BYTES = 2 << 20
+#: Elsewhere (CUDA), larger chunks keep the number of update launches small.
+DEVICE_CHUNK_BYTES = 64 << 20
+
+
+def solve_pairs(
+    works: list[PairWork],
+    x_mode_of: Callable[[PairWork], str],
+    reduce_terms: Callable[[Tensor], Tensor] | None = None,
+) -> list[Tensor]:
+    """The r x r half of Theorem 2.1 for many layers at once; sets each ``w.coefficients``.
+
+    Layers of equal rank, dtype, device and x_mode form a bucket that shares one batched
+    solve, whatever their shapes and scalings: the four r x r terms of each layer (one small
+    matmul each, written straight into the bucket's (k, 4, r, r) buffer), then two batched
+    ``eigh`` and the r x r algebra for the whole bucket, with each layer's 1/s^2 folded into
+    its coefficients. Nothing of size m or n is allocated: the (m, r) and (r, n) work happens
+    in :func:`adjusted_chunks`, after the caller has checked the returned tensors.
+
+    ``reduce_terms`` sums partial terms across shards when the factors are sharded (every
+    term is a sum over the rows of B or the columns of A, so shard terms add up).
+    Returns the r x r tensors (terms and coefficients) so the caller can check them for
+    NaN/Inf: a non-finite gradient reaches its layer's terms through the matmuls.
+    """
+    buckets: dict[tuple, list[PairWork]] = defaultdict(list)
+    for w in works:
+        buckets[(w.A.shape[0], w.A.dtype, w.A.device, x_mode_of(w))].append(w)
+    small: list[Tensor] = []
+    for (r, dtype, device, x_mode), bucket in buckets.items():
+        terms = torch.empty((len(bucket), 4, r, r), dtype=dtype, device=device)
+        for w, t in zip(bucket, terms.unbind(0), strict=True):
+            # Four matmuls rather than two on concatenations [B, grad_B] and [A; grad_A]: the
+            # copies cost more than the wider rows save (benchmarks/stream_chunks.py).
+            torch.mm(w.B.mT, w.B, out=t[0])
+            torch.mm(w.A, w.A.mT, out=t[1])
+            torch.mm(w.B.mT, w.grad_B, out=t[2])
+            torch.mm(w.grad_A, w.A.mT, out=t[3])
+        if reduce_terms is not None:
+            terms = reduce_terms(terms)
+        coefs = torch.stack(solve_coefficients(*terms.unbind(1), x_mode=x_mode), dim=1)  # (k, 4, r, r)
+        _scale_coefficients(coefs, [w.scaling for w in bucket])
+        for w, c in zip(bucket, coefs.unbind(0), strict=True):
+            w.coefficients = c
+        small += [terms, coefs]
+    return small
+
+
+def adjust_into(w: PairWork, out_A: Tensor, out_B: Tensor) -> None:
+    """Write the layer's adjusted gradients (Theorem 2.1) into ``out_A`` (r, n) and ``out_B``
+    (m, r), from the coefficients :func:`solve_pairs` left on it::
+
+        out_A = grad_A_coef @ grad_A + a_coef @ A
+        out_B = grad_B @ grad_B_coef + B @ b_coef
+    """
+    if w.coefficients is None:
+        raise RuntimeError("adjust_into needs the layer's coefficients: call solve_pairs first")
+    grad_a_coef, a_coef, grad_b_coef, b_coef = w.coefficients.unbind(0)
+    torch.mm(grad_a_coef, w.grad_A, out=out_A).addmm_(a_coef, w.A)
+    torch.mm(w.grad_B, grad_b_coef, out=out_B).addmm_(w.B, b_coef)
+
+
+def adjusted_chunks(works: list[PairWork], max_bytes: float | None = None) -> Iterator[list[PairWork]]:
+    """Yield the layers in chunks with ``adjusted_A`` / ``adjusted_B`` filled in.
+
+    The adjusted gradients of a chunk are views of one buffer that the next chunk reuses:
+    consume them (update the parameters) before asking for the next chunk, and do not keep
+    them. A chunk holds layers of one dtype and device, in the given order, whose adjusted
+    gradients take at most ``max_bytes`` together (``None``: :data:`CPU_CHUNK_BYTES` on the
+    CPU, :data:`DEVICE_CHUNK_BYTES` elsewhere); a larger layer forms a chunk of its own. So the
+    step's transient memory is this buffer plus O(r^2) per layer, not a copy of the gradients.
+    """
+    by_kind: dict[tuple, list[PairWork]] = defaultdict(list)
+    for w in works:
+        by_kind[(w.A.dtype, w.A.device)].append(w)
+    for (dtype, device), kind in by_kind.items():
+        limit = max_bytes
+        if limit is None:
+            limit = CPU_CHUNK_BYTES if device.type == "cpu" else DEVICE_CHUNK_BYTES
+        element = kind[0].A.element_size()
+        chunks: list[list[PairWork]] = []
+        size = 0
+        for w in kind:
+            numel = w.A.numel() + w.B.numel()
+            if chunks and (size + numel) * element <= limit:
+                chunks[-1].append(w)
+                size += numel
+            else:
+                chunks.append([w])
+                size = numel
+        buffer = torch.empty(
+            max(sum(w.A.numel() + w.B.numel() for w in chunk) for chunk in chunks), dtype=dtype, device=device
+        )
+        for chunk in chunks:
+            offset = 0
+            for w in chunk:
+                out_A = buffer[offset : offset + w.A.numel()].view(w.A.shape)
+                offset += w.A.numel()
+                out_B = buffer[offset : offset + w.B.numel()].view(w.B.shape)
+                offset += w.B.numel()
+                adjust_into(w, out_A, out_B)
+                w.adjusted_A, w.adjusted_B = out_A, out_B
+            yield chunk
+            for w in chunk:  # the buffer is about to be overwritten
+                w.adjusted_A = w.adjusted_B = None
 
 
 def adjust_pairs(
     works: list[PairWork],
     x_mode_of: Callable[[PairWork], str],
     reduce_terms: Callable[[Tensor], Tensor] | None = None,
-    *,
-    max_stack_bytes: float | None = None,
 ) -> list[Tensor]:
-    """Theorem 2.1 for many layers at once; fills ``adjusted_A`` / ``adjusted_B``.
+    """Theorem 2.1 for many layers, each layer's adjusted gradients in tensors of its own.
 
-    Layers of equal rank, dtype, device and x_mode form a bucket that shares one batched
-    solve whatever their shapes and scalings. Within a bucket, layers of equal (m, n) are
-    stacked: ``Z = [B, grad_B]`` (g, m, 2r) and ``Y = [A; grad_A]`` (g, 2r, n), one copy each.
-    Then, per stack:
-
-    - two ``bmm`` give all four r x r terms, ``B^T Z = [B^T B, B^T grad_B]`` and
-      ``Y A^T = [A A^T; grad_A A^T]``, written straight into the bucket's (k, 4 r^2) buffer;
-    - after two batched ``eigh`` and some r x r algebra for the whole bucket (1/s^2 folded
-      into the coefficients), two more ``bmm`` give the adjusted gradients,
-      ``[X, (B^T B)^+] Y`` and ``Z [b_coef; (A A^T)^+]``.
-
-    The concatenation costs one copy and reads each operand in one matmul instead of two; on
-    the CPU, BLAS also handles the 64-byte rows of Z better than the 32-byte rows of an
-    (m, 8) factor (at m = 11008, 82 against 117 us for the two B terms). Stacking saves
-    launches and per-layer overhead. ``max_stack_bytes`` caps a stack's largest operand
-    (``None``: :data:`CPU_MAX_STACK_BYTES` on the CPU, no cap elsewhere; 0 runs layer by
-    layer).
-
-    ``reduce_terms`` sums partial terms across shards when the factors are sharded (every
-    term is a sum over the rows of B or the columns of A, so shard terms add up).
-    Returns the r x r tensors (terms and coefficients) so the caller can check them.
+    :func:`solve_pairs` then :func:`adjust_into` for every layer. This holds every adjusted
+    gradient at once, which full mode needs (it builds each layer's equivalent gradient);
+    the efficient updates stream through :func:`adjusted_chunks` instead.
     """
-    buckets: dict[tuple, list[PairWork]] = defaultdict(list)
+    small = solve_pairs(works, x_mode_of, reduce_terms)
     for w in works:
-        buckets[(w.A.shape[0], w.A.dtype, w.A.device, x_mode_of(w))].append(w)
-    small: list[Tensor] = []
-    for (r, dtype, device, x_mode), unordered in buckets.items():
-        limit = max_stack_bytes
-        if limit is None:
-            limit = CPU_MAX_STACK_BYTES if device.type == "cpu" else math.inf
-        # Equal shapes next to each other, so each stack is a contiguous range of the bucket.
-        bucket = sorted(unordered, key=lambda w: (w.B.shape[0], w.A.shape[1]))
-        stacks = _stacks(bucket, limit)
-        terms = torch.empty((len(bucket), 4 * r * r), dtype=dtype, device=device)
-        b_terms, a_terms = _split_term_views(terms, r)
-        # One scratch serves every stack, in both passes: the concatenations are rebuilt for
-        # the second pass rather than kept, so the step holds one stack's worth of them (on
-        # the CPU, <= 2 x max_stack_bytes; reused, so not page-faulted anew) instead of a
-        # copy of every factor and gradient.
-        scratch = terms.new_empty(max(_stack_elements(bucket[lo:hi], r) for _, lo, hi in stacks))
-        for shape, lo, hi in stacks:
-            Z, Y = _concatenate(bucket[lo:hi], shape, r, scratch)
-            torch.bmm(Z[..., :r].mT, Z, out=b_terms[lo:hi])
-            torch.bmm(Y, Y[:, :r].mT, out=a_terms[lo:hi])
-        if reduce_terms is not None:
-            terms = reduce_terms(terms)
-            b_terms, a_terms = _split_term_views(terms, r)
-        coefs = solve_coefficients(
-            b_terms[..., :r], a_terms[..., :r, :], b_terms[..., r:], a_terms[..., r:, :], x_mode=x_mode
-        )
-        left = torch.cat((coefs.a_coef, coefs.grad_a_coef), dim=-1)  # (k, r, 2r), times Y
-        right = torch.cat((coefs.b_coef, coefs.grad_b_coef), dim=-2)  # (k, 2r, r), Z times it
-        _scale_coefficients(left, right, [w.scaling for w in bucket])
-        for shape, lo, hi in stacks:
-            Z, Y = _concatenate(bucket[lo:hi], shape, r, scratch)
-            adjusted_A = torch.bmm(left[lo:hi], Y).unbind(0)
-            adjusted_B = torch.bmm(Z, right[lo:hi]).unbind(0)
-            for w, gA, gB in zip(bucket[lo:hi], adjusted_A, adjusted_B, strict=True):
-                w.adjusted_A, w.adjusted_B = gA, gB
-        small += [terms, *coefs]
+        out_A, out_B = torch.empty_like(w.A), torch.empty_like(w.B)
+        adjust_into(w, out_A, out_B)
+        w.adjusted_A, w.adjusted_B = out_A, out_B
     return small
 
 
-def _split_term_views(terms: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """Views of the (k, 4 r^2) term buffer: (k, r, 2r) ``[B^T B, B^T gB]`` and (k, 2r, r)
-    ``[A A^T; gA A^T]``, each layer's block contiguous."""
-    half = 2 * r * r
-    return terms[:, :half].unflatten(-1, (r, 2 * r)), terms[:, half:].unflatten(-1, (2 * r, r))
-
-
-def _stack_elements(stack: list[PairWork], r: int) -> int:
-    m, n = stack[0].B.shape[0], stack[0].A.shape[1]
-    return len(stack) * 2 * r * (m + n)
-
-
-def _concatenate(
-    stack: list[PairWork], shape: tuple[int, int], r: int, scratch: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``Z = [B, grad_B]`` (g, m, 2r) and ``Y = [A; grad_A]`` (g, 2r, n) of a stack, in ``scratch``."""
-    (m, n), g = shape, len(stack)
-    Z = scratch[: g * m * 2 * r].view(g, m, 2 * r)
-    Y = scratch[g * m * 2 * r : g * 2 * r * (m + n)].view(g, 2 * r, n)
-    for w, z, y in zip(stack, Z.unbind(0), Y.unbind(0), strict=True):
-        torch.cat((w.B, w.grad_B), dim=1, out=z)
-        torch.cat((w.A, w.grad_A), dim=0, out=y)
-    return Z, Y
-
-
-def _stacks(bucket: list[PairWork], max_bytes: float) -> list[tuple[tuple[int, int], int, int]]:
-    """((m, n), start, stop) of each stack in a shape-sorted bucket: a run of equal shapes,
-    cut where its larger operand (Z or Y) would exceed ``max_bytes`` (never below one layer)."""
-    stacks: list[tuple[tuple[int, int], int, int]] = []
-    for i, w in enumerate(bucket):
-        shape = (w.B.shape[0], w.A.shape[1])
-        layer_bytes = 2 * w.A.shape[0] * max(shape) * w.A.element_size()
-        if stacks and stacks[-1][0] == shape and (i + 1 - stacks[-1][1]) * layer_bytes <= max_bytes:
-            stacks[-1] = (shape, stacks[-1][1], i + 1)
-        else:
-            stacks.append((shape, i, i + 1))
-    return stacks
-
-
-def _scale_coefficients(left: Tensor, right: Tensor, scalings: list[float]) -> None:
-    """Fold each layer's 1/s^2 into its coefficients, in place, from Python floats (a tensor
-    of scalings would cost a host-to-device copy per step)."""
+def _scale_coefficients(coefs: Tensor, scalings: list[float]) -> None:
+    """Fold each layer's 1/s^2 into its (4, r, r) coefficients, in place, from Python floats
+    (a tensor of scalings would cost a host-to-device copy per step)."""
     inv_s2 = [1.0 / (s * s) for s in scalings]
     if len(set(inv_s2)) == 1:  # the usual case: one scaling for every layer
         if inv_s2[0] != 1.0:
-            left.mul_(inv_s2[0])
-            right.mul_(inv_s2[0])
+            coefs.mul_(inv_s2[0])
         return
-    for lc, rc, c in zip(left.unbind(0), right.unbind(0), inv_s2, strict=True):
-        lc.mul_(c)
-        rc.mul_(c)
+    for c, factor in zip(coefs.unbind(0), inv_s2, strict=True):
+        c.mul_(factor)
 
 
 class LoRAProOptimizer(Optimizer):
@@ -342,20 +358,47 @@ class LoRAProOptimizer(Optimizer):
         return works
 
     def _reduce_gram_terms(self, terms: Tensor) -> Tensor:
-        """Sum the (4, k, r, r) Gram terms over shards of sharded factors.
+        """Sum the (k, 4, r, r) Gram terms over shards of sharded factors.
 
         Replicated factors (one process, DDP) need nothing: the identity. A sharded-parameter
         integration overrides this with an all-reduce (4 k r^2 numbers per bucket).
         """
         return terms
 
+    def _solve(self, pair_works: list[PairWork], x_mode_of: Callable[[PairWork], str]) -> None:
+        """Coefficients for every layer; the r x r tensors are kept for the NaN check."""
+        self._checked += solve_pairs(pair_works, x_mode_of, self._reduce_gram_terms)
+
     def _adjust(self, pair_works: list[PairWork], x_mode_of: Callable[[PairWork], str]) -> None:
+        """Coefficients and every layer's adjusted gradients at once (full mode's need)."""
         self._checked += adjust_pairs(pair_works, x_mode_of, self._reduce_gram_terms)
 
     def _prepare(self, works: list[GroupWork]) -> None:
-        """Fill in the adjusted gradients (subclasses may choose X per group)."""
+        """Solve every layer's coefficients before anything is checked or updated (subclasses
+        may choose X per group)."""
         group_of = {id(w): g.group for g in works for w in g.pairs}
-        self._adjust([w for g in works for w in g.pairs], lambda w: group_of[id(w)]["x_mode"])
+        self._solve([w for g in works for w in g.pairs], lambda w: group_of[id(w)]["x_mode"])
+
+    def _adjusted_updates(self, work: GroupWork) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+        """The group's LoRA factors with their adjusted gradients, chunk by chunk.
+
+        Yields ``(params, grads)`` lists, each gradient laid out like its parameter. A chunk's
+        gradients live in a buffer that the next chunk overwrites: update with them at once.
+        """
+        for chunk in adjusted_chunks(work.pairs):
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            for w in chunk:
+                gA, gB = self._as_param_gradients(w)
+                params += [w.pair.A, w.pair.B]
+                grads += [gA, gB]
+            yield params, grads
+
+    def _as_param_gradients(self, w: PairWork) -> tuple[Tensor, Tensor]:
+        """The layer's adjusted gradients shaped like its parameters (a sharded integration
+        returns them laid out like its sharded parameters)."""
+        assert w.adjusted_A is not None and w.adjusted_B is not None
+        return w.adjusted_A.view_as(w.pair.A), w.adjusted_B.view_as(w.pair.B)
 
     def _apply(self, work: GroupWork) -> None:
         raise NotImplementedError

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._base import GroupWork, LoRAProOptimizer, PairWork, check_choice, check_number
+from ._base import GroupWork, LoRAProOptimizer, PairWork, adjust_into, check_choice, check_number
 from .closed_form import XMode, compute_dtype, equivalent_gradient
 from .errors import LoRAProConfigError
 from .functional import adam_direction, adamw_update, fused_kernel_applies
@@ -166,7 +166,7 @@ class LoRAProAdamW(LoRAProOptimizer):
             group = group_of[id(w)]
             return "zero" if group["mode"] == "full" else group["x_mode"]
 
-        self._adjust([w for g in works for w in g.pairs], x_mode_of)
+        self._solve([w for g in works for w in g.pairs], x_mode_of)
 
     def _check_before_apply(self, works: list[GroupWork]) -> None:
         for work in works:
@@ -190,16 +190,13 @@ class LoRAProAdamW(LoRAProOptimizer):
     def _apply(self, work: GroupWork) -> None:
         group = work.group
         if group["mode"] == "efficient":
-            params = [t for w in work.pairs for t in (w.pair.A, w.pair.B)] + work.params
-            grads = [
-                t
-                for w in work.pairs
-                for t in (w.adjusted_A.view_as(w.pair.A), w.adjusted_B.view_as(w.pair.B))
-            ] + work.grads
-            self._adamw(group, params, grads)
+            # Each chunk of adjusted gradients is consumed while it is in cache, and its buffer
+            # is reused by the next: the step never holds all of them.
+            for params, grads in self._adjusted_updates(work):
+                self._adamw(group, params, grads)
         else:
             self._apply_full(work)
-            self._adamw(group, work.params, work.grads)
+        self._adamw(group, work.params, work.grads)
 
     def _apply_full(self, work: GroupWork) -> None:
         group = work.group
@@ -214,7 +211,9 @@ class LoRAProAdamW(LoRAProOptimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state["equiv_exp_avg"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
                 state["equiv_exp_avg_sq"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
-            g_equiv = equivalent_gradient(w.A, w.B, w.adjusted_A, w.adjusted_B, w.scaling)
+            adjusted_A, adjusted_B = torch.empty_like(w.A), torch.empty_like(w.B)
+            adjust_into(w, adjusted_A, adjusted_B)  # from the coefficients _prepare solved
+            g_equiv = equivalent_gradient(w.A, w.B, adjusted_A, adjusted_B, w.scaling)
             direction = adam_direction(
                 g_equiv, state["equiv_exp_avg"], state["equiv_exp_avg_sq"], state["step"],
                 beta1=beta1, beta2=beta2, eps=group["eps"],

@@ -55,11 +55,12 @@ class LoRAProSGD(LoRAProOptimizer):
         return {"momentum_buffer": tuple(param.shape)} if group["momentum"] != 0.0 else {}
 
     def _apply(self, work: GroupWork) -> None:
-        group = work.group
-        params = [t for w in work.pairs for t in (w.pair.A, w.pair.B)] + work.params
-        grads = [
-            t for w in work.pairs for t in (w.adjusted_A.view_as(w.pair.A), w.adjusted_B.view_as(w.pair.B))
-        ] + work.grads
+        # LoRA factors chunk by chunk as their adjusted gradients are produced, then the rest.
+        for params, grads in self._adjusted_updates(work):
+            self._sgd(work.group, params, grads)
+        self._sgd(work.group, work.params, work.grads)
+
+    def _sgd(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         buffers = [self.state[p].get("momentum_buffer") for p in params]
         new_buffers = sgd_update(
             params, grads, buffers, lr=group["lr"], momentum=group["momentum"],

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .._base import GroupWork, PairWork
+from .._base import GroupWork, PairWork, adjust_into
 from ..adamw import LoRAProAdamW
 from ..closed_form import compute_dtype
 from ..errors import LoRAProConfigError
@@ -272,12 +272,12 @@ class _ShardedLoRAPro:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
 
-    def _adjusted_to_params(self, work: GroupWork) -> None:
-        """Replace the local adjusted gradients by DTensors laid out like their parameters."""
-        for w in work.pairs:
-            if isinstance(w, ShardedPairWork) and w.a_layout is not None:
-                w.adjusted_A = _from_canonical(w.adjusted_A, w.a_layout)
-                w.adjusted_B = _from_canonical(w.adjusted_B, w.b_layout)
+    def _as_param_gradients(self, w: PairWork) -> tuple[Tensor, Tensor]:
+        """The local adjusted gradients as DTensors laid out like their sharded parameters."""
+        if isinstance(w, ShardedPairWork) and w.a_layout is not None and w.b_layout is not None:
+            assert w.adjusted_A is not None and w.adjusted_B is not None
+            return _from_canonical(w.adjusted_A, w.a_layout), _from_canonical(w.adjusted_B, w.b_layout)
+        return super()._as_param_gradients(w)  # type: ignore[misc]
 
 
 class FSDPLoRAProSGD(_ShardedLoRAPro, LoRAProSGD):
@@ -290,10 +290,6 @@ class FSDPLoRAProSGD(_ShardedLoRAPro, LoRAProSGD):
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
         self._init_sharding()
         super().__init__(model, *args, **kwargs)
-
-    def _apply(self, work: GroupWork) -> None:
-        self._adjusted_to_params(work)
-        super()._apply(work)
 
 
 class FSDPLoRAProAdamW(_ShardedLoRAPro, LoRAProAdamW):
@@ -310,7 +306,6 @@ class FSDPLoRAProAdamW(_ShardedLoRAPro, LoRAProAdamW):
 
     def _apply(self, work: GroupWork) -> None:
         if not self._sharded or work.group["mode"] == "efficient":
-            self._adjusted_to_params(work)
             super()._apply(work)
             return
         self._apply_full_sharded(work)
@@ -343,10 +338,12 @@ class FSDPLoRAProAdamW(_ShardedLoRAPro, LoRAProAdamW):
         for w in work.pairs:
             assert isinstance(w, ShardedPairWork) and w.a_layout is not None and w.b_layout is not None
             s = w.scaling
+            adjusted_A, adjusted_B = torch.empty_like(w.A), torch.empty_like(w.B)
+            adjust_into(w, adjusted_A, adjusted_B)  # from the coefficients _prepare solved
             A_full = self._gather_columns(w.A, w.a_layout)
-            gA_full = self._gather_columns(w.adjusted_A, w.a_layout)
+            gA_full = self._gather_columns(adjusted_A, w.a_layout)
             # rows of this rank's shard of the m x n equivalent gradient: s (B gA + gB A)
-            g_rows = s * (w.B @ gA_full + w.adjusted_B @ A_full)
+            g_rows = s * (w.B @ gA_full + adjusted_B @ A_full)
             state = self.state[w.pair.B]
             if "step" not in state:
                 m, n = w.b_layout.param.shape[0], A_full.shape[1]
