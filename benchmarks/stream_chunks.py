@@ -1,9 +1,12 @@
 """Why the efficient step runs the way it does on the CPU: two measurements behind
 ``lorapro._base.solve_pairs`` and ``adjusted_chunks``.
 
-1. The four r x r terms of a layer (m = 4096 and 11008, n = 4096, r = 8): four small matmuls
-   on the factors and gradients as they are, against two matmuls on the concatenations
-   ``[B, grad_B]`` and ``[A; grad_A]`` built in a reused buffer (copies included).
+1. Operand layouts, per layer (m = 4096 and 11008, n = 4096, r = 8). The four r x r terms:
+   four small matmuls on the factors and gradients as they are; the same with B and grad_B
+   viewed c rows at a time (64-byte rows, ``PACKED_ROW_BYTES``) and the c diagonal blocks
+   summed; two matmuls on the concatenations ``[B, grad_B]`` and ``[A; grad_A]`` built in a
+   reused buffer (copies included). The B side of the adjusted gradient,
+   ``grad_B @ coef + B @ coef2``: as is, and packed with block-diagonal coefficients.
 2. Whole ``LoRAProAdamW`` steps (efficient mode) on 4 Llama-2-7B blocks and on MiniLM-L6-shaped
    layers with the adjusted gradients streamed in chunks of several sizes, from layer by layer
    to all at once, steps interleaved round-robin: median step time, minor page faults per
@@ -40,28 +43,56 @@ def median_us(fn, repeats: int = 200) -> float:
     return statistics.median(times) * 1e6
 
 
-def term_layouts(rank: int, n: int = 4096) -> None:
-    print("| m | four matmuls us | concatenations + two matmuls us |")
-    print("|---|---|---|")
+def layouts(rank: int, n: int = 4096) -> None:
+    """Per layer: the four r x r terms, and the B side of the adjusted gradients."""
+    c = max(1, lorapro._base.PACKED_ROW_BYTES // (rank * 4))
+    print(
+        f"| m | terms: four matmuls us | terms: B packed {c} rows at a time us | terms: concatenations + "
+        f"two matmuls us | B side: (m, r) x (r, r) us | B side: packed, (m/{c}, {c}r) x ({c}r, {c}r) us |"
+    )
+    print("|---|---|---|---|---|---|")
     for m in (4096, 11008):
-        A, gA, B, gB = torch.randn(rank, n), torch.randn(rank, n), torch.randn(m, rank), torch.randn(m, rank)
-        out = torch.empty(4, rank, rank)
-        z, y = torch.empty(m, 2 * rank), torch.empty(2 * rank, n)
-        b_terms, a_terms = torch.empty(rank, 2 * rank), torch.empty(2 * rank, rank)
+        cells = [median_us(f) for f in layout_candidates(m, n, rank, c)]
+        print(f"| {m} | " + " | ".join(f"{v:.1f}" for v in cells) + " |")
 
-        def four():
-            torch.mm(B.mT, B, out=out[0])  # noqa: B023
-            torch.mm(A, A.mT, out=out[1])  # noqa: B023
-            torch.mm(B.mT, gB, out=out[2])  # noqa: B023
-            torch.mm(gA, A.mT, out=out[3])  # noqa: B023
 
-        def concatenated():
-            torch.cat((B, gB), dim=1, out=z)  # noqa: B023
-            torch.cat((A, gA), dim=0, out=y)  # noqa: B023
-            torch.mm(B.mT, z, out=b_terms)  # noqa: B023
-            torch.mm(y, A.mT, out=a_terms)  # noqa: B023
+def layout_candidates(m: int, n: int, rank: int, c: int) -> list:
+    A, gA, B, gB = torch.randn(rank, n), torch.randn(rank, n), torch.randn(m, rank), torch.randn(m, rank)
+    Bc, gBc = B.view(m // c, c * rank), gB.view(m // c, c * rank)
+    out = torch.empty(4, rank, rank)
+    wide = torch.empty(2, c * rank, c * rank)
+    z, y = torch.empty(m, 2 * rank), torch.empty(2 * rank, n)
+    b_terms, a_terms = torch.empty(rank, 2 * rank), torch.empty(2 * rank, rank)
+    coef, coef2 = torch.randn(rank, rank), torch.randn(rank, rank)
+    packed, packed2 = torch.block_diag(*[coef] * c), torch.block_diag(*[coef2] * c)
+    out_b = torch.empty(m, rank)
 
-        print(f"| {m} | {median_us(four):.1f} | {median_us(concatenated):.1f} |")
+    def four():
+        torch.mm(B.mT, B, out=out[0])
+        torch.mm(A, A.mT, out=out[1])
+        torch.mm(B.mT, gB, out=out[2])
+        torch.mm(gA, A.mT, out=out[3])
+
+    def four_packed():
+        torch.mm(Bc.mT, Bc, out=wide[0])
+        torch.mm(A, A.mT, out=out[1])
+        torch.mm(Bc.mT, gBc, out=wide[1])
+        torch.mm(gA, A.mT, out=out[3])
+        out[0::2] = wide.unflatten(-1, (c, rank)).unflatten(-3, (c, rank)).diagonal(dim1=1, dim2=3).sum(-1)
+
+    def concatenated():
+        torch.cat((B, gB), dim=1, out=z)
+        torch.cat((A, gA), dim=0, out=y)
+        torch.mm(B.mT, z, out=b_terms)
+        torch.mm(y, A.mT, out=a_terms)
+
+    def b_side():
+        torch.mm(gB, coef, out=out_b).addmm_(B, coef2)
+
+    def b_side_packed():
+        torch.mm(gBc, packed, out=out_b.view(m // c, c * rank)).addmm_(Bc, packed2)
+
+    return [four, four_packed, concatenated, b_side, b_side_packed]
 
 
 def minor_faults() -> int:
@@ -146,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rank {args.rank}\n")
     with torch.no_grad():
-        term_layouts(args.rank)
+        layouts(args.rank)
     chunk_sizes(f"{args.blocks} Llama-2-7B blocks", lambda: build_model(args.blocks, args.rank), args.repeats)
     chunk_sizes("MiniLM-L6 shapes", lambda: minilm_shaped(args.rank), args.repeats)
 

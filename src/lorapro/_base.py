@@ -45,6 +45,10 @@ class PairWork:
     # (4, r, r): grad_A_coef, a_coef, grad_B_coef, b_coef of closed_form.Coefficients, 1/s^2
     # folded in; set by solve_pairs.
     coefficients: Tensor | None = None
+    # B's rows taken `packing` at a time (see PACKED_ROW_BYTES), and then (2, c r, c r): the
+    # block-diagonal grad_B_coef and b_coef that act on B viewed as (m / c, c r).
+    packing: int = 1
+    packed_b_coefficients: Tensor | None = None
     adjusted_A: Tensor | None = None
     adjusted_B: Tensor | None = None
 
@@ -94,6 +98,41 @@ CPU_CHUNK_BYTES = 2 << 20
 DEVICE_CHUNK_BYTES = 64 << 20
 
 
+#: On the CPU, B-side products are computed on B viewed as (m / c, c r), with the r x r
+#: coefficients repeated block-diagonally, so that rows are this wide: MKL runs (m, 8) float32
+#: operands and outputs 2-3x slower than (m / 2, 16) ones, far more than the c-fold flops cost
+#: (benchmarks/stream_chunks.py). GPUs gain nothing from it and keep c = 1.
+PACKED_ROW_BYTES = 64
+
+
+def _packing(w: PairWork) -> int:
+    """How many rows of B to take as one row, c (1: B as it is)."""
+    B, grad_B = w.B, w.grad_B
+    if B.device.type != "cpu" or not (B.is_contiguous() and grad_B.is_contiguous()):
+        return 1
+    m, r = B.shape
+    c = max(1, PACKED_ROW_BYTES // (r * B.element_size()))
+    while m % c:
+        c -= 1
+    return c
+
+
+def _packed(t: Tensor, c: int) -> Tensor:
+    """A contiguous (m, r) tensor viewed as (m / c, c r): c consecutive rows per row."""
+    return t.view(t.shape[0] // c, c * t.shape[1])
+
+
+def _runs(keys: list[int]) -> list[tuple[int, int, int]]:
+    """(key, start, stop) of each run of equal keys."""
+    runs: list[tuple[int, int, int]] = []
+    for i, key in enumerate(keys):
+        if runs and runs[-1][0] == key:
+            runs[-1] = (key, runs[-1][1], i + 1)
+        else:
+            runs.append((key, i, i + 1))
+    return runs
+
+
 def solve_pairs(
     works: list[PairWork],
     x_mode_of: Callable[[PairWork], str],
@@ -102,11 +141,15 @@ def solve_pairs(
     """The r x r half of Theorem 2.1 for many layers at once; sets each ``w.coefficients``.
 
     Layers of equal rank, dtype, device and x_mode form a bucket that shares one batched
-    solve, whatever their shapes and scalings: the four r x r terms of each layer (one small
-    matmul each, written straight into the bucket's (k, 4, r, r) buffer), then two batched
+    solve, whatever their shapes and scalings: the four r x r terms of each layer (small
+    matmuls written straight into the bucket's (k, 4, r, r) buffer), then two batched
     ``eigh`` and the r x r algebra for the whole bucket, with each layer's 1/s^2 folded into
     its coefficients. Nothing of size m or n is allocated: the (m, r) and (r, n) work happens
-    in :func:`adjusted_chunks`, after the caller has checked the returned tensors.
+    in :func:`adjust_into`, after the caller has checked the returned tensors.
+
+    With B packed c rows at a time (on the CPU, see :data:`PACKED_ROW_BYTES`), ``B^T B`` and
+    ``B^T grad_B`` are the sums of the c diagonal r x r blocks of the (c r x c r) products of
+    the packed views.
 
     ``reduce_terms`` sums partial terms across shards when the factors are sharded (every
     term is a sum over the rows of B or the columns of A, so shard terms add up).
@@ -117,21 +160,44 @@ def solve_pairs(
     for w in works:
         buckets[(w.A.shape[0], w.A.dtype, w.A.device, x_mode_of(w))].append(w)
     small: list[Tensor] = []
-    for (r, dtype, device, x_mode), bucket in buckets.items():
+    for (r, dtype, device, x_mode), unordered in buckets.items():
+        for w in unordered:
+            w.packing = _packing(w)
+        bucket = sorted(unordered, key=lambda w: w.packing)  # equal packings side by side
+        runs = _runs([w.packing for w in bucket])
         terms = torch.empty((len(bucket), 4, r, r), dtype=dtype, device=device)
+        # One matmul per term rather than two on concatenations [B, grad_B] and [A; grad_A]:
+        # the copies cost more than the wider rows save.
         for w, t in zip(bucket, terms.unbind(0), strict=True):
-            # Four matmuls rather than two on concatenations [B, grad_B] and [A; grad_A]: the
-            # copies cost more than the wider rows save (benchmarks/stream_chunks.py).
-            torch.mm(w.B.mT, w.B, out=t[0])
             torch.mm(w.A, w.A.mT, out=t[1])
-            torch.mm(w.B.mT, w.grad_B, out=t[2])
             torch.mm(w.grad_A, w.A.mT, out=t[3])
+        for c, lo, hi in runs:
+            if c == 1:
+                for w, t in zip(bucket[lo:hi], terms[lo:hi].unbind(0), strict=True):
+                    torch.mm(w.B.mT, w.B, out=t[0])
+                    torch.mm(w.B.mT, w.grad_B, out=t[2])
+                continue
+            wide = terms.new_empty((hi - lo, 2, c * r, c * r))
+            for w, products in zip(bucket[lo:hi], wide.unbind(0), strict=True):
+                B = _packed(w.B, c)
+                torch.mm(B.mT, B, out=products[0])
+                torch.mm(B.mT, _packed(w.grad_B, c), out=products[1])
+            sums = wide.unflatten(-1, (c, r)).unflatten(-3, (c, r)).diagonal(dim1=2, dim2=4).sum(-1)
+            terms[lo:hi, 0::2] = sums  # (g, 2, r, r): B^T B and B^T grad_B
         if reduce_terms is not None:
             terms = reduce_terms(terms)
         coefs = torch.stack(solve_coefficients(*terms.unbind(1), x_mode=x_mode), dim=1)  # (k, 4, r, r)
         _scale_coefficients(coefs, [w.scaling for w in bucket])
         for w, c in zip(bucket, coefs.unbind(0), strict=True):
             w.coefficients = c
+        for c, lo, hi in runs:
+            if c == 1:
+                continue
+            packed = coefs.new_zeros((hi - lo, 2, c * r, c * r))
+            blocks = packed.unflatten(-1, (c, r)).unflatten(-3, (c, r)).diagonal(dim1=2, dim2=4)
+            blocks.copy_(coefs[lo:hi, 2:].unsqueeze(-1).expand(blocks.shape))
+            for w, p in zip(bucket[lo:hi], packed.unbind(0), strict=True):
+                w.packed_b_coefficients = p
         small += [terms, coefs]
     return small
 
@@ -147,7 +213,13 @@ def adjust_into(w: PairWork, out_A: Tensor, out_B: Tensor) -> None:
         raise RuntimeError("adjust_into needs the layer's coefficients: call solve_pairs first")
     grad_a_coef, a_coef, grad_b_coef, b_coef = w.coefficients.unbind(0)
     torch.mm(grad_a_coef, w.grad_A, out=out_A).addmm_(a_coef, w.A)
-    torch.mm(w.grad_B, grad_b_coef, out=out_B).addmm_(w.B, b_coef)
+    c = w.packing
+    if c > 1 and w.packed_b_coefficients is not None and out_B.is_contiguous():
+        packed_grad_b_coef, packed_b_coef = w.packed_b_coefficients.unbind(0)
+        out = _packed(out_B, c)
+        torch.mm(_packed(w.grad_B, c), packed_grad_b_coef, out=out).addmm_(_packed(w.B, c), packed_b_coef)
+    else:
+        torch.mm(w.grad_B, grad_b_coef, out=out_B).addmm_(w.B, b_coef)
 
 
 def adjusted_chunks(works: list[PairWork], max_bytes: float | None = None) -> Iterator[list[PairWork]]:
