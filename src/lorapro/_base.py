@@ -82,6 +82,11 @@ def check_number(
     return value
 
 
+def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Skips the call when there is nothing to convert: the step runs this for every factor.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
@@ -169,19 +174,22 @@ def solve_pairs(
         # One matmul per term rather than two on concatenations [B, grad_B] and [A; grad_A]:
         # the copies cost more than the wider rows save.
         for w, t in zip(bucket, terms.unbind(0), strict=True):
-            torch.mm(w.A, w.A.mT, out=t[1])
-            torch.mm(w.grad_A, w.A.mT, out=t[3])
+            At = w.A.mT
+            torch.mm(w.A, At, out=t[1])
+            torch.mm(w.grad_A, At, out=t[3])
         for c, lo, hi in runs:
             if c == 1:
                 for w, t in zip(bucket[lo:hi], terms[lo:hi].unbind(0), strict=True):
-                    torch.mm(w.B.mT, w.B, out=t[0])
-                    torch.mm(w.B.mT, w.grad_B, out=t[2])
+                    Bt = w.B.mT
+                    torch.mm(Bt, w.B, out=t[0])
+                    torch.mm(Bt, w.grad_B, out=t[2])
                 continue
             wide = terms.new_empty((hi - lo, 2, c * r, c * r))
             for w, products in zip(bucket[lo:hi], wide.unbind(0), strict=True):
                 B = _packed(w.B, c)
-                torch.mm(B.mT, B, out=products[0])
-                torch.mm(B.mT, _packed(w.grad_B, c), out=products[1])
+                Bt = B.mT
+                torch.mm(Bt, B, out=products[0])
+                torch.mm(Bt, _packed(w.grad_B, c), out=products[1])
             sums = wide.unflatten(-1, (c, r)).unflatten(-3, (c, r)).diagonal(dim1=2, dim2=4).sum(-1)
             terms[lo:hi, 0::2] = sums  # (g, 2, r, r): B^T B and B^T grad_B
         if reduce_terms is not None:
@@ -254,12 +262,11 @@ def adjusted_chunks(works: list[PairWork], max_bytes: float | None = None) -> It
             max(sum(w.A.numel() + w.B.numel() for w in chunk) for chunk in chunks), dtype=dtype, device=device
         )
         for chunk in chunks:
-            offset = 0
-            for w in chunk:
-                out_A = buffer[offset : offset + w.A.numel()].view(w.A.shape)
-                offset += w.A.numel()
-                out_B = buffer[offset : offset + w.B.numel()].view(w.B.shape)
-                offset += w.B.numel()
+            sizes = [size for w in chunk for size in (w.A.numel(), w.B.numel())]
+            sizes.append(buffer.numel() - sum(sizes))
+            flat = buffer.split(sizes)
+            for i, w in enumerate(chunk):
+                out_A, out_B = flat[2 * i].view(w.A.shape), flat[2 * i + 1].view(w.B.shape)
                 adjust_into(w, out_A, out_B)
                 w.adjusted_A, w.adjusted_B = out_A, out_B
             yield chunk
@@ -412,10 +419,10 @@ class LoRAProOptimizer(Optimizer):
                         "use dense embeddings (sparse=False)"
                     )
                 dtype = compute_dtype(pair.A.dtype)
-                A = pair.matrix_A().to(dtype)
-                B = pair.matrix_B().to(dtype)
-                gA = torch.zeros_like(A) if gA is None else pair.matrix_A(gA).to(dtype)
-                gB = torch.zeros_like(B) if gB is None else pair.matrix_B(gB).to(dtype)
+                A = _in_dtype(pair.matrix_A(), dtype)
+                B = _in_dtype(pair.matrix_B(), dtype)
+                gA = torch.zeros_like(A) if gA is None else _in_dtype(pair.matrix_A(gA), dtype)
+                gB = torch.zeros_like(B) if gB is None else _in_dtype(pair.matrix_B(gB), dtype)
                 work.pairs.append(PairWork(pair, pair.scaling, A, B, gA, gB))
             for p in group["params"]:
                 if p.grad is None or id(p) in self._lora_ids:
@@ -469,8 +476,9 @@ class LoRAProOptimizer(Optimizer):
     def _as_param_gradients(self, w: PairWork) -> tuple[Tensor, Tensor]:
         """The layer's adjusted gradients shaped like its parameters (a sharded integration
         returns them laid out like its sharded parameters)."""
-        assert w.adjusted_A is not None and w.adjusted_B is not None
-        return w.adjusted_A.view_as(w.pair.A), w.adjusted_B.view_as(w.pair.B)
+        gA, gB, A, B = w.adjusted_A, w.adjusted_B, w.pair.A, w.pair.B
+        assert gA is not None and gB is not None
+        return (gA if gA.shape == A.shape else gA.view_as(A)), (gB if gB.shape == B.shape else gB.view_as(B))
 
     def _apply(self, work: GroupWork) -> None:
         raise NotImplementedError

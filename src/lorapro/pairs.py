@@ -54,12 +54,12 @@ class LoRAPair:
     def matrix_A(self, tensor: Tensor | None = None) -> Tensor:
         """(r, n) view of A (or of a tensor shaped like A, such as its gradient)."""
         t = self.A if tensor is None else tensor
-        return t.reshape(t.shape[0], -1)
+        return t if t.dim() == 2 else t.reshape(t.shape[0], -1)  # (a no-op call costs per step)
 
     def matrix_B(self, tensor: Tensor | None = None) -> Tensor:
         """(m, r) view of B (or of a tensor shaped like B)."""
         t = self.B if tensor is None else tensor
-        return t.reshape(t.shape[0], t.shape[1])
+        return t if t.dim() == 2 else t.reshape(t.shape[0], t.shape[1])
 
     def current(self) -> LoRAPair:
         """This pair as its layer holds it now.
