@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -111,6 +112,12 @@ def state_bytes(opt) -> int:
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if v.dim() > 0)
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far: a step that allocates fresh buffers the
+    allocator got from the kernel pays one per page touched (and its time varies with it)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def transient_peak_bytes(step) -> int:
     """The most memory torch held at once during one step beyond what it held before.
 
@@ -141,16 +148,19 @@ def compare(rows: list, blocks: int, rank: int, repeats: int, makers: dict) -> N
         opt.step()  # warm-up: state creation
         runs[name] = (params, opt)
     times: dict[str, list[float]] = {name: [] for name in runs}
+    faults: dict[str, list[int]] = {name: [] for name in runs}
     for i in range(repeats):
         for name, (params, opt) in runs.items():
             set_grads(params, seed=i)
-            start = time.perf_counter()
+            before, start = minor_faults(), time.perf_counter()
             opt.step()
             times[name].append(time.perf_counter() - start)
+            faults[name].append(minor_faults() - before)
     for name, (params, opt) in runs.items():
         set_grads(params, seed=repeats)
         peak = transient_peak_bytes(opt.step)
-        rows.append((group, name, blocks, statistics.median(times[name]), state_bytes(opt), peak))
+        median_ms, median_faults = statistics.median(times[name]), statistics.median(faults[name])
+        rows.append((group, name, blocks, median_ms, state_bytes(opt), peak, median_faults))
     del runs
     gc.collect()
 
@@ -198,19 +208,19 @@ def main() -> None:
 
     print(
         "\n| step | blocks | median ms | per block ms | x torch AdamW foreach | x torch AdamW fused "
-        "| optimizer state MB | step transient peak MB |"
+        "| optimizer state MB | step transient peak MB | minor page faults per step |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    foreach_ms = {group: med for group, name, _, med, _, _ in rows if name == foreach}
-    fused_ms = {group: med for group, name, _, med, _, _ in rows if name == "torch AdamW (fused)"}
-    for group, name, blocks, med, nbytes, peak in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    foreach_ms = {row[0]: row[3] for row in rows if row[1] == foreach}
+    fused_ms = {row[0]: row[3] for row in rows if row[1] == "torch AdamW (fused)"}
+    for group, name, blocks, med, nbytes, peak, median_faults in rows:
         cells = [name, blocks, f"{med * 1e3:.1f}", f"{med / blocks * 1e3:.1f}"]
         cells.append(f"{med / foreach_ms[group]:.2f}")
         cells.append(f"{med / fused_ms[group]:.2f}" if group in fused_ms else "")
-        cells += [f"{nbytes / 2**20:.1f}", f"{peak / 2**20:.1f}"]
+        cells += [f"{nbytes / 2**20:.1f}", f"{peak / 2**20:.1f}", f"{median_faults:.0f}"]
         print("| " + " | ".join(map(str, cells)) + " |")
-    eff = next(med / b for _, name, b, med, _, _ in rows if name == "LoRAProAdamW efficient")
-    for _, name, b, med, _, _ in rows:
+    eff = next(row[3] / row[2] for row in rows if row[1] == "LoRAProAdamW efficient")
+    for _, name, b, med, *_ in rows:
         if name == "per-layer reference":
             print(f"\nper-layer reference / efficient mode, per block: {med / b / eff:.0f}x")
 
