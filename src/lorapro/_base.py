@@ -95,9 +95,8 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
 
 #: Adjusted gradients are produced and consumed in chunks of at most this many bytes (one
 #: reused buffer; a single larger layer gets a chunk of its own), so a step never holds a copy
-#: of every factor's gradient. On the CPU a cache-sized chunk is also the fastest: the update
-#: reads each adjusted gradient while it is still in cache, and the buffer is not page-faulted
-#: anew every step as freshly allocated per-layer gradients are (benchmarks/stream_chunks.py).
+#: of every factor's gradient. The cap is there for memory: on this project's CPU the step
+#: time hardly depends on it, from layer by layer to all at once (benchmarks/stream_chunks.py).
 CPU_CHUNK_BYTES = 2 << 20
 #: Elsewhere (CUDA), larger chunks keep the number of update launches small.
 DEVICE_CHUNK_BYTES = 64 << 20
@@ -196,8 +195,8 @@ def solve_pairs(
             terms = reduce_terms(terms)
         coefs = torch.stack(solve_coefficients(*terms.unbind(1), x_mode=x_mode), dim=1)  # (k, 4, r, r)
         _scale_coefficients(coefs, [w.scaling for w in bucket])
-        for w, c in zip(bucket, coefs.unbind(0), strict=True):
-            w.coefficients = c
+        for w, coef in zip(bucket, coefs.unbind(0), strict=True):
+            w.coefficients = coef
         for c, lo, hi in runs:
             if c == 1:
                 continue
@@ -262,7 +261,7 @@ def adjusted_chunks(works: list[PairWork], max_bytes: float | None = None) -> It
             max(sum(w.A.numel() + w.B.numel() for w in chunk) for chunk in chunks), dtype=dtype, device=device
         )
         for chunk in chunks:
-            sizes = [size for w in chunk for size in (w.A.numel(), w.B.numel())]
+            sizes = [numel for w in chunk for numel in (w.A.numel(), w.B.numel())]
             sizes.append(buffer.numel() - sum(sizes))
             flat = buffer.split(sizes)
             for i, w in enumerate(chunk):
