@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -42,13 +42,15 @@ class PairWork:
     B: Tensor  # (m, r)
     grad_A: Tensor  # LoRA's own gradient, (r, n)
     grad_B: Tensor  # (m, r)
-    # (4, r, r): grad_A_coef, a_coef, grad_B_coef, b_coef of closed_form.Coefficients, 1/s^2
+    # The r x r grad_A_coef, a_coef, grad_B_coef, b_coef of closed_form.Coefficients, 1/s^2
     # folded in; set by solve_pairs.
-    coefficients: Tensor | None = None
-    # B's rows taken `packing` at a time (see PACKED_ROW_BYTES), and then (2, c r, c r): the
-    # block-diagonal grad_B_coef and b_coef that act on B viewed as (m / c, c r).
+    coefficients: Sequence[Tensor] | None = None
+    # B's rows taken `packing` at a time (see PACKED_ROW_BYTES): B and grad_B viewed as
+    # (m / c, c r), and the block-diagonal (c r, c r) grad_B_coef and b_coef that act on them.
     packing: int = 1
-    packed_b_coefficients: Tensor | None = None
+    packed_B: Tensor | None = None
+    packed_grad_B: Tensor | None = None
+    packed_b_coefficients: Sequence[Tensor] | None = None
     adjusted_A: Tensor | None = None
     adjusted_B: Tensor | None = None
 
@@ -126,6 +128,12 @@ def _packed(t: Tensor, c: int) -> Tensor:
     return t.view(t.shape[0] // c, c * t.shape[1])
 
 
+def _diagonal_blocks(t: Tensor, c: int) -> Tensor:
+    """View of the c diagonal (r, r) blocks of (..., c r, c r) matrices, as (..., r, r, c)."""
+    r = t.shape[-1] // c
+    return t.unflatten(-1, (c, r)).unflatten(-3, (c, r)).diagonal(dim1=-4, dim2=-2)
+
+
 def _runs(keys: list[int]) -> list[tuple[int, int, int]]:
     """(key, start, stop) of each run of equal keys."""
     runs: list[tuple[int, int, int]] = []
@@ -169,42 +177,54 @@ def solve_pairs(
             w.packing = _packing(w)
         bucket = sorted(unordered, key=lambda w: w.packing)  # equal packings side by side
         runs = _runs([w.packing for w in bucket])
-        terms = torch.empty((len(bucket), 4, r, r), dtype=dtype, device=device)
+        # Fresh r x r results stacked once per bucket: cheaper per layer than writing into
+        # views of a buffer (a select per term), and this loop runs for every layer each step.
         # One matmul per term rather than two on concatenations [B, grad_B] and [A; grad_A]:
         # the copies cost more than the wider rows save.
-        for w, t in zip(bucket, terms.unbind(0), strict=True):
+        a_terms: list[Tensor] = []  # A A^T, grad_A A^T for each layer
+        for w in bucket:
             At = w.A.mT
-            torch.mm(w.A, At, out=t[1])
-            torch.mm(w.grad_A, At, out=t[3])
-        for c, lo, hi in runs:
+            a_terms += [w.A @ At, w.grad_A @ At]
+        b_terms: list[Tensor] = []  # B^T B, B^T grad_B for each layer (c r x c r when packed)
+        for w in bucket:
+            c = w.packing
             if c == 1:
-                for w, t in zip(bucket[lo:hi], terms[lo:hi].unbind(0), strict=True):
-                    Bt = w.B.mT
-                    torch.mm(Bt, w.B, out=t[0])
-                    torch.mm(Bt, w.grad_B, out=t[2])
-                continue
-            wide = terms.new_empty((hi - lo, 2, c * r, c * r))
-            for w, products in zip(bucket[lo:hi], wide.unbind(0), strict=True):
-                B = _packed(w.B, c)
-                Bt = B.mT
-                torch.mm(Bt, B, out=products[0])
-                torch.mm(Bt, _packed(w.grad_B, c), out=products[1])
-            sums = wide.unflatten(-1, (c, r)).unflatten(-3, (c, r)).diagonal(dim1=2, dim2=4).sum(-1)
-            terms[lo:hi, 0::2] = sums  # (g, 2, r, r): B^T B and B^T grad_B
+                Bt = w.B.mT
+                b_terms += [Bt @ w.B, Bt @ w.grad_B]
+            else:
+                w.packed_B, w.packed_grad_B = _packed(w.B, c), _packed(w.grad_B, c)
+                Bt = w.packed_B.mT
+                b_terms += [Bt @ w.packed_B, Bt @ w.packed_grad_B]
+        k = len(bucket)
+        a_pairs = torch.stack(a_terms).unflatten(0, (k, 2))
+        b_pairs = torch.empty((k, 2, r, r), dtype=dtype, device=device)
+        for c, lo, hi in runs:
+            products = torch.stack(b_terms[2 * lo : 2 * hi]).unflatten(0, (hi - lo, 2))
+            if c > 1:  # the sum of the c diagonal r x r blocks
+                products = (
+                    products.unflatten(-1, (c, r)).unflatten(-3, (c, r)).diagonal(dim1=2, dim2=4).sum(-1)
+                )
+            b_pairs[lo:hi] = products
+        terms = torch.stack(
+            (b_pairs[:, 0], a_pairs[:, 0], b_pairs[:, 1], a_pairs[:, 1]), dim=1
+        )  # (k, 4, r, r)
         if reduce_terms is not None:
             terms = reduce_terms(terms)
         coefs = torch.stack(solve_coefficients(*terms.unbind(1), x_mode=x_mode), dim=1)  # (k, 4, r, r)
         _scale_coefficients(coefs, [w.scaling for w in bucket])
-        for w, coef in zip(bucket, coefs.unbind(0), strict=True):
-            w.coefficients = coef
+        # One unbind for the whole bucket rather than one per layer at apply time.
+        per_layer = coefs.flatten(0, 1).unbind(0)
+        for i, w in enumerate(bucket):
+            w.coefficients = per_layer[4 * i : 4 * i + 4]
         for c, lo, hi in runs:
             if c == 1:
                 continue
             packed = coefs.new_zeros((hi - lo, 2, c * r, c * r))
-            blocks = packed.unflatten(-1, (c, r)).unflatten(-3, (c, r)).diagonal(dim1=2, dim2=4)
+            blocks = _diagonal_blocks(packed, c)
             blocks.copy_(coefs[lo:hi, 2:].unsqueeze(-1).expand(blocks.shape))
-            for w, p in zip(bucket[lo:hi], packed.unbind(0), strict=True):
-                w.packed_b_coefficients = p
+            per_layer = packed.flatten(0, 1).unbind(0)
+            for i, w in enumerate(bucket[lo:hi]):
+                w.packed_b_coefficients = per_layer[2 * i : 2 * i + 2]
         small += [terms, coefs]
     return small
 
@@ -218,13 +238,13 @@ def adjust_into(w: PairWork, out_A: Tensor, out_B: Tensor) -> None:
     """
     if w.coefficients is None:
         raise RuntimeError("adjust_into needs the layer's coefficients: call solve_pairs first")
-    grad_a_coef, a_coef, grad_b_coef, b_coef = w.coefficients.unbind(0)
+    grad_a_coef, a_coef, grad_b_coef, b_coef = w.coefficients
     torch.mm(grad_a_coef, w.grad_A, out=out_A).addmm_(a_coef, w.A)
     c = w.packing
     if c > 1 and w.packed_b_coefficients is not None and out_B.is_contiguous():
-        packed_grad_b_coef, packed_b_coef = w.packed_b_coefficients.unbind(0)
+        packed_grad_b_coef, packed_b_coef = w.packed_b_coefficients
         out = _packed(out_B, c)
-        torch.mm(_packed(w.grad_B, c), packed_grad_b_coef, out=out).addmm_(_packed(w.B, c), packed_b_coef)
+        torch.mm(w.packed_grad_B, packed_grad_b_coef, out=out).addmm_(w.packed_B, packed_b_coef)
     else:
         torch.mm(w.grad_B, grad_b_coef, out=out_B).addmm_(w.B, b_coef)
 
