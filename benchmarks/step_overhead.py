@@ -17,6 +17,7 @@ step's transient peak, the most memory torch allocated at once during one step b
 held before (from the profiler's allocation events; the CPU allocator keeps no peak).
 
 Example: python benchmarks/step_overhead.py --blocks 4 --rank 8
+(--trials 8 --skip-full --skip-reference: eight fresh processes, and the spread of the ratio)
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import gc
 import json
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -177,7 +180,15 @@ def main() -> None:
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--trials", type=int, default=1,
+        help="run the comparison in this many fresh processes, one after another, and summarise the "
+        "efficient-mode ratios (on a shared machine they vary from process to process)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.trials > 1:
+        run_trials(args.trials)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -219,10 +230,42 @@ def main() -> None:
         cells.append(f"{med / fused_ms[group]:.2f}" if group in fused_ms else "")
         cells += [f"{nbytes / 2**20:.1f}", f"{peak / 2**20:.1f}", f"{median_faults:.0f}"]
         print("| " + " | ".join(map(str, cells)) + " |")
+    for group, name, _, med, *_ in rows:
+        if name == "LoRAProAdamW efficient":  # read by run_trials
+            print(f"RATIO foreach {med / foreach_ms[group]:.4f} fused {med / fused_ms[group]:.4f}")
     eff = next(row[3] / row[2] for row in rows if row[1] == "LoRAProAdamW efficient")
     for _, name, b, med, *_ in rows:
         if name == "per-layer reference":
             print(f"\nper-layer reference / efficient mode, per block: {med / b / eff:.0f}x")
+
+
+def run_trials(trials: int) -> None:
+    """Run this script ``trials`` times in fresh processes (same arguments), print each run's
+    table and the efficient-mode ratios of all runs."""
+    argv = [a for a in sys.argv[1:] if not a.startswith("--trials")]
+    if "--trials" in sys.argv[1:]:  # "--trials N" as two words
+        i = sys.argv.index("--trials")
+        argv = sys.argv[1:i] + sys.argv[i + 2 :]
+    ratios: list[tuple[float, float]] = []
+    for trial in range(trials):
+        print(f"\n## trial {trial + 1} of {trials}", flush=True)
+        out = subprocess.run(
+            [sys.executable, __file__, *argv], check=True, capture_output=True, text=True
+        ).stdout
+        for line in out.splitlines():
+            if line.startswith("RATIO "):
+                _, _, foreach, _, fused = line.split()
+                ratios.append((float(foreach), float(fused)))
+            elif line.startswith(("|", "per-layer", "torch ")):
+                print(line)
+    foreach = sorted(r for r, _ in ratios)
+    fused = sorted(f for _, f in ratios)
+    print(
+        f"\nLoRAProAdamW efficient over {len(ratios)} processes: x torch AdamW foreach "
+        f"median {statistics.median(foreach):.2f} (min {foreach[0]:.2f}, max {foreach[-1]:.2f}; "
+        f"runs {', '.join(f'{r:.2f}' for r in foreach)}); "
+        f"x torch AdamW fused median {statistics.median(fused):.2f}"
+    )
 
 
 if __name__ == "__main__":
