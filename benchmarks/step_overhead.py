@@ -51,11 +51,16 @@ SHAPES = {  # name: (out, in)
 }
 
 
+#: Divides every shape (``--shrink``): with tiny layers the arithmetic is negligible and a
+#: step costs what running its torch calls from Python costs.
+SHRINK = 1
+
+
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
         for name, (out_f, in_f) in SHAPES.items():
-            setattr(self, name, nn.Linear(in_f, out_f, bias=False))
+            setattr(self, name, nn.Linear(in_f // SHRINK, out_f // SHRINK, bias=False))
 
 
 def build_model(blocks: int, rank: int, seed: int = 0) -> nn.Module:
@@ -181,6 +186,11 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
+        "--shrink", type=int, default=1,
+        help="divide every layer shape by this (e.g. 64: the same 7 layers per block, with negligible "
+        "arithmetic, to measure the fixed per-call cost of a step)",
+    )  # fmt: skip
+    parser.add_argument(
         "--trials", type=int, default=1,
         help="run the comparison in this many fresh processes, one after another, and summarise the "
         "efficient-mode ratios (on a shared machine they vary from process to process)",
@@ -189,10 +199,13 @@ def main() -> None:
     if args.trials > 1:
         run_trials(args.trials)
         return
+    global SHRINK
+    SHRINK = args.shrink
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rank {args.rank}")
+    shape_note = f", shapes divided by {SHRINK}" if SHRINK > 1 else ""
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rank {args.rank}{shape_note}")
     lr = 1e-4
     foreach = "torch AdamW (foreach)"
 
