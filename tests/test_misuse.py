@@ -594,6 +594,6 @@ def test_fused_true_is_checked_again_when_a_state_dict_is_loaded():
     saved = LoRAProAdamW(model(), lr=1e-3, fused=True).state_dict()
     m = model().to(torch.bfloat16)
     opt = LoRAProAdamW(m, lr=1e-3)
-    with pytest.raises(LoRAProConfigError, match="^fused=True needs float32/float64 parameters on the CPU"):
+    with pytest.raises(LoRAProConfigError, match=r"^fused=True needs float32/float64 parameters on the CPU"):
         opt.load_state_dict(saved)
     assert opt.param_groups[0]["fused"] is None

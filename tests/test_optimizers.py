@@ -297,7 +297,7 @@ def test_adjusted_chunks_stream_the_closed_form(max_bytes, x_mode):
     def size(ws):
         return sum(w.A.numel() + w.B.numel() for w in ws) * 8
 
-    for chunk, following in zip(chunks, chunks[1:] + [None], strict=True):
+    for chunk, following in zip(chunks, [*chunks[1:], None], strict=True):
         assert len(chunk) == 1 or size(chunk) <= cap
         assert following is None or size(chunk + following[:1]) > cap  # filled greedily
     if max_bytes == 1200:
