@@ -202,25 +202,34 @@ class LoRAProAdamW(LoRAProOptimizer):
         group = work.group
         lr, wd = group["lr"], group["weight_decay"]
         beta1, beta2 = group["betas"]
-        # Adam on each layer's m x n equivalent gradient, one layer at a time so that only
-        # one m x n transient is alive; then map the direction back to LoRA gradients.
+        # Adam on each layer's m x n equivalent gradient, one layer at a time, in two m x n
+        # buffers shared by all layers (the equivalent gradient, which becomes the direction,
+        # and the denominator): fresh m x n temporaries per layer would be page-faulted anew on
+        # the CPU every step. Then map the direction back to LoRA gradients.
+        scratch: dict[tuple, Tensor] = {}
         for w in work.pairs:
+            m, n = w.B.shape[0], w.A.shape[1]
             state = self.state[w.pair.B]
             if "step" not in state:
-                m, n = w.B.shape[0], w.A.shape[1]
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state["equiv_exp_avg"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
                 state["equiv_exp_avg_sq"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
+            key = (w.A.dtype, w.A.device)
+            if key not in scratch:
+                alike = [p for p in work.pairs if (p.A.dtype, p.A.device) == key]
+                largest = max(p.B.shape[0] * p.A.shape[1] for p in alike)
+                scratch[key] = torch.empty((2, largest), dtype=w.A.dtype, device=w.A.device)
+            g_equiv, denom = (buf[: m * n].view(m, n) for buf in scratch[key])
             adjusted_A, adjusted_B = torch.empty_like(w.A), torch.empty_like(w.B)
             adjust_into(w, adjusted_A, adjusted_B)  # from the coefficients _prepare solved
-            g_equiv = equivalent_gradient(w.A, w.B, adjusted_A, adjusted_B, w.scaling)
+            equivalent_gradient(w.A, w.B, adjusted_A, adjusted_B, w.scaling, out=g_equiv)
             direction = adam_direction(
                 g_equiv, state["equiv_exp_avg"], state["equiv_exp_avg_sq"], state["step"],
-                beta1=beta1, beta2=beta2, eps=group["eps"],
+                beta1=beta1, beta2=beta2, eps=group["eps"], out=g_equiv, scratch=denom,
             )  # fmt: skip
-            del g_equiv
             w.grad_A = w.scaling * (w.B.mT @ direction)
             w.grad_B = w.scaling * (direction @ w.A.mT)
+        scratch.clear()
         self._adjust(work.pairs, lambda w: group["x_mode"])
 
         decay = 1.0 - lr * wd

@@ -83,16 +83,24 @@ def _check_shapes(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, scaling:
 
 
 def equivalent_gradient(
-    A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, scaling: float | Tensor
+    A: Tensor,
+    B: Tensor,
+    grad_A: Tensor,
+    grad_B: Tensor,
+    scaling: float | Tensor,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """The gradient a LoRA step applies to W: ``scaling * (B @ grad_A + grad_B @ A)``.
 
     Returns an (..., m, n) tensor: only for diagnostics and full mode, never the hot path
-    of efficient mode.
+    of efficient mode. ``out`` (one layer, float scaling) receives it without allocating.
     """
     _check_shapes(A, B, grad_A, grad_B, scaling)
     s = _as_batch_scalar(scaling, A)
-    return s * (B @ grad_A + grad_B @ A)
+    if out is None:
+        return s * (B @ grad_A + grad_B @ A)
+    return torch.mm(B, grad_A, out=out).addmm_(grad_B, A).mul_(s)
 
 
 class GramEigen(NamedTuple):

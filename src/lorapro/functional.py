@@ -27,20 +27,33 @@ def _bias_corrections(step: Tensor, beta1: float, beta2: float) -> tuple[float, 
 
 
 def adam_direction(
-    grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, *, beta1: float, beta2: float, eps: float
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    out: Tensor | None = None,
+    scratch: Tensor | None = None,
 ) -> Tensor:
     """Advance the moments by one step and return the bias-corrected Adam direction.
 
     ``step`` is incremented in place before use, so the first call is bias-corrected with
-    t = 1 (the official LoRA-Pro code is off by one there).
+    t = 1 (the official LoRA-Pro code is off by one there). ``out`` receives the direction
+    (it may be ``grad`` itself: the gradient is not read after the moments are updated) and
+    ``scratch``, shaped like the moments, holds the denominator; with both given, nothing
+    of the moments' size is allocated (full mode's m x n tensors are large).
     """
     step += 1
     bc1, bc2 = _bias_corrections(step, beta1, beta2)
     grad = grad.to(exp_avg.dtype)
     exp_avg.lerp_(grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
-    return (exp_avg / bc1).div_(denom)
+    denom = exp_avg_sq.sqrt() if scratch is None else torch.sqrt(exp_avg_sq, out=scratch)
+    denom.div_(math.sqrt(bc2)).add_(eps)
+    return torch.div(exp_avg, bc1, out=out).div_(denom) if out is not None else (exp_avg / bc1).div_(denom)
 
 
 def _adamw_single(

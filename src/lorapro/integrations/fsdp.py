@@ -358,9 +358,9 @@ class FSDPLoRAProAdamW(_ShardedLoRAPro, LoRAProAdamW):
             direction = adam_direction(
                 g_rows, state["equiv_exp_avg"].to_local(), state["equiv_exp_avg_sq"].to_local(),
                 state["step"],
-                beta1=beta1, beta2=beta2, eps=group["eps"],
+                beta1=beta1, beta2=beta2, eps=group["eps"], out=g_rows,
             )  # fmt: skip
-            del g_rows
+            del g_rows  # now the direction's other name
             partial = s * (w.B.mT @ direction)  # (r, n), summed over the row shards
             dist.all_reduce(partial, group=self._gram_group)
             self._count("full_mode_allreduce", partial.numel())
