@@ -255,10 +255,7 @@ def main() -> None:
 def run_trials(trials: int) -> None:
     """Run this script ``trials`` times in fresh processes (same arguments), print each run's
     table and the efficient-mode ratios of all runs."""
-    argv = [a for a in sys.argv[1:] if not a.startswith("--trials")]
-    if "--trials" in sys.argv[1:]:  # "--trials N" as two words
-        i = sys.argv.index("--trials")
-        argv = sys.argv[1:i] + sys.argv[i + 2 :]
+    argv = [*sys.argv[1:], "--trials", "1"]  # argparse keeps the last value given
     ratios: list[tuple[float, float]] = []
     for trial in range(trials):
         print(f"\n## trial {trial + 1} of {trials}", flush=True)

@@ -200,14 +200,10 @@ def solve_pairs(
         b_pairs = torch.empty((k, 2, r, r), dtype=dtype, device=device)
         for c, lo, hi in runs:
             products = torch.stack(b_terms[2 * lo : 2 * hi]).unflatten(0, (hi - lo, 2))
-            if c > 1:  # the sum of the c diagonal r x r blocks
-                products = (
-                    products.unflatten(-1, (c, r)).unflatten(-3, (c, r)).diagonal(dim1=2, dim2=4).sum(-1)
-                )
-            b_pairs[lo:hi] = products
-        terms = torch.stack(
-            (b_pairs[:, 0], a_pairs[:, 0], b_pairs[:, 1], a_pairs[:, 1]), dim=1
-        )  # (k, 4, r, r)
+            # packed: the sum of the c diagonal r x r blocks
+            b_pairs[lo:hi] = _diagonal_blocks(products, c).sum(-1) if c > 1 else products
+        # (k, 4, r, r), in the order solve_coefficients takes them
+        terms = torch.stack((b_pairs[:, 0], a_pairs[:, 0], b_pairs[:, 1], a_pairs[:, 1]), dim=1)
         if reduce_terms is not None:
             terms = reduce_terms(terms)
         coefs = torch.stack(solve_coefficients(*terms.unbind(1), x_mode=x_mode), dim=1)  # (k, 4, r, r)
@@ -249,6 +245,13 @@ def adjust_into(w: PairWork, out_A: Tensor, out_B: Tensor) -> None:
         torch.mm(w.grad_B, grad_b_coef, out=out_B).addmm_(w.B, b_coef)
 
 
+def adjusted_gradients(w: PairWork) -> tuple[Tensor, Tensor]:
+    """The layer's adjusted gradients in fresh tensors (see :func:`adjust_into`)."""
+    out_A, out_B = torch.empty_like(w.A), torch.empty_like(w.B)
+    adjust_into(w, out_A, out_B)
+    return out_A, out_B
+
+
 def adjusted_chunks(works: list[PairWork], max_bytes: float | None = None) -> Iterator[list[PairWork]]:
     """Yield the layers in chunks with ``adjusted_A`` / ``adjusted_B`` filled in.
 
@@ -268,18 +271,16 @@ def adjusted_chunks(works: list[PairWork], max_bytes: float | None = None) -> It
             limit = CPU_CHUNK_BYTES if device.type == "cpu" else DEVICE_CHUNK_BYTES
         element = kind[0].A.element_size()
         chunks: list[list[PairWork]] = []
-        size = 0
+        sizes: list[int] = []  # elements of each chunk's adjusted gradients
         for w in kind:
             numel = w.A.numel() + w.B.numel()
-            if chunks and (size + numel) * element <= limit:
+            if chunks and (sizes[-1] + numel) * element <= limit:
                 chunks[-1].append(w)
-                size += numel
+                sizes[-1] += numel
             else:
                 chunks.append([w])
-                size = numel
-        buffer = torch.empty(
-            max(sum(w.A.numel() + w.B.numel() for w in chunk) for chunk in chunks), dtype=dtype, device=device
-        )
+                sizes.append(numel)
+        buffer = torch.empty(max(sizes), dtype=dtype, device=device)
         for chunk in chunks:
             sizes = [numel for w in chunk for numel in (w.A.numel(), w.B.numel())]
             sizes.append(buffer.numel() - sum(sizes))
@@ -300,15 +301,13 @@ def adjust_pairs(
 ) -> list[Tensor]:
     """Theorem 2.1 for many layers, each layer's adjusted gradients in tensors of its own.
 
-    :func:`solve_pairs` then :func:`adjust_into` for every layer. This holds every adjusted
+    :func:`solve_pairs` then :func:`adjusted_gradients` for every layer. This holds every adjusted
     gradient at once, which full mode needs (it builds each layer's equivalent gradient);
     the efficient updates stream through :func:`adjusted_chunks` instead.
     """
     small = solve_pairs(works, x_mode_of, reduce_terms)
     for w in works:
-        out_A, out_B = torch.empty_like(w.A), torch.empty_like(w.B)
-        adjust_into(w, out_A, out_B)
-        w.adjusted_A, w.adjusted_B = out_A, out_B
+        w.adjusted_A, w.adjusted_B = adjusted_gradients(w)
     return small
 
 

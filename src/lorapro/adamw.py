@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._base import GroupWork, LoRAProOptimizer, PairWork, adjust_into, check_choice, check_number
+from ._base import GroupWork, LoRAProOptimizer, PairWork, adjusted_gradients, check_choice, check_number
 from .closed_form import XMode, compute_dtype, equivalent_gradient
 from .errors import LoRAProConfigError
 from .functional import adam_direction, adamw_update, fused_kernel_applies
@@ -206,7 +207,11 @@ class LoRAProAdamW(LoRAProOptimizer):
         # buffers shared by all layers (the equivalent gradient, which becomes the direction,
         # and the denominator): fresh m x n temporaries per layer would be page-faulted anew on
         # the CPU every step. Then map the direction back to LoRA gradients.
-        scratch: dict[tuple, Tensor] = {}
+        largest: dict[tuple, int] = defaultdict(int)  # m n of the largest layer per dtype, device
+        for w in work.pairs:
+            key = (w.A.dtype, w.A.device)
+            largest[key] = max(largest[key], w.B.shape[0] * w.A.shape[1])
+        scratch = {key: torch.empty((2, size), dtype=key[0], device=key[1]) for key, size in largest.items()}
         for w in work.pairs:
             m, n = w.B.shape[0], w.A.shape[1]
             state = self.state[w.pair.B]
@@ -214,14 +219,8 @@ class LoRAProAdamW(LoRAProOptimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state["equiv_exp_avg"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
                 state["equiv_exp_avg_sq"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
-            key = (w.A.dtype, w.A.device)
-            if key not in scratch:
-                alike = [p for p in work.pairs if (p.A.dtype, p.A.device) == key]
-                largest = max(p.B.shape[0] * p.A.shape[1] for p in alike)
-                scratch[key] = torch.empty((2, largest), dtype=w.A.dtype, device=w.A.device)
-            g_equiv, denom = (buf[: m * n].view(m, n) for buf in scratch[key])
-            adjusted_A, adjusted_B = torch.empty_like(w.A), torch.empty_like(w.B)
-            adjust_into(w, adjusted_A, adjusted_B)  # from the coefficients _prepare solved
+            g_equiv, denom = (buf[: m * n].view(m, n) for buf in scratch[(w.A.dtype, w.A.device)])
+            adjusted_A, adjusted_B = adjusted_gradients(w)  # from the coefficients _prepare solved
             equivalent_gradient(w.A, w.B, adjusted_A, adjusted_B, w.scaling, out=g_equiv)
             direction = adam_direction(
                 g_equiv, state["equiv_exp_avg"], state["equiv_exp_avg_sq"], state["step"],
@@ -229,7 +228,7 @@ class LoRAProAdamW(LoRAProOptimizer):
             )  # fmt: skip
             w.grad_A = w.scaling * (w.B.mT @ direction)
             w.grad_B = w.scaling * (direction @ w.A.mT)
-        scratch.clear()
+        del scratch  # the m x n buffers are not needed by the factor updates below
         self._adjust(work.pairs, lambda w: group["x_mode"])
 
         decay = 1.0 - lr * wd

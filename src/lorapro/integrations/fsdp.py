@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .._base import GroupWork, PairWork, adjust_into
+from .._base import GroupWork, PairWork, adjusted_gradients
 from ..adamw import LoRAProAdamW
 from ..closed_form import compute_dtype
 from ..errors import LoRAProConfigError
@@ -338,8 +338,7 @@ class FSDPLoRAProAdamW(_ShardedLoRAPro, LoRAProAdamW):
         for w in work.pairs:
             assert isinstance(w, ShardedPairWork) and w.a_layout is not None and w.b_layout is not None
             s = w.scaling
-            adjusted_A, adjusted_B = torch.empty_like(w.A), torch.empty_like(w.B)
-            adjust_into(w, adjusted_A, adjusted_B)  # from the coefficients _prepare solved
+            adjusted_A, adjusted_B = adjusted_gradients(w)  # from the coefficients _prepare solved
             A_full = self._gather_columns(w.A, w.a_layout)
             gA_full = self._gather_columns(adjusted_A, w.a_layout)
             # rows of this rank's shard of the m x n equivalent gradient: s (B gA + gB A)
