@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .closed_form import X_MODES, compute_dtype, solve_coefficients
+from .closed_form import X_MODES, adjust_grad_A, adjust_grad_B, compute_dtype, solve_coefficients
 from .errors import LoRAProConfigError, NonFiniteGradientError
 from .functional import any_nonfinite
 from .pairs import LoRAPair, find_lora_pairs
@@ -45,12 +45,6 @@ class PairWork:
     # The r x r grad_A_coef, a_coef, grad_B_coef, b_coef of closed_form.Coefficients, 1/s^2
     # folded in; set by solve_pairs.
     coefficients: Sequence[Tensor] | None = None
-    # B's rows taken `packing` at a time (see PACKED_ROW_BYTES): B and grad_B viewed as
-    # (m / c, c r), and the block-diagonal (c r, c r) grad_B_coef and b_coef that act on them.
-    packing: int = 1
-    packed_B: Tensor | None = None
-    packed_grad_B: Tensor | None = None
-    packed_b_coefficients: Sequence[Tensor] | None = None
     adjusted_A: Tensor | None = None
     adjusted_B: Tensor | None = None
 
@@ -104,47 +98,6 @@ CPU_CHUNK_BYTES = 2 << 20
 DEVICE_CHUNK_BYTES = 64 << 20
 
 
-#: On the CPU, B-side products are computed on B viewed as (m / c, c r), with the r x r
-#: coefficients repeated block-diagonally, so that rows are this wide: MKL runs (m, 8) float32
-#: operands and outputs 2-3x slower than (m / 2, 16) ones, far more than the c-fold flops cost
-#: (benchmarks/stream_chunks.py). GPUs gain nothing from it and keep c = 1.
-PACKED_ROW_BYTES = 64
-
-
-def _packing(w: PairWork) -> int:
-    """How many rows of B to take as one row, c (1: B as it is)."""
-    B, grad_B = w.B, w.grad_B
-    if B.device.type != "cpu" or not (B.is_contiguous() and grad_B.is_contiguous()):
-        return 1
-    m, r = B.shape
-    c = max(1, PACKED_ROW_BYTES // (r * B.element_size()))
-    while m % c:
-        c -= 1
-    return c
-
-
-def _packed(t: Tensor, c: int) -> Tensor:
-    """A contiguous (m, r) tensor viewed as (m / c, c r): c consecutive rows per row."""
-    return t.view(t.shape[0] // c, c * t.shape[1])
-
-
-def _diagonal_blocks(t: Tensor, c: int) -> Tensor:
-    """View of the c diagonal (r, r) blocks of (..., c r, c r) matrices, as (..., r, r, c)."""
-    r = t.shape[-1] // c
-    return t.unflatten(-1, (c, r)).unflatten(-3, (c, r)).diagonal(dim1=-4, dim2=-2)
-
-
-def _runs(keys: list[int]) -> list[tuple[int, int, int]]:
-    """(key, start, stop) of each run of equal keys."""
-    runs: list[tuple[int, int, int]] = []
-    for i, key in enumerate(keys):
-        if runs and runs[-1][0] == key:
-            runs[-1] = (key, runs[-1][1], i + 1)
-        else:
-            runs.append((key, i, i + 1))
-    return runs
-
-
 def solve_pairs(
     works: list[PairWork],
     x_mode_of: Callable[[PairWork], str],
@@ -153,15 +106,11 @@ def solve_pairs(
     """The r x r half of Theorem 2.1 for many layers at once; sets each ``w.coefficients``.
 
     Layers of equal rank, dtype, device and x_mode form a bucket that shares one batched
-    solve, whatever their shapes and scalings: the four r x r terms of each layer (small
-    matmuls written straight into the bucket's (k, 4, r, r) buffer), then two batched
-    ``eigh`` and the r x r algebra for the whole bucket, with each layer's 1/s^2 folded into
-    its coefficients. Nothing of size m or n is allocated: the (m, r) and (r, n) work happens
-    in :func:`adjust_into`, after the caller has checked the returned tensors.
-
-    With B packed c rows at a time (on the CPU, see :data:`PACKED_ROW_BYTES`), ``B^T B`` and
-    ``B^T grad_B`` are the sums of the c diagonal r x r blocks of the (c r x c r) products of
-    the packed views.
+    solve (:func:`~lorapro.closed_form.solve_coefficients`), whatever their shapes and
+    scalings: the four r x r terms of each layer, then two batched ``eigh`` and the r x r
+    algebra for the whole bucket, with each layer's 1/s^2 folded into its coefficients.
+    Nothing of size m or n is allocated: the (m, r) and (r, n) work happens in
+    :func:`adjust_into`, after the caller has checked the returned tensors.
 
     ``reduce_terms`` sums partial terms across shards when the factors are sharded (every
     term is a sum over the rows of B or the columns of A, so shard terms add up).
@@ -172,38 +121,14 @@ def solve_pairs(
     for w in works:
         buckets[(w.A.shape[0], w.A.dtype, w.A.device, x_mode_of(w))].append(w)
     small: list[Tensor] = []
-    for (r, dtype, device, x_mode), unordered in buckets.items():
-        for w in unordered:
-            w.packing = _packing(w)
-        bucket = sorted(unordered, key=lambda w: w.packing)  # equal packings side by side
-        runs = _runs([w.packing for w in bucket])
+    for (_r, _dtype, _device, x_mode), bucket in buckets.items():
         # Fresh r x r results stacked once per bucket: cheaper per layer than writing into
-        # views of a buffer (a select per term), and this loop runs for every layer each step.
-        # One matmul per term rather than two on concatenations [B, grad_B] and [A; grad_A]:
-        # the copies cost more than the wider rows save.
-        a_terms: list[Tensor] = []  # A A^T, grad_A A^T for each layer
+        # views of a buffer, and this loop runs for every layer each step.
+        products: list[Tensor] = []
         for w in bucket:
-            At = w.A.mT
-            a_terms += [w.A @ At, w.grad_A @ At]
-        b_terms: list[Tensor] = []  # B^T B, B^T grad_B for each layer (c r x c r when packed)
-        for w in bucket:
-            c = w.packing
-            if c == 1:
-                Bt = w.B.mT
-                b_terms += [Bt @ w.B, Bt @ w.grad_B]
-            else:
-                w.packed_B, w.packed_grad_B = _packed(w.B, c), _packed(w.grad_B, c)
-                Bt = w.packed_B.mT
-                b_terms += [Bt @ w.packed_B, Bt @ w.packed_grad_B]
-        k = len(bucket)
-        a_pairs = torch.stack(a_terms).unflatten(0, (k, 2))
-        b_pairs = torch.empty((k, 2, r, r), dtype=dtype, device=device)
-        for c, lo, hi in runs:
-            products = torch.stack(b_terms[2 * lo : 2 * hi]).unflatten(0, (hi - lo, 2))
-            # packed: the sum of the c diagonal r x r blocks
-            b_pairs[lo:hi] = _diagonal_blocks(products, c).sum(-1) if c > 1 else products
-        # (k, 4, r, r), in the order solve_coefficients takes them
-        terms = torch.stack((b_pairs[:, 0], a_pairs[:, 0], b_pairs[:, 1], a_pairs[:, 1]), dim=1)
+            Bt, At = w.B.mT, w.A.mT
+            products += [Bt @ w.B, w.A @ At, Bt @ w.grad_B, w.grad_A @ At]
+        terms = torch.stack(products).unflatten(0, (len(bucket), 4))  # (k, 4, r, r)
         if reduce_terms is not None:
             terms = reduce_terms(terms)
         coefs = torch.stack(solve_coefficients(*terms.unbind(1), x_mode=x_mode), dim=1)  # (k, 4, r, r)
@@ -212,37 +137,19 @@ def solve_pairs(
         per_layer = coefs.flatten(0, 1).unbind(0)
         for i, w in enumerate(bucket):
             w.coefficients = per_layer[4 * i : 4 * i + 4]
-        for c, lo, hi in runs:
-            if c == 1:
-                continue
-            packed = coefs.new_zeros((hi - lo, 2, c * r, c * r))
-            blocks = _diagonal_blocks(packed, c)
-            blocks.copy_(coefs[lo:hi, 2:].unsqueeze(-1).expand(blocks.shape))
-            per_layer = packed.flatten(0, 1).unbind(0)
-            for i, w in enumerate(bucket[lo:hi]):
-                w.packed_b_coefficients = per_layer[2 * i : 2 * i + 2]
         small += [terms, coefs]
     return small
 
 
 def adjust_into(w: PairWork, out_A: Tensor, out_B: Tensor) -> None:
     """Write the layer's adjusted gradients (Theorem 2.1) into ``out_A`` (r, n) and ``out_B``
-    (m, r), from the coefficients :func:`solve_pairs` left on it::
-
-        out_A = grad_A_coef @ grad_A + a_coef @ A
-        out_B = grad_B @ grad_B_coef + B @ b_coef
-    """
+    (m, r), from the coefficients :func:`solve_pairs` left on it, with the closed form's
+    :func:`~lorapro.closed_form.adjust_grad_A` / ``adjust_grad_B``."""
     if w.coefficients is None:
         raise RuntimeError("adjust_into needs the layer's coefficients: call solve_pairs first")
     grad_a_coef, a_coef, grad_b_coef, b_coef = w.coefficients
-    torch.mm(grad_a_coef, w.grad_A, out=out_A).addmm_(a_coef, w.A)
-    c = w.packing
-    if c > 1 and w.packed_b_coefficients is not None and out_B.is_contiguous():
-        packed_grad_b_coef, packed_b_coef = w.packed_b_coefficients
-        out = _packed(out_B, c)
-        torch.mm(w.packed_grad_B, packed_grad_b_coef, out=out).addmm_(w.packed_B, packed_b_coef)
-    else:
-        torch.mm(w.grad_B, grad_b_coef, out=out_B).addmm_(w.B, b_coef)
+    adjust_grad_A(w.A, w.grad_A, grad_a_coef, a_coef, out=out_A)
+    adjust_grad_B(w.B, w.grad_B, grad_b_coef, b_coef, out=out_B)
 
 
 def adjusted_gradients(w: PairWork) -> tuple[Tensor, Tensor]:

@@ -33,17 +33,22 @@ DEFAULT_RTOL_FACTOR = 10.0
 __all__ = [
     "X_MODES",
     "Coefficients",
+    "FactorBasis",
     "GramEigen",
     "GramTerms",
     "XMode",
+    "adjust_grad_A",
+    "adjust_grad_B",
     "apply_coefficients",
+    "b_coefficient",
     "compute_dtype",
     "equivalent_gradient",
+    "factor_basis",
     "gram_eigen",
     "gram_terms",
     "optimal_gradients",
     "solve_coefficients",
-    "solve_x",
+    "x_matrix",
 ]
 
 
@@ -148,12 +153,29 @@ def _pinv(eig: GramEigen) -> Tensor:
     return (eig.vectors * eig.inverse_values[..., None, :]) @ eig.vectors.mT
 
 
-def solve_x(rhs: Tensor, eig_b: GramEigen, eig_a: GramEigen, x_mode: str) -> Tensor:
-    """The free r x r matrix X of Theorem 2.1 for the chosen ``x_mode``.
+class FactorBasis(NamedTuple):
+    """The closed form's r x r pieces that depend on A and B only, at scaling s = 1.
 
-    ``rhs`` is ``C = -(1/s^2) (B^T B)^+ grad_A A^T``, the right-hand side of Theorem 2.3's
-    Sylvester equation ``B^T B X + X A A^T = C``. In the eigenbases U of B^T B (values l) and
-    V of A A^T (values q) the equation is diagonal: ``X~_ij (l_i + q_j) = C~_ij``.
+    Computed once per optimizer step (the factors do not change between micro-batches) and
+    reused for every gradient until A or B changes. With the eigenbases ``B^T B = U diag(l) U^T``
+    and ``A A^T = V diag(q) V^T``, every r x r map of a gradient term ``M`` the closed form needs
+    is ``U ((U^T M V) * weights) V^T`` for fixed weights; this holds them.
+    """
+
+    u: Tensor  # (..., r, r) eigenvectors of B^T B (columns)
+    v: Tensor  # (..., r, r) eigenvectors of A A^T
+    pinv_b: Tensor  # (B^T B)^+
+    pinv_a: Tensor  # (A A^T)^+
+    x_weights: Tensor  # X = U ((U^T R V) * x_weights) V^T for R = grad_A A^T
+    proj_weights: Tensor  # (B^T B)^+ S (A A^T)^+ = U ((U^T S V) * proj_weights) V^T (l+_i q+_j)
+
+
+def factor_basis(btb: Tensor, aat: Tensor, x_mode: XMode | str = "sylvester", rtol: float | None = None):
+    """:class:`FactorBasis` from the Gram matrices ``B^T B`` and ``A A^T`` (batched): two ``eigh``.
+
+    X of Theorem 2.1 for the chosen ``x_mode``, written for the Sylvester right-hand side
+    ``C = -(B^T B)^+ R`` with ``R = grad_A A^T`` (Theorem 2.3's ``B^T B X + X A A^T = C``, at
+    s = 1). In the eigenbases the equation is diagonal: ``X~_ij (l_i + q_j) = C~_ij``.
 
     - ``"sylvester"``: the unique solution (min-norm where both spectra are cut), which keeps
       the adjusted gradients closest to LoRA's own; it also makes the adjusted pair the
@@ -163,23 +185,54 @@ def solve_x(rhs: Tensor, eig_b: GramEigen, eig_a: GramEigen, x_mode: str) -> Ten
       span(B) x rowspace(A).
     - ``"zero"``: X = 0.
     """
-    if x_mode == "zero":
-        return torch.zeros_like(rhs)
-    U, V = eig_b.vectors, eig_a.vectors
-    rhs_eig = U.mT @ rhs @ V
+    if x_mode not in X_MODES:
+        raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
+    eig_b = gram_eigen(btb, rtol)
+    eig_a = gram_eigen(aat, rtol)
+    l, q = eig_b.values, eig_a.values
+    l_inv, q_inv = eig_b.inverse_values, eig_a.inverse_values
+    proj = l_inv[..., :, None] * q_inv[..., None, :]
     if x_mode == "sylvester":
-        l, q = eig_b.values, eig_a.values
         # Keep X~_ij only where both eigenvalues survived the cut: elsewhere the right-hand
         # side is zero in exact arithmetic (it carries a factor l_i^+ and A^T v_j), and the
         # truncated problem's solution is zero there too.
         keep = (l > 0)[..., :, None] & (q > 0)[..., None, :]
-        denom = torch.where(keep, l[..., :, None] + q[..., None, :], torch.ones_like(rhs_eig))
-        weights = torch.where(keep, denom.reciprocal(), torch.zeros_like(rhs_eig))
+        denom = torch.where(keep, l[..., :, None] + q[..., None, :], torch.ones_like(proj))
+        x_weights = torch.where(keep, -l_inv[..., :, None] / denom, torch.zeros_like(proj))
     elif x_mode == "symmetric":
-        weights = 0.5 * eig_a.inverse_values[..., None, :].expand_as(rhs_eig)
+        x_weights = -0.5 * proj
     else:
-        raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
-    return U @ (rhs_eig * weights) @ V.mT
+        x_weights = torch.zeros_like(proj)
+    return FactorBasis(eig_b.vectors, eig_a.vectors, _pinv(eig_b), _pinv(eig_a), x_weights, proj)
+
+
+def _in_bases(basis: FactorBasis, m: Tensor) -> Tensor:
+    return basis.u.mT @ m @ basis.v
+
+
+def _from_bases(basis: FactorBasis, m: Tensor) -> Tensor:
+    return basis.u @ m @ basis.v.mT
+
+
+def x_matrix(basis: FactorBasis, grad_a_at: Tensor) -> Tensor:
+    """X of Theorem 2.1 at s = 1 from ``R = grad_A A^T`` (r x r, batched)."""
+    return _from_bases(basis, _in_bases(basis, grad_a_at) * basis.x_weights)
+
+
+def b_coefficient(basis: FactorBasis, bt_grad_b: Tensor, grad_a_at: Tensor | None = None) -> Tensor:
+    """``-((B^T B)^+ B^T grad_B (A A^T)^+ + X)`` at s = 1 (r x r, batched): the matrix that,
+    with ``grad_B (A A^T)^+``, gives B's adjusted gradient (see :class:`Coefficients`).
+
+    ``grad_a_at=None`` takes X's right-hand side from ``B^T grad_B`` instead of ``grad_A A^T``.
+    For LoRA's own gradients of any loss the two are equal (both are ``s B^T G A^T``, G the
+    gradient of the merged weight), so B's adjusted gradient then needs B's gradient alone:
+    that is what lets :func:`lorapro.attach` adjust B inside backward, before A's gradient
+    exists. Both reduce to the same bases, hence one pass: ``-U ((U^T S V) * (l+ q+ + x_w)) V^T``.
+    """
+    s_eig = _in_bases(basis, bt_grad_b)
+    if grad_a_at is None:
+        return _from_bases(basis, s_eig * -(basis.proj_weights + basis.x_weights))
+    return _from_bases(basis, -(s_eig * basis.proj_weights) - _in_bases(basis, grad_a_at) * basis.x_weights)
 
 
 class GramTerms(NamedTuple):
@@ -225,20 +278,30 @@ def solve_coefficients(
     x_mode: XMode | str = "sylvester",
     rtol: float | None = None,
 ) -> Coefficients:
-    """All the r x r work of Theorem 2.1 at s = 1: two ``eigh``, pseudo-inverses and X.
+    """All the r x r work of Theorem 2.1 at s = 1: :func:`factor_basis`, X and B's coefficient.
 
-    Batched over any leading dimensions; this is the only place that decomposes matrices.
+    Batched over any leading dimensions. X's right-hand side is ``grad_A A^T``, as Theorem 2.3
+    writes it.
     """
-    if x_mode not in X_MODES:
-        raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
-    eig_b = gram_eigen(btb, rtol)
-    eig_a = gram_eigen(aat, rtol)
-    pinv_b = _pinv(eig_b)
-    pinv_a = _pinv(eig_a)
-    x = solve_x(-(pinv_b @ grad_a_at), eig_b, eig_a, x_mode)
-    # gB = [I - B Pb^+ B^T] grad_B Pa^+ - B X  =  grad_B Pa^+ - B (Pb^+ (B^T grad_B) Pa^+ + X)
-    b_coef = -(pinv_b @ bt_grad_b @ pinv_a + x)
-    return Coefficients(pinv_b, x, pinv_a, b_coef)
+    basis = factor_basis(btb, aat, x_mode, rtol)
+    x = x_matrix(basis, grad_a_at)
+    return Coefficients(basis.pinv_b, x, basis.pinv_a, b_coefficient(basis, bt_grad_b, grad_a_at))
+
+
+def adjust_grad_A(A: Tensor, grad_A: Tensor, grad_coef: Tensor, coef: Tensor, out: Tensor | None = None):
+    """``grad_coef @ grad_A + coef @ A``: A's adjusted gradient from its r x r coefficients
+    (``(B^T B)^+`` and X, with 1/s^2 folded in). ``out`` (2-D) receives it without allocating."""
+    if out is None:
+        return grad_coef @ grad_A + coef @ A
+    return torch.mm(grad_coef, grad_A, out=out).addmm_(coef, A)
+
+
+def adjust_grad_B(B: Tensor, grad_B: Tensor, grad_coef: Tensor, coef: Tensor, out: Tensor | None = None):
+    """``grad_B @ grad_coef + B @ coef``: B's adjusted gradient from its r x r coefficients
+    (``(A A^T)^+`` and :func:`b_coefficient`, with 1/s^2 folded in)."""
+    if out is None:
+        return grad_B @ grad_coef + B @ coef
+    return torch.mm(grad_B, grad_coef, out=out).addmm_(B, coef)
 
 
 def apply_coefficients(
@@ -248,8 +311,8 @@ def apply_coefficients(
     s = _as_batch_scalar(scaling, A)
     inv_s2 = 1.0 / (s * s)
     c = coefficients
-    new_grad_A = inv_s2 * (c.grad_a_coef @ grad_A + c.a_coef @ A)
-    new_grad_B = inv_s2 * (grad_B @ c.grad_b_coef + B @ c.b_coef)
+    new_grad_A = adjust_grad_A(A, grad_A, inv_s2 * c.grad_a_coef, inv_s2 * c.a_coef)
+    new_grad_B = adjust_grad_B(B, grad_B, inv_s2 * c.grad_b_coef, inv_s2 * c.b_coef)
     return new_grad_A, new_grad_B
 
 
