@@ -144,7 +144,10 @@ def test_two_processes_equal_one_process(runs, references, scenario):
         got = {k.removeprefix("module."): v for k, v in got.items()}
         assert got.keys() == expected.keys()
         for name, value in expected.items():
-            torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=f"{scenario}: {name}")
+            # float32, several steps: FSDP2 sums the Gram terms shard by shard, one process in
+            # one matmul, so rounding differs (seen up to 1.1e-6); LoRA-Pro and plain LoRA end
+            # > 1e-2 apart (test_reference_moves_the_parameters).
+            torch.testing.assert_close(got[name], value, rtol=0, atol=2e-6, msg=f"{scenario}: {name}")
     first = ranks[0]
     for other in ranks[1:]:  # replicas agree bit for bit
         assert all(torch.equal(first[k], other[k]) for k in first)

@@ -3,11 +3,17 @@
 Quick start::
 
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=...))
-    optimizer = lorapro.LoRAProAdamW(model, lr=5e-4)        # efficient mode, Sylvester X
+    lorapro.attach(model)                                   # LoRA-Pro's gradients out of backward
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)   # = efficient mode, any optimizer
     loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+or, with lorapro's own optimizers (full mode needs one)::
+
+    optimizer = lorapro.LoRAProAdamW(model, lr=5e-4, mode="efficient")
 """
 
 from .adamw import MODES, LoRAProAdamW
+from .attach import LoRAProHandle, attach
 from .closed_form import X_MODES, equivalent_gradient, optimal_gradients
 from .diagnostics import GradientMonitor, LayerRecord, compare_gradients
 from .errors import LoRAProConfigError, NonFiniteGradientError
@@ -24,9 +30,11 @@ __all__ = [
     "LoRAPair",
     "LoRAProAdamW",
     "LoRAProConfigError",
+    "LoRAProHandle",
     "LoRAProSGD",
     "NonFiniteGradientError",
     "__version__",
+    "attach",
     "compare_gradients",
     "equivalent_gradient",
     "find_lora_pairs",

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .attach import attached_handle
 from .closed_form import X_MODES, adjust_grad_A, adjust_grad_B, compute_dtype, solve_coefficients
 from .errors import LoRAProConfigError, NonFiniteGradientError
 from .functional import any_nonfinite
@@ -218,6 +219,10 @@ def adjust_pairs(
     return small
 
 
+def _pair_key(pair: LoRAPair) -> tuple[int, str]:
+    return (id(pair.layer), pair.adapter)
+
+
 def _scale_coefficients(coefs: Tensor, scalings: list[float]) -> None:
     """Fold each layer's 1/s^2 into its (4, r, r) coefficients, in place, from Python floats
     (a tensor of scalings would cost a host-to-device copy per step)."""
@@ -258,6 +263,7 @@ class LoRAProOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         """Steps skipped because of non-finite gradients (``nonfinite="skip"``)."""
+        self._model = model
         self._pairs = pairs
         self._checked: list[Tensor] = []  # r x r tensors of the current step, for the NaN check
         # The options this class defines (torch adds keys such as "differentiable" to
@@ -265,6 +271,12 @@ class LoRAProOptimizer(Optimizer):
         self._option_keys = tuple(defaults)
         super().__init__(params, defaults)
         self._index_pairs()
+        owned = {id(p) for g in self.param_groups for p in g["params"]}
+        # Layers (and adapters) the caller left out on purpose, and those this optimizer trains:
+        # a pair that later appears outside its parameters is told apart by these.
+        self._excluded_keys = {_pair_key(p) for p in pairs if id(p.A) not in owned and id(p.B) not in owned}
+        self._trained_keys = {_pair_key(p) for p in self.pairs}
+        self._refuse_attached(self.pairs)
 
     # -- set-up -----------------------------------------------------------------------------
     @property
@@ -287,8 +299,9 @@ class LoRAProOptimizer(Optimizer):
                     raise LoRAProConfigError(
                         "sparse parameters are not supported; use dense embeddings (sparse=False)"
                     )
-            if hasattr(self, "_group_pairs"):
+            if hasattr(self, "_trained_keys"):
                 self._index_pairs()
+                self._sync_pairs("in add_param_group")
         except Exception:
             self.param_groups.pop()  # leave the optimizer as it was
             raise
@@ -318,19 +331,67 @@ class LoRAProOptimizer(Optimizer):
         self._lora_ids = lora_ids
 
     # -- the step ---------------------------------------------------------------------------
-    def _refresh_pairs(self) -> None:
-        """Follow factors that a wrapper replaced after construction (see LoRAPair.current).
+    def _sync_pairs(self, when: str = "at optimizer.step()") -> None:
+        """Follow the model's active LoRA pairs, and refuse to step on anything but LoRA-Pro.
 
-        Without this, the stale pairs would never see a gradient and the new factors would
-        silently get plain AdamW. Raises if the new factors are not among the parameters.
+        Runs before every step (a module walk and a set of ids). It follows factors a wrapper
+        swapped in both the model and the optimizer (Accelerate's FSDP2 ``prepare``) and adapters
+        that became active (``set_adapter``) or were added to the optimizer (``add_param_group``).
+        It raises :class:`LoRAProConfigError`, before anything is modified, where LoRA-Pro would
+        silently not run: factors the optimizer trained that are no longer its parameters
+        (DeepSpeed ZeRO 1-3 and its bf16/fp16 sections replace them with flat partitions or
+        master copies, which would get plain AdamW), an adapter that became active after the
+        optimizer was built and whose factors it does not hold, and an attached model.
         """
-        fresh = [pair.current() for pair in self._pairs]
-        if any(new is not old for new, old in zip(fresh, self._pairs, strict=True)):
-            self._pairs = fresh
+        fresh = find_lora_pairs(self._model)
+        owned = {id(p) for g in self.param_groups for p in g["params"]}
+        keep: list[LoRAPair] = []
+        lost: list[LoRAPair] = []
+        new: list[LoRAPair] = []
+        for pair in fresh:
+            key = _pair_key(pair)
+            if id(pair.A) in owned or id(pair.B) in owned:
+                keep.append(pair)  # one factor only: _index_pairs says so
+            elif key in self._trained_keys:
+                lost.append(pair)
+            elif key not in self._excluded_keys:
+                new.append(pair)
+        if lost:
+            shapes = sorted({tuple(p.shape) for g in self.param_groups for p in g["params"]})[:3]
+            raise LoRAProConfigError(
+                f"{len(lost)} LoRA layers (e.g. {lost[0].name}) are no longer among the optimizer's "
+                f"parameters {when}: something replaced optimizer.param_groups after the lorapro optimizer "
+                f"was built (parameter shapes now {shapes}...), and LoRA-Pro would silently not be applied. "
+                "DeepSpeed ZeRO stages 1-3 and its bf16/fp16 sections do this: call lorapro.attach(model) "
+                "before deepspeed.initialize and use DeepSpeed's own optimizer (or any torch optimizer) "
+                "instead of a lorapro optimizer. For FSDP2 use lorapro.integrations.fsdp.FSDPLoRAProAdamW."
+            )
+        if new:
+            raise LoRAProConfigError(
+                f"{new[0].name}: adapter {new[0].adapter!r} is active but its LoRA factors are not among "
+                f"this optimizer's parameters ({len(new)} layers): it became active (set_adapter, "
+                "add_adapter) after the optimizer was built, and would not be trained. Build the optimizer "
+                "after choosing the adapter, add its factors with optimizer.add_param_group, or use "
+                "lorapro.attach(model), which follows adapter changes."
+            )
+        self._refuse_attached(keep)
+        if [(id(p.A), id(p.B)) for p in keep] != [(id(p.A), id(p.B)) for p in self._pairs]:
+            self._pairs = keep
             self._index_pairs()
+            self._trained_keys.update(_pair_key(p) for p in self.pairs)
+
+    def _refuse_attached(self, pairs: list[LoRAPair]) -> None:
+        for pair in pairs:
+            if attached_handle(pair.A) is not None or attached_handle(pair.B) is not None:
+                raise LoRAProConfigError(
+                    f"{pair.name}: the model is attached with lorapro.attach, so backward already leaves "
+                    f"LoRA-Pro's gradients and {type(self).__name__} would adjust them a second time. Use a "
+                    "plain optimizer (e.g. torch.optim.AdamW) with attach, or call handle.remove() to use "
+                    f"{type(self).__name__} (needed for full mode)."
+                )
 
     def _collect(self) -> list[GroupWork]:
-        self._refresh_pairs()
+        self._sync_pairs()
         works = []
         for group, pairs in zip(self.param_groups, self._group_pairs, strict=True):
             work = GroupWork(group)

@@ -61,31 +61,6 @@ class LoRAPair:
         t = self.B if tensor is None else tensor
         return t if t.dim() == 2 else t.reshape(t.shape[0], t.shape[1])
 
-    def current(self) -> LoRAPair:
-        """This pair as its layer holds it now.
-
-        Wrappers may replace parameters after the optimizer was built (Accelerate's FSDP2
-        ``prepare`` swaps in sharded DTensors); the layer is the source of truth.
-        """
-        # Runs every step: compare the layer's tensors first, build a new pair only on a swap.
-        layer, adapter = self.layer, self.adapter
-        try:
-            if self.kind == "embedding":
-                held = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
-            else:
-                held = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        except KeyError:
-            held = (None, None)  # the adapter is gone: _pair_of below says so
-        if held[0] is self.A and held[1] is self.B:
-            return self
-        fresh = _pair_of(self.name, layer, adapter)
-        if fresh is None:
-            raise LoRAProConfigError(
-                f"{self.name}: adapter {self.adapter!r} was removed after the optimizer was built; "
-                "build the optimizer again"
-            )
-        return fresh
-
     @property
     def base_weight(self) -> Tensor:
         """The frozen base weight W0 this pair adapts (full mode scales it for weight decay)."""

@@ -202,7 +202,7 @@ class _ShardedLoRAPro:
         return a_layout, b_layout
 
     def _collect(self) -> list[GroupWork]:
-        self._refresh_pairs()
+        self._sync_pairs()
         self.comm_numel = {}
         works = []
         any_sharded, all_sharded = False, True

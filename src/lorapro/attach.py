@@ -1,0 +1,307 @@
+"""LoRA-Pro's adjusted gradients straight out of backward, for any optimizer and any engine.
+
+``handle = lorapro.attach(model)`` registers a gradient hook on both factors of every active
+LoRA pair. Each hook replaces the factor's gradient by LoRA-Pro's (Theorem 2.1) *before* it is
+accumulated into ``.grad``, so whatever runs after backward (gradient accumulation, DDP's
+all-reduce, DeepSpeed's buckets, clipping, any optimizer) sees LoRA-Pro's gradients:
+``torch.optim.AdamW`` becomes LoRA-Pro's efficient mode (Algorithm 2) and ``torch.optim.SGD``
+Algorithm 1.
+
+Why per factor, per micro-batch, is exact:
+
+- For fixed A and B the adjustment is linear in the gradients, so adjusting every micro-batch
+  (and every rank's share) before accumulation and reduction equals adjusting their sum.
+- Autograd produces B's gradient before A's. B's adjusted gradient needs X, whose right-hand
+  side Theorem 2.3 writes with ``grad_A A^T``; for LoRA's gradients of any loss this equals
+  ``B^T grad_B`` (both are ``s B^T G A^T``), so each factor is adjusted from its own gradient
+  (:func:`~lorapro.closed_form.b_coefficient` with ``grad_a_at=None``).
+- What depends only on A and B (Gram matrices, their ``eigh``, pseudo-inverses, X's weights)
+  is computed for all layers at once, batched, and reused until the factors change: it is
+  recomputed after any ``torch.optim`` optimizer's step (a global step hook), and whenever a
+  factor is written in place (its version counter) or replaced (its storage). What is left per
+  hook call is three skinny matmuls and a few r x r ones.
+
+The model's LoRA layers are re-read at every forward pass with gradients enabled, so adapters
+switched (``set_adapter``), added or deleted later are followed; adapters LoRA-Pro cannot
+handle (DoRA, ...) raise :class:`~lorapro.LoRAProConfigError` there.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
+
+from .closed_form import (
+    X_MODES,
+    FactorBasis,
+    XMode,
+    adjust_grad_A,
+    adjust_grad_B,
+    b_coefficient,
+    compute_dtype,
+    factor_basis,
+    x_matrix,
+)
+from .errors import LoRAProConfigError
+from .pairs import LoRAPair, find_lora_pairs
+
+__all__ = ["LoRAProHandle", "attach", "attached_handle"]
+
+_HANDLE_ATTR = "_lorapro_attach_handle"  # on every hooked factor: a weak reference to its handle
+
+
+def attached_handle(param: Tensor) -> LoRAProHandle | None:
+    """The live :class:`LoRAProHandle` whose hooks adjust this parameter's gradient, or None."""
+    ref = getattr(param, _HANDLE_ATTR, None)
+    handle = ref() if ref is not None else None
+    return handle if handle is not None and not handle.removed else None
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _refuse_unsupported_storage(pair: LoRAPair) -> None:
+    """Engines that shard the factors themselves: the hooks would see shards, not matrices."""
+    for name, p in (("lora_A", pair.A), ("lora_B", pair.B)):
+        if type(p).__name__ == "DTensor" or isinstance(getattr(p, "_local_tensor", None), Tensor):
+            raise LoRAProConfigError(
+                f"{pair.name}: {name} is a sharded DTensor (FSDP2's fully_shard). lorapro.attach adjusts "
+                "whole factor matrices and does not support FSDP2-sharded LoRA layers yet; use "
+                "lorapro.integrations.fsdp.FSDPLoRAProAdamW for FSDP2."
+            )
+        if hasattr(p, "ds_id") and hasattr(p, "ds_status"):
+            raise LoRAProConfigError(
+                f"{pair.name}: {name} is partitioned by DeepSpeed ZeRO stage 3, which gathers a factor only "
+                "around its own module's forward and backward. lorapro.attach does not support ZeRO-3 yet; "
+                "use ZeRO stage 1 or 2 (with DeepSpeed's own optimizer) or stage 0."
+            )
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One hooked LoRA pair: its hooks and its cached :class:`FactorBasis`."""
+
+    pair: LoRAPair
+    hooks: list[RemovableHandle] = field(default_factory=list)
+    basis: FactorBasis | None = None
+    stamp: tuple | None = None  # what the basis was computed from, see LoRAProHandle._stamp
+
+
+class LoRAProHandle:
+    """What :func:`attach` returns: the hooks on one model. ``remove()`` takes them off (also on
+    leaving a ``with`` block); after that backward gives LoRA's own gradients again."""
+
+    def __init__(self, model: nn.Module, x_mode: str) -> None:
+        self.model = model
+        self.x_mode = x_mode
+        self.removed = False
+        self._entries: dict[tuple[int, int], _Entry] = {}
+        self._epoch = 0  # optimizer steps seen (any torch.optim optimizer): the factors may have moved
+        self.basis_computations = 0
+        """How many times the A/B-only part was (re)computed, each time for every stale layer."""
+        self._self_ref = weakref.ref(self)
+        self._forward_hook = model.register_forward_pre_hook(torch.compiler.disable(self._on_forward))
+        self._step_hook = register_optimizer_step_post_hook(self._on_optimizer_step)
+        try:
+            self.sync()
+        except Exception:
+            self.remove()
+            raise
+
+    # -- public -------------------------------------------------------------------------------
+    @property
+    def pairs(self) -> list[LoRAPair]:
+        """The LoRA pairs whose gradients are adjusted now, in module order."""
+        return [e.pair for e in self._entries.values()]
+
+    def sync(self) -> None:
+        """Re-read the model's active LoRA pairs: hook new ones, unhook those gone.
+
+        Runs by itself at every forward pass with gradients enabled; call it after changing
+        adapters if you run a LoRA layer without going through the attached model's forward.
+        """
+        self._check_live()
+        pairs = find_lora_pairs(self.model)
+        if not pairs:
+            raise LoRAProConfigError(
+                "no trainable LoRA layers found in the model: lorapro.attach adjusts the gradients of "
+                "PEFT LoRA factors. Wrap the model first, e.g. model = peft.get_peft_model(model, "
+                "LoraConfig(...)), and make sure an adapter is active and trainable."
+            )
+        fresh: dict[tuple[int, int], LoRAPair] = {}
+        for pair in pairs:
+            _refuse_unsupported_storage(pair)
+            fresh[(id(pair.A), id(pair.B))] = pair
+        for key in [k for k in self._entries if k not in fresh]:
+            self._unhook(self._entries.pop(key))
+        for key, pair in fresh.items():
+            if key not in self._entries:
+                self._entries[key] = self._hook(pair)
+        # dict order: keep module order for .pairs
+        self._entries = {k: self._entries[k] for k in fresh}
+
+    def refresh(self) -> None:
+        """Recompute the A/B-only part before the next adjustment. Needed only after writing the
+        factors in a way that neither bumps their version counter nor runs a ``torch.optim``
+        optimizer (e.g. through ``param.data``)."""
+        self._epoch += 1
+
+    def remove(self) -> None:
+        """Take every hook off; later backward passes give LoRA's own gradients."""
+        if self.removed:
+            return
+        self.removed = True
+        for entry in self._entries.values():
+            self._unhook(entry)
+        self._entries.clear()
+        self._forward_hook.remove()
+        self._step_hook.remove()
+
+    def __enter__(self) -> LoRAProHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else f"{len(self._entries)} LoRA pairs"
+        return f"LoRAProHandle({state}, x_mode={self.x_mode!r})"
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _check_live(self) -> None:
+        if self.removed:
+            raise LoRAProConfigError(
+                "this lorapro.attach handle was removed; call lorapro.attach(model) again"
+            )
+
+    def _hook(self, pair: LoRAPair) -> _Entry:
+        for p in (pair.A, pair.B):
+            owner = attached_handle(p)
+            if owner is not None and owner is not self:
+                raise LoRAProConfigError(
+                    f"{pair.name}: this LoRA layer is already attached by another lorapro.attach handle; "
+                    "its gradients would be adjusted twice. Call remove() on the first handle."
+                )
+        entry = _Entry(pair)
+        entry.hooks = [
+            pair.A.register_hook(lambda grad, e=entry: self._adjusted_A(e, grad)),
+            pair.B.register_hook(lambda grad, e=entry: self._adjusted_B(e, grad)),
+        ]
+        for p in (pair.A, pair.B):
+            setattr(p, _HANDLE_ATTR, self._self_ref)
+        return entry
+
+    def _unhook(self, entry: _Entry) -> None:
+        for h in entry.hooks:
+            h.remove()
+        for p in (entry.pair.A, entry.pair.B):
+            if getattr(p, _HANDLE_ATTR, None) is self._self_ref:
+                delattr(p, _HANDLE_ATTR)
+
+    def _on_forward(self, module: nn.Module, args: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        self.sync()
+        self._update_bases(self._entries.values())
+
+    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._epoch += 1
+
+    # -- the A/B-only part, once per step ------------------------------------------------------
+    def _stamp(self, entry: _Entry) -> tuple:
+        A, B = entry.pair.A, entry.pair.B
+        return (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)
+
+    def _update_bases(self, entries: Iterable[_Entry]) -> None:
+        """Recompute the basis of every entry whose factors may have changed, batched by rank."""
+        stale = [e for e in entries if e.stamp != self._stamp(e)]
+        if not stale:
+            return
+        buckets: dict[tuple, list[_Entry]] = defaultdict(list)
+        for e in stale:
+            A = e.pair.A
+            buckets[(A.shape[0], compute_dtype(A.dtype), A.device)].append(e)
+        with torch.no_grad():
+            for (_r, dtype, _device), bucket in buckets.items():
+                grams: list[Tensor] = []
+                for e in bucket:
+                    A = _as(e.pair.matrix_A().detach(), dtype)
+                    B = _as(e.pair.matrix_B().detach(), dtype)
+                    grams += [B.mT @ B, A @ A.mT]
+                stacked = torch.stack(grams).unflatten(0, (len(bucket), 2))
+                basis = factor_basis(stacked[:, 0], stacked[:, 1], self.x_mode)
+                per_layer = [t.unbind(0) for t in basis]
+                for i, e in enumerate(bucket):
+                    e.basis = FactorBasis(*(t[i] for t in per_layer))
+                    e.stamp = self._stamp(e)
+        self.basis_computations += 1
+
+    def _basis(self, entry: _Entry) -> FactorBasis:
+        if entry.stamp != self._stamp(entry):  # no forward pass through the attached model since
+            self._update_bases(self._entries.values())
+        assert entry.basis is not None
+        return entry.basis
+
+    # -- the adjustments (Theorem 2.1, one factor at a time) -----------------------------------
+    # NaN and Inf propagate: a non-finite entry of a gradient reaches its r x r term through a
+    # matmul (0 * NaN and 0 * Inf are NaN), and every output entry depends on that term, so the
+    # adjusted gradient is non-finite too and GradScaler / DeepSpeed still skip the step.
+    def _adjusted_A(self, entry: _Entry, grad: Tensor) -> Tensor:
+        basis = self._basis(entry)
+        pair = entry.pair
+        inv_s2 = 1.0 / pair.scaling**2
+        with torch.no_grad():
+            dtype = basis.u.dtype
+            g = _as(pair.matrix_A(grad), dtype)
+            A = _as(pair.matrix_A().detach(), dtype)
+            x = x_matrix(basis, g @ A.mT).mul_(inv_s2)
+            out = adjust_grad_A(A, g, basis.pinv_b * inv_s2, x)
+            return out.to(grad.dtype).view(grad.shape)
+
+    def _adjusted_B(self, entry: _Entry, grad: Tensor) -> Tensor:
+        basis = self._basis(entry)
+        pair = entry.pair
+        inv_s2 = 1.0 / pair.scaling**2
+        with torch.no_grad():
+            dtype = basis.u.dtype
+            g = _as(pair.matrix_B(grad), dtype)
+            B = _as(pair.matrix_B().detach(), dtype)
+            coef = b_coefficient(basis, B.mT @ g).mul_(inv_s2)
+            out = adjust_grad_B(B, g, basis.pinv_a * inv_s2, coef)
+            return out.to(grad.dtype).view(grad.shape)
+
+
+def attach(model: nn.Module, *, x_mode: XMode = "sylvester") -> LoRAProHandle:
+    """Make ``loss.backward()`` leave LoRA-Pro's adjusted gradients in every LoRA factor's ``.grad``.
+
+    After it, any optimizer runs LoRA-Pro: ``torch.optim.AdamW`` (fused or not), bitsandbytes'
+    and torchao's 8-bit AdamW, Adafactor, DeepSpeed's own optimizer... AdamW-like optimizers
+    give Algorithm 2 (efficient mode), SGD gives Algorithm 1.
+
+    Args:
+        model: a model holding PEFT LoRA layers (the PEFT model, or the module that contains it).
+        x_mode: ``"sylvester"`` (Theorem 2.3), ``"zero"`` or ``"symmetric"`` (Eq. 16).
+
+    Returns:
+        a :class:`LoRAProHandle`; ``handle.remove()`` (or leaving ``with lorapro.attach(model):``)
+        takes the hooks off.
+
+    Do not also use a lorapro optimizer on an attached model (it would adjust twice: it raises).
+    Gradient clipping after backward clips the adjusted gradients.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"lorapro.attach takes the model (an nn.Module with PEFT LoRA layers), got {type(model).__name__}"
+        )
+    if x_mode not in X_MODES:
+        raise LoRAProConfigError(f"unknown x_mode {x_mode!r}: use one of {', '.join(map(repr, X_MODES))}")
+    return LoRAProHandle(model, x_mode)
