@@ -280,12 +280,12 @@ def scenario_deepspeed_zero0_autocast(rank: int, world: int) -> dict[str, torch.
 def scenario_deepspeed_refusals(rank: int, world: int) -> dict[str, torch.Tensor]:
     """Each unsupported DeepSpeed set-up raises LoRAProConfigError naming the reason: the config
     check for ZeRO 1/2/3, bf16/fp16 master weights and an optimizer section; and, for a user who
-    calls deepspeed.initialize directly, the pair guard at the first step (ZeRO-2 has replaced
-    the optimizer's parameters by a flat partition)."""
+    calls deepspeed.initialize directly with a lorapro optimizer (ZeRO 1, 2, 3, or stage 0 with
+    the bf16 section), the optimizer's own check at the first step: DeepSpeed has replaced its
+    parameters by flat partitions or master copies, which would otherwise get plain AdamW."""
     import deepspeed
 
     from lorapro.integrations import deepspeed as lds
-    from lorapro.integrations.guard import install_pair_guard
 
     messages = {}
     cases = {
@@ -299,19 +299,23 @@ def scenario_deepspeed_refusals(rank: int, world: int) -> dict[str, torch.Tensor
             lds.initialize(model=model, optimizer=make_optimizer(model), config=config)
         except lorapro.LoRAProConfigError as exc:
             messages[name] = str(exc)
-    model = tiny_lora_llama(random_b=True)
-    opt = install_pair_guard(make_optimizer(model))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, config=_ds_config(2, zero_allow_untested_optimizer=True)
-    )
-    try:
-        _ds_train(engine, rank, world)
-    except lorapro.LoRAProConfigError as exc:
-        messages["zero2_direct"] = str(exc)
+    direct = {
+        "zero1_direct": _ds_config(1, zero_allow_untested_optimizer=True),
+        "zero2_direct": _ds_config(2, zero_allow_untested_optimizer=True),
+        "zero3_direct": _ds_config(3, zero_allow_untested_optimizer=True),
+        "bf16_direct": _ds_config(0, bf16={"enabled": True}, zero_allow_untested_optimizer=True),
+    }
+    for name, config in direct.items():
+        model = tiny_lora_llama(random_b=True)
+        try:  # (bf16's master-weight optimizer already steps once inside initialize)
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=config)
+            _ds_train(engine, rank, world)
+        except lorapro.LoRAProConfigError as exc:
+            messages[name] = str(exc)
     expected = {
         "zero1": "flat fp32 partitions", "zero2": "flat fp32 partitions", "zero3": "flat fp32 partitions",
         "bf16": "torch_autocast", "fp16": "torch_autocast", "optimizer": "'optimizer' section",
-        "zero2_direct": "no longer among the optimizer's parameters",
+        **dict.fromkeys(direct, "no longer among the optimizer's parameters"),
     }  # fmt: skip
     assert messages.keys() == expected.keys(), sorted(messages)
     for name, phrase in expected.items():

@@ -10,7 +10,7 @@ import torch
 import lorapro
 from integration_common import lm_loss, pattern_tokens, tiny_lora_llama
 from lorapro.integrations.deepspeed import check_deepspeed_config
-from lorapro.integrations.guard import assert_owns_pairs, install_pair_guard, unwrap_lorapro
+from lorapro.integrations.guard import assert_owns_pairs, unwrap_lorapro
 
 
 class Wrapper:  # what Accelerate and DeepSpeed wrappers look like from outside
@@ -20,7 +20,7 @@ class Wrapper:  # what Accelerate and DeepSpeed wrappers look like from outside
 
 def test_flat_partition_swap_is_caught_at_the_first_step():
     model = tiny_lora_llama(random_b=True)
-    opt = install_pair_guard(lorapro.LoRAProAdamW(model, lr=1e-2))
+    opt = lorapro.LoRAProAdamW(model, lr=1e-2)  # the check is built in
     assert unwrap_lorapro(Wrapper(Wrapper(opt))) is opt
     assert_owns_pairs(Wrapper(opt))  # untouched: fine
 

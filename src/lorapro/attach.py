@@ -65,6 +65,12 @@ def attached_handle(param: Tensor) -> LoRAProHandle | None:
     return handle if handle is not None and not handle.removed else None
 
 
+def _full_precision(device: torch.device):
+    """The closed form's own precision, also when forward or backward runs under autocast
+    (which would otherwise compute the Gram matrices and products in bf16/fp16)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -231,18 +237,19 @@ class LoRAProHandle:
             A = e.pair.A
             buckets[(A.shape[0], compute_dtype(A.dtype), A.device)].append(e)
         with torch.no_grad():
-            for (_r, dtype, _device), bucket in buckets.items():
-                grams: list[Tensor] = []
-                for e in bucket:
-                    A = _as(e.pair.matrix_A().detach(), dtype)
-                    B = _as(e.pair.matrix_B().detach(), dtype)
-                    grams += [B.mT @ B, A @ A.mT]
-                stacked = torch.stack(grams).unflatten(0, (len(bucket), 2))
-                basis = factor_basis(stacked[:, 0], stacked[:, 1], self.x_mode)
-                per_layer = [t.unbind(0) for t in basis]
-                for i, e in enumerate(bucket):
-                    e.basis = FactorBasis(*(t[i] for t in per_layer))
-                    e.stamp = self._stamp(e)
+            for (_r, dtype, device), bucket in buckets.items():
+                with _full_precision(device):
+                    grams: list[Tensor] = []
+                    for e in bucket:
+                        A = _as(e.pair.matrix_A().detach(), dtype)
+                        B = _as(e.pair.matrix_B().detach(), dtype)
+                        grams += [B.mT @ B, A @ A.mT]
+                    stacked = torch.stack(grams).unflatten(0, (len(bucket), 2))
+                    basis = factor_basis(stacked[:, 0], stacked[:, 1], self.x_mode)
+                    per_layer = [t.unbind(0) for t in basis]
+                    for i, e in enumerate(bucket):
+                        e.basis = FactorBasis(*(t[i] for t in per_layer))
+                        e.stamp = self._stamp(e)
         self.basis_computations += 1
 
     def _basis(self, entry: _Entry) -> FactorBasis:
@@ -259,7 +266,7 @@ class LoRAProHandle:
         basis = self._basis(entry)
         pair = entry.pair
         inv_s2 = 1.0 / pair.scaling**2
-        with torch.no_grad():
+        with torch.no_grad(), _full_precision(grad.device):
             dtype = basis.u.dtype
             g = _as(pair.matrix_A(grad), dtype)
             A = _as(pair.matrix_A().detach(), dtype)
@@ -271,7 +278,7 @@ class LoRAProHandle:
         basis = self._basis(entry)
         pair = entry.pair
         inv_s2 = 1.0 / pair.scaling**2
-        with torch.no_grad():
+        with torch.no_grad(), _full_precision(grad.device):
             dtype = basis.u.dtype
             g = _as(pair.matrix_B(grad), dtype)
             B = _as(pair.matrix_B().detach(), dtype)

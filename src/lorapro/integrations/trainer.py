@@ -1,6 +1,13 @@
-"""LoRA-Pro in the Hugging Face ``transformers.Trainer``.
+"""LoRA-Pro in the Hugging Face ``transformers.Trainer`` (and TRL's trainers, which are Trainers).
 
-Two equivalent ways in, neither forks the Trainer:
+Efficient mode with the optimizer the script already uses (any ``optim=`` string): add one
+callback, ``Trainer(..., callbacks=[LoRAProCallback()])``. It calls :func:`lorapro.attach` on the
+model when training begins, so backward leaves LoRA-Pro's gradients and the Trainer's own
+optimizer (``adamw_torch_fused``, ``adamw_bnb_8bit``, ``adafactor``, DeepSpeed's...) applies them.
+``max_grad_norm`` then clips the adjusted gradients (the logged ``grad_norm`` is theirs).
+
+Full mode (Algorithm 3) needs lorapro's optimizer, built by two equivalent ways in, neither of
+which forks the Trainer:
 
 - ``LoRAProTrainer(model=..., args=..., lorapro_kwargs={"mode": "efficient"})``, a
   ``Trainer`` subclass whose only changes are ``create_optimizer`` and, for full mode with
@@ -15,9 +22,9 @@ Either way the optimizer is built from ``TrainingArguments``: ``learning_rate``,
 checkpoint save/resume are the Trainer's own and need nothing else: the optimizer is an ordinary
 ``torch.optim.Optimizer`` whose ``state_dict`` holds every moment.
 
-Clipping (``max_grad_norm``) happens before ``optimizer.step``, i.e. on LoRA's raw gradients.
-The closed form is linear in those gradients, so clipping scales the adjusted gradients by the
-same factor; the logged ``grad_norm`` is the norm of the raw gradients.
+With a lorapro optimizer, clipping (``max_grad_norm``) happens before ``optimizer.step``, i.e.
+on LoRA's raw gradients. The closed form is linear in those gradients, so clipping scales the
+adjusted gradients by the same factor; the logged ``grad_norm`` is the norm of the raw gradients.
 """
 
 from __future__ import annotations
@@ -29,18 +36,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import get_parameter_names
 
 from .._base import LoRAProOptimizer
 from ..adamw import LoRAProAdamW
+from ..attach import LoRAProHandle, attach
+from ..closed_form import X_MODES
 from ..errors import LoRAProConfigError
 from ..pairs import find_lora_pairs
 from ..sgd import LoRAProSGD
-from .guard import install_pair_guard, unwrap_lorapro
+from .guard import unwrap_lorapro
 
 __all__ = [
     "BASE_WEIGHTS_NAME",
+    "LoRAProCallback",
     "LoRAProTrainer",
     "create_lorapro_optimizer",
     "lorapro_optimizer_cls_and_kwargs",
@@ -55,6 +65,38 @@ BASE_WEIGHTS_NAME = "lorapro_base_weights.pt"
 
 # The Trainer's own rule (Trainer.get_decay_parameter_names): no decay on biases and norms.
 _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+class LoRAProCallback(TrainerCallback):
+    """Makes any ``Trainer`` / TRL ``SFTTrainer`` train LoRA-Pro's efficient mode (Algorithm 2 with
+    an AdamW-like ``optim``, Algorithm 1 with SGD) with its own optimizer.
+
+    ``Trainer(..., callbacks=[LoRAProCallback()])``. At ``on_train_begin`` it attaches
+    :func:`lorapro.attach` to the model; at ``on_train_end`` it removes the hooks. ``handle`` is
+    the :class:`~lorapro.LoRAProHandle` while training runs.
+    """
+
+    def __init__(self, x_mode: str = "sylvester") -> None:
+        if x_mode not in X_MODES:
+            raise LoRAProConfigError(f"unknown x_mode {x_mode!r}: use one of {', '.join(map(repr, X_MODES))}")
+        self.x_mode = x_mode
+        self.handle: LoRAProHandle | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if unwrap_lorapro(optimizer) is not None:
+            raise LoRAProConfigError(
+                "LoRAProCallback with a lorapro optimizer would adjust the gradients twice: use the callback "
+                "with the Trainer's own optimizer (optim=...), or LoRAProTrainer without the callback"
+            )
+        if model is None:
+            raise LoRAProConfigError("LoRAProCallback needs the Trainer's model (on_train_begin got none)")
+        if self.handle is None or self.handle.removed or self.handle.model is not model:
+            self.handle = attach(model, x_mode=self.x_mode)  # type: ignore[arg-type]
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
 
 
 def lorapro_param_groups(
@@ -121,15 +163,15 @@ def create_lorapro_optimizer(
     Accelerate's wrappers): pairs are found by module. ``fsdp=True`` (or a model already
     sharded by ``fully_shard``) gives the FSDP2 variant from :mod:`lorapro.integrations.fsdp`.
 
-    The optimizer checks before every step that it still owns its LoRA factors (see
-    :mod:`lorapro.integrations.guard`), so a wrapper that swaps them fails loudly.
+    Like every lorapro optimizer, it checks before every step that it still owns the model's
+    active LoRA factors, so a wrapper that swaps them fails loudly.
     """
     kwargs = _optimizer_kwargs(args, optimizer, lorapro_kwargs)
     weight_decay = kwargs.pop("weight_decay")
     if "params" not in kwargs:
         kwargs["params"] = lorapro_param_groups(model, weight_decay, decay_parameter_names)
     cls = _optimizer_class(optimizer, model, fsdp)
-    return install_pair_guard(cls(model, weight_decay=weight_decay, **kwargs))
+    return cls(model, weight_decay=weight_decay, **kwargs)
 
 
 class _LoRAProFactory:
@@ -140,7 +182,7 @@ class _LoRAProFactory:
         if "params" not in kwargs:
             kwargs["params"] = lorapro_param_groups(model, weight_decay)
         cls = _optimizer_class(optimizer, model, kwargs.pop("fsdp", None))
-        return install_pair_guard(cls(model, weight_decay=weight_decay, **kwargs))
+        return cls(model, weight_decay=weight_decay, **kwargs)
 
 
 def lorapro_optimizer_cls_and_kwargs(
@@ -182,7 +224,8 @@ def _decayed_base_weights(optimizer: Any) -> dict[str, torch.Tensor] | None:
 
 
 class LoRAProTrainer(Trainer):
-    """``transformers.Trainer`` that trains with a lorapro optimizer.
+    """``transformers.Trainer`` that trains with a lorapro optimizer: needed for full mode
+    (Algorithm 3); for efficient mode :class:`LoRAProCallback` keeps your own optimizer.
 
     Args:
         lorapro_optimizer: ``"adamw"`` (default) or ``"sgd"``.
