@@ -308,7 +308,8 @@ def scenario_deepspeed_refusals(rank: int, world: int) -> dict[str, torch.Tensor
     for name, config in direct.items():
         model = tiny_lora_llama(random_b=True)
         try:  # (bf16's master-weight optimizer already steps once inside initialize)
-            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=config)
+            opt = make_optimizer(model)
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
             _ds_train(engine, rank, world)
         except lorapro.LoRAProConfigError as exc:
             messages[name] = str(exc)

@@ -109,7 +109,8 @@ class Mixed(nn.Module):
 
 def mixed_inputs():
     g = torch.Generator().manual_seed(3)
-    return torch.randint(0, 20, (4, 5), generator=g), torch.randn(4, 2, 4, 4, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 20, (4, 5), generator=g)
+    return ids, torch.randn(4, 2, 4, 4, generator=g, dtype=torch.float64)
 
 
 def mixed_model(**lora) -> nn.Module:
@@ -146,7 +147,8 @@ def test_linear_conv_embedding_and_live_scaling(lora):
 
 def test_several_active_adapters():
     raw = mixed_model()
-    raw.add_adapter("second", LoraConfig(r=2, lora_alpha=3, target_modules=["lin", "point"], init_lora_weights=False))
+    second = LoraConfig(r=2, lora_alpha=3, target_modules=["lin", "point"], init_lora_weights=False)
+    raw.add_adapter("second", second)
     raw.base_model.set_adapter(["default", "second"])
     for n, p in raw.named_parameters():
         if "lora_" in n:
@@ -415,7 +417,8 @@ def test_bf16_parameters_get_bf16_gradients_computed_in_float32():
             pair.A.detach().double(), pair.B.detach().double(), pair.A.grad.double(), pair.B.grad.double(),
             pair.scaling,
         )  # fmt: skip
-        for name, value in ((f"{pair.name}.lora_A.default.weight", gA), (f"{pair.name}.lora_B.default.weight", gB)):
+        expected = {f"{pair.name}.lora_A.default.weight": gA, f"{pair.name}.lora_B.default.weight": gB}
+        for name, value in expected.items():
             assert got[name].dtype == torch.bfloat16
             # bf16 has 8 bits: B's X comes from B^T gB, equal to gA A^T up to bf16 rounding
             err = (got[name].double() - value).norm() / value.norm()

@@ -350,8 +350,15 @@ class LoRAProOptimizer(Optimizer):
         new: list[LoRAPair] = []
         for pair in fresh:
             key = _pair_key(pair)
-            if id(pair.A) in owned or id(pair.B) in owned:
-                keep.append(pair)  # one factor only: _index_pairs says so
+            a, b = id(pair.A) in owned, id(pair.B) in owned
+            if a != b:
+                raise LoRAProConfigError(
+                    f"{pair.name} (adapter {pair.adapter!r}): only lora_{'A' if a else 'B'} is among the "
+                    f"optimizer's parameters {when}; LoRA-Pro updates both factors of a layer together, with "
+                    "one learning rate. Put both factors of every layer in the same parameter group."
+                )
+            if a:
+                keep.append(pair)
             elif key in self._trained_keys:
                 lost.append(pair)
             elif key not in self._excluded_keys:
