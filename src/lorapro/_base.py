@@ -219,6 +219,34 @@ def adjust_pairs(
     return small
 
 
+def _refuse_engine_managed(pairs: list[LoRAPair], optimizer_name: str) -> None:
+    """Raise if DeepSpeed took the LoRA factors over (ZeRO 1/2 and its bf16/fp16 master weights
+    link each parameter to a flat partition; ZeRO-3 partitions it): DeepSpeed's own optimizer,
+    not the lorapro one, would update them, with plain AdamW."""
+    for pair in pairs:
+        if hasattr(pair.A, "_hp_mapping") or hasattr(pair.A, "ds_id"):
+            raise LoRAProConfigError(
+                f"{pair.name}: DeepSpeed manages this model's LoRA factors (ZeRO stages 1-3, or its "
+                f"bf16/fp16 sections), so the {optimizer_name} built for it cannot update them: DeepSpeed "
+                "steps its own optimizer on flat partitions, with plain AdamW (the Trainer even discards "
+                "an optimizer passed with optimizers= under DeepSpeed). Use lorapro.attach(model) before "
+                "deepspeed.initialize with DeepSpeed's own optimizer, or LoRAProCallback in a Trainer."
+            )
+
+
+class _EngineCheck:
+    """Forward pre-hook of a model a lorapro optimizer was built for, until its first step."""
+
+    def __init__(self, pairs: list[LoRAPair], optimizer_name: str) -> None:
+        self.pairs = pairs
+        self.optimizer_name = optimizer_name
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():
+            _refuse_engine_managed(self.pairs, self.optimizer_name)
+
+
 def _pair_key(pair: LoRAPair) -> tuple[int, str]:
     return (id(pair.layer), pair.adapter)
 
@@ -277,6 +305,11 @@ class LoRAProOptimizer(Optimizer):
         self._excluded_keys = {_pair_key(p) for p in pairs if id(p.A) not in owned and id(p.B) not in owned}
         self._trained_keys = {_pair_key(p) for p in self.pairs}
         self._refuse_attached(self.pairs)
+        # An optimizer that is never stepped cannot raise in step(): under DeepSpeed the Trainer
+        # discards an optimizer passed with optimizers= and builds its own, which would train
+        # plain AdamW. So until the first step the model's forward checks too (a few attribute
+        # reads); the hook holds the pairs, not the optimizer, so it works after it was dropped.
+        self._forward_check = model.register_forward_pre_hook(_EngineCheck(pairs, type(self).__name__))
 
     # -- set-up -----------------------------------------------------------------------------
     @property
@@ -343,6 +376,7 @@ class LoRAProOptimizer(Optimizer):
         master copies, which would get plain AdamW), an adapter that became active after the
         optimizer was built and whose factors it does not hold, and an attached model.
         """
+        _refuse_engine_managed(self._pairs, type(self).__name__)
         fresh = find_lora_pairs(self._model)
         owned = {id(p) for g in self.param_groups for p in g["params"]}
         keep: list[LoRAPair] = []
@@ -502,6 +536,7 @@ class LoRAProOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         works = self._collect()
+        self._forward_check.remove()  # from now on every step checks (see _sync_pairs)
         self._checked = []
         self._prepare(works)
         if self._nonfinite(works):
