@@ -409,6 +409,45 @@ def scenario_deepspeed_zero2_attach(rank: int, world: int) -> dict[str, torch.Te
     return trainable_state(engine.module)
 
 
+def scenario_attach_refusals(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """attach does not support sharded or partitioned factors yet: FSDP2 (attach before or after
+    fully_shard) and DeepSpeed ZeRO-3 raise LoRAProConfigError, never train plain AdamW."""
+    import deepspeed
+    from torch.distributed.fsdp import fully_shard
+
+    messages = {}
+    model = tiny_lora_llama(random_b=True)
+    lorapro.attach(model)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    try:
+        lm_loss(model, local_rows(rank, world)).backward()
+    except lorapro.LoRAProConfigError as exc:
+        messages["fsdp2_after_attach"] = str(exc)
+    try:
+        lorapro.attach(model)
+    except lorapro.LoRAProConfigError as exc:
+        messages["fsdp2_before_attach"] = str(exc)
+    model = tiny_lora_llama(random_b=True)
+    lorapro.attach(model)
+    config = _ds_config(3, optimizer={"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}})
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    try:
+        _ds_train(engine, rank, world)
+    except lorapro.LoRAProConfigError as exc:
+        messages["zero3"] = str(exc)
+    expected = {
+        "fsdp2_after_attach": "FSDPLoRAProAdamW", "fsdp2_before_attach": "FSDPLoRAProAdamW",
+        "zero3": "ZeRO stage 3",
+    }  # fmt: skip
+    assert messages.keys() == expected.keys(), sorted(messages)
+    for name, phrase in expected.items():
+        assert phrase in messages[name], (name, messages[name])
+    return {"refused": torch.tensor(len(messages))}
+
+
 def scenario_trainer_optimizers_zero2(rank: int, world: int) -> dict[str, torch.Tensor]:
     """A stock Trainer handed a lorapro optimizer (optimizers=) with a ZeRO-2 config: DeepSpeed
     swaps the optimizer's parameters for a flat partition; the first step raises."""

@@ -491,3 +491,23 @@ def test_inputs_are_not_modified(x_mode):
         assert torch.equal(t, b)
     assert gA.data_ptr() not in (A.data_ptr(), gA_lora.data_ptr())
     assert gB.data_ptr() not in (B.data_ptr(), gB_lora.data_ptr())
+
+
+@pytest.mark.parametrize("x_mode", ["sylvester", "zero", "symmetric"])
+def test_vec_operators_are_the_maps_of_x_and_b_coefficient(x_mode):
+    """The (r^2, r^2) matrices the gradient hooks apply equal x_matrix and b_coefficient (with
+    X from B^T grad_B) on any r x r input, batched, float64; also with rank-deficient factors."""
+    from lorapro.closed_form import b_coefficient, factor_basis, vec_operators, x_matrix
+
+    gen = torch.Generator().manual_seed(5)
+    k, r = 4, 3
+    A = torch.randn(k, r, 7, generator=gen, dtype=torch.float64)
+    B = torch.randn(k, 9, r, generator=gen, dtype=torch.float64)
+    B[1] = 0.0  # PEFT's initialisation
+    A[2, 0] = A[2, 1]  # rank-deficient A
+    basis = factor_basis(B.mT @ B, A @ A.mT, x_mode)
+    x_op, b_op = vec_operators(basis)
+    R = torch.randn(k, r, r, generator=gen, dtype=torch.float64)
+    vec = R.flatten(-2).unsqueeze(-1)
+    torch.testing.assert_close((x_op @ vec).view(k, r, r), x_matrix(basis, R), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((b_op @ vec).view(k, r, r), b_coefficient(basis, R), rtol=1e-12, atol=1e-12)

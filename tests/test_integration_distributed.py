@@ -54,7 +54,7 @@ DEEPSPEED_MATCHING = {
 }
 DEEPSPEED_OTHER = [
     "deepspeed_zero0_autocast", "deepspeed_refusals", "trainer_deepspeed_zero2", "trainer_optimizers_zero2",
-    "accelerate_deepspeed_plugin",
+    "accelerate_deepspeed_plugin", "attach_refusals",
 ]
 SCENARIOS = [*MATCHING, "fsdp2_without_gram_allreduce"]
 if HAS_DEEPSPEED:
@@ -209,3 +209,9 @@ def test_deepspeed_unsupported_setups_are_refused(runs):
     assert int(result(runs, "trainer_deepspeed_zero2", 0)["refused"]) == 1
     assert int(result(runs, "trainer_optimizers_zero2", 0)["refused"]) == 1
     assert int(result(runs, "accelerate_deepspeed_plugin", 0)["refused"]) == 1
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
+def test_attach_refuses_sharded_and_partitioned_factors(runs):
+    """FSDP2 (attach before or after fully_shard) and DeepSpeed ZeRO-3 raise LoRAProConfigError."""
+    assert int(result(runs, "attach_refusals", 0)["refused"]) == 3

@@ -13,7 +13,7 @@ or, with lorapro's own optimizers (full mode needs one)::
 """
 
 from .adamw import MODES, LoRAProAdamW
-from .attach import LoRAProHandle, attach
+from .backward_hooks import LoRAProHandle, attach
 from .closed_form import X_MODES, equivalent_gradient, optimal_gradients
 from .diagnostics import GradientMonitor, LayerRecord, compare_gradients
 from .errors import LoRAProConfigError, NonFiniteGradientError

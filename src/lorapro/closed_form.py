@@ -48,6 +48,7 @@ __all__ = [
     "gram_terms",
     "optimal_gradients",
     "solve_coefficients",
+    "vec_operators",
     "x_matrix",
 ]
 
@@ -268,6 +269,24 @@ class Coefficients(NamedTuple):
 def gram_terms(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor) -> GramTerms:
     """The r x r reductions of one layer (or a batch of layers), see :class:`GramTerms`."""
     return GramTerms(B.mT @ B, A @ A.mT, B.mT @ grad_B, grad_A @ A.mT)
+
+
+def vec_operators(basis: FactorBasis) -> tuple[Tensor, Tensor]:
+    """The maps ``R -> X`` (:func:`x_matrix`) and ``S -> b_coefficient(S)`` (with X taken from
+    ``S = B^T grad_B``) as (r^2, r^2) matrices acting on row-major ``vec``, batched.
+
+    Both are ``(U kron V) diag(vec(weights)) (U kron V)^T``. Applying one costs a single
+    matrix-vector product instead of five r x r operations, which matters where the closed form
+    runs once per layer per backward (:func:`lorapro.attach`); they take r^4 numbers each, so
+    they suit small ranks.
+    """
+    u, v = basis.u, basis.v
+    r = u.shape[-1]
+    uv = (u[..., :, None, :, None] * v[..., None, :, None, :]).reshape(*u.shape[:-2], r * r, r * r)
+    x_op = (uv * basis.x_weights.flatten(-2)[..., None, :]) @ uv.mT
+    b_weights = -(basis.proj_weights + basis.x_weights)
+    b_op = (uv * b_weights.flatten(-2)[..., None, :]) @ uv.mT
+    return x_op, b_op
 
 
 def solve_coefficients(

@@ -41,7 +41,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 
 from .._base import LoRAProOptimizer
 from ..adamw import LoRAProAdamW
-from ..attach import LoRAProHandle, attach
+from ..backward_hooks import LoRAProHandle, attach
 from ..closed_form import X_MODES
 from ..errors import LoRAProConfigError
 from ..pairs import find_lora_pairs

@@ -28,6 +28,7 @@ handle (DoRA, ...) raise :class:`~lorapro.LoRAProConfigError` there.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable
@@ -43,11 +44,10 @@ from .closed_form import (
     X_MODES,
     FactorBasis,
     XMode,
-    adjust_grad_A,
-    adjust_grad_B,
     b_coefficient,
     compute_dtype,
     factor_basis,
+    vec_operators,
     x_matrix,
 )
 from .errors import LoRAProConfigError
@@ -65,10 +65,12 @@ def attached_handle(param: Tensor) -> LoRAProHandle | None:
     return handle if handle is not None and not handle.removed else None
 
 
-def _full_precision(device: torch.device):
+def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
     """The closed form's own precision, also when forward or backward runs under autocast
     (which would otherwise compute the Gram matrices and products in bf16/fp16)."""
-    return torch.autocast(device_type=device.type, enabled=False)
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()  # entering autocast costs more than the hook's products
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -92,14 +94,53 @@ def _refuse_unsupported_storage(pair: LoRAPair) -> None:
             )
 
 
+#: Up to this rank the hooks apply X's map and B's coefficient map as (r^2, r^2) matrices
+#: (:func:`~lorapro.closed_form.vec_operators`): one matrix-vector product per hook instead of
+#: five r x r operations, for 2 r^4 cached numbers per layer (128 KiB at r = 16).
+VEC_OPERATOR_MAX_RANK = 16
+
+
+def _lora_signature(model: nn.Module) -> tuple[tuple, list[nn.Module]]:
+    """What :func:`~lorapro.find_lora_pairs` depends on, cheaply: each LoRA layer's active adapters
+    and the identity, trainability and storage kind of their factors (no names, no checks); and
+    the LoRA layers."""
+    from peft.tuners.lora import LoraLayer
+
+    signature: list = []
+    layers: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            layers.append(m)
+            for adapter in m.active_adapters:
+                factors = (m.lora_A[adapter].weight, m.lora_B[adapter].weight) if adapter in m.lora_A else (
+                    (m.lora_embedding_A[adapter], m.lora_embedding_B[adapter])
+                    if adapter in m.lora_embedding_A else ()
+                )  # fmt: skip
+                signature += [(id(p), p.requires_grad, type(p), hasattr(p, "ds_id")) for p in factors]
+            signature.append((id(m), tuple(m.active_adapters)))
+    return tuple(signature), layers
+
+
+@dataclass(eq=False)
+class _Cached:
+    """What the hooks of one layer reuse until A or B changes, with 1/s^2 folded in."""
+
+    scaling: float  # the s the tensors below were scaled with
+    pinv_b: Tensor  # (B^T B)^+ / s^2
+    pinv_a: Tensor  # (A A^T)^+ / s^2
+    x_op: Tensor | None  # R -> X / s^2 as an (r^2, r^2) matrix (ranks up to VEC_OPERATOR_MAX_RANK)
+    b_op: Tensor | None  # S -> B's coefficient / s^2
+    basis: FactorBasis | None  # larger ranks: the eigenbases, maps applied in them
+
+
 @dataclass(eq=False)
 class _Entry:
-    """One hooked LoRA pair: its hooks and its cached :class:`FactorBasis`."""
+    """One hooked LoRA pair: its hooks and what they cache."""
 
     pair: LoRAPair
     hooks: list[RemovableHandle] = field(default_factory=list)
-    basis: FactorBasis | None = None
-    stamp: tuple | None = None  # what the basis was computed from, see LoRAProHandle._stamp
+    cached: _Cached | None = None
+    stamp: tuple | None = None  # what the cache was computed from, see LoRAProHandle._stamp
 
 
 class LoRAProHandle:
@@ -111,6 +152,10 @@ class LoRAProHandle:
         self.x_mode = x_mode
         self.removed = False
         self._entries: dict[tuple[int, int], _Entry] = {}
+        self._signature: tuple | None = None
+        self._layers: list[nn.Module] = []  # the LoRA layers seen at the last module walk
+        self._quick: tuple | None = None
+        self._scanned_epoch = -1
         self._epoch = 0  # optimizer steps seen (any torch.optim optimizer): the factors may have moved
         self.basis_computations = 0
         """How many times the A/B-only part was (re)computed, each time for every stale layer."""
@@ -216,8 +261,26 @@ class LoRAProHandle:
     def _on_forward(self, module: nn.Module, args: Any) -> None:
         if not torch.is_grad_enabled():
             return
-        self.sync()
+        # Walking every module costs about 0.5 ms per 500 modules: do it at the first forward
+        # after attach and after each optimizer step (engines that swap or partition the factors
+        # wrap the model before training), and between steps only check the adapters of the
+        # LoRA layers already known (a few microseconds).
+        quick = self._quick_signature()
+        if self._scanned_epoch != self._epoch or quick != self._quick:
+            signature, self._layers = _lora_signature(self.model)
+            if signature != self._signature:  # adapters or factors changed: re-read the pairs
+                self.sync()
+                self._signature = signature
+            self._scanned_epoch = self._epoch
+            self._quick = self._quick_signature()
         self._update_bases(self._entries.values())
+
+    def _quick_signature(self) -> tuple:
+        config = getattr(self.model, "peft_config", None)
+        adapters = tuple(config) if isinstance(config, dict) else None
+        return adapters, tuple(
+            (*m.active_adapters, len(m.lora_A) + len(m.lora_embedding_A)) for m in self._layers
+        )
 
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._epoch += 1
@@ -228,7 +291,7 @@ class LoRAProHandle:
         return (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)
 
     def _update_bases(self, entries: Iterable[_Entry]) -> None:
-        """Recompute the basis of every entry whose factors may have changed, batched by rank."""
+        """Recompute the cache of every entry whose factors may have changed, batched by rank."""
         stale = [e for e in entries if e.stamp != self._stamp(e)]
         if not stale:
             return
@@ -237,54 +300,91 @@ class LoRAProHandle:
             A = e.pair.A
             buckets[(A.shape[0], compute_dtype(A.dtype), A.device)].append(e)
         with torch.no_grad():
-            for (_r, dtype, device), bucket in buckets.items():
+            for (r, dtype, device), bucket in buckets.items():
                 with _full_precision(device):
-                    grams: list[Tensor] = []
-                    for e in bucket:
-                        A = _as(e.pair.matrix_A().detach(), dtype)
-                        B = _as(e.pair.matrix_B().detach(), dtype)
-                        grams += [B.mT @ B, A @ A.mT]
-                    stacked = torch.stack(grams).unflatten(0, (len(bucket), 2))
-                    basis = factor_basis(stacked[:, 0], stacked[:, 1], self.x_mode)
-                    per_layer = [t.unbind(0) for t in basis]
-                    for i, e in enumerate(bucket):
-                        e.basis = FactorBasis(*(t[i] for t in per_layer))
-                        e.stamp = self._stamp(e)
+                    self._update_bucket(bucket, r, dtype)
         self.basis_computations += 1
 
-    def _basis(self, entry: _Entry) -> FactorBasis:
+    def _update_bucket(self, bucket: list[_Entry], r: int, dtype: torch.dtype) -> None:
+        grams: list[Tensor] = []
+        for e in bucket:
+            A = _as(e.pair.matrix_A().detach(), dtype)
+            B = _as(e.pair.matrix_B().detach(), dtype)
+            grams += [B.mT @ B, A @ A.mT]
+        stacked = torch.stack(grams).unflatten(0, (len(bucket), 2))
+        basis = factor_basis(stacked[:, 0], stacked[:, 1], self.x_mode)
+        scalings = [e.pair.scaling for e in bucket]
+        inv_s2 = torch.tensor([1.0 / s**2 for s in scalings], dtype=dtype).to(basis.u.device)[:, None, None]
+        pinv_b, pinv_a = (basis.pinv_b * inv_s2).unbind(0), (basis.pinv_a * inv_s2).unbind(0)
+        if r <= VEC_OPERATOR_MAX_RANK:
+            x_op, b_op = (op * inv_s2 for op in vec_operators(basis))
+            x_ops, b_ops = x_op.unbind(0), b_op.unbind(0)
+            for i, e in enumerate(bucket):
+                e.cached = _Cached(scalings[i], pinv_b[i], pinv_a[i], x_ops[i], b_ops[i], None)
+                e.stamp = self._stamp(e)
+        else:
+            per_layer = [t.unbind(0) for t in basis]
+            for i, e in enumerate(bucket):
+                layer_basis = FactorBasis(*(t[i] for t in per_layer))
+                e.cached = _Cached(scalings[i], pinv_b[i], pinv_a[i], None, None, layer_basis)
+                e.stamp = self._stamp(e)
+
+    def _cache(self, entry: _Entry) -> _Cached:
         if entry.stamp != self._stamp(entry):  # no forward pass through the attached model since
             self._update_bases(self._entries.values())
-        assert entry.basis is not None
-        return entry.basis
+        assert entry.cached is not None
+        return entry.cached
 
     # -- the adjustments (Theorem 2.1, one factor at a time) -----------------------------------
     # NaN and Inf propagate: a non-finite entry of a gradient reaches its r x r term through a
     # matmul (0 * NaN and 0 * Inf are NaN), and every output entry depends on that term, so the
     # adjusted gradient is non-finite too and GradScaler / DeepSpeed still skip the step.
+    # Per call: the r x r term, its map (one matrix-vector product), two skinny products.
     def _adjusted_A(self, entry: _Entry, grad: Tensor) -> Tensor:
-        basis = self._basis(entry)
+        c = self._cache(entry)
         pair = entry.pair
-        inv_s2 = 1.0 / pair.scaling**2
         with torch.no_grad(), _full_precision(grad.device):
-            dtype = basis.u.dtype
+            dtype = c.pinv_b.dtype
             g = _as(pair.matrix_A(grad), dtype)
             A = _as(pair.matrix_A().detach(), dtype)
-            x = x_matrix(basis, g @ A.mT).mul_(inv_s2)
-            out = adjust_grad_A(A, g, basis.pinv_b * inv_s2, x)
-            return out.to(grad.dtype).view(grad.shape)
+            rhs = g @ A.mT  # grad_A A^T
+            r = rhs.shape[0]
+            if c.x_op is not None:
+                x = (c.x_op @ rhs.view(r * r)).view(r, r)
+            else:
+                x = x_matrix(c.basis, rhs).mul_(1.0 / c.scaling**2)
+            out = torch.mm(x, A).addmm_(c.pinv_b, g)  # ((B^T B)^+ grad_A + X A) / s^2
+            _rescale(out, c.scaling, pair.scaling)
+            return _shaped_like(out, grad)
 
     def _adjusted_B(self, entry: _Entry, grad: Tensor) -> Tensor:
-        basis = self._basis(entry)
+        c = self._cache(entry)
         pair = entry.pair
-        inv_s2 = 1.0 / pair.scaling**2
         with torch.no_grad(), _full_precision(grad.device):
-            dtype = basis.u.dtype
+            dtype = c.pinv_a.dtype
             g = _as(pair.matrix_B(grad), dtype)
             B = _as(pair.matrix_B().detach(), dtype)
-            coef = b_coefficient(basis, B.mT @ g).mul_(inv_s2)
-            out = adjust_grad_B(B, g, basis.pinv_a * inv_s2, coef)
-            return out.to(grad.dtype).view(grad.shape)
+            rhs = B.mT @ g  # B^T grad_B, equal to grad_A A^T for LoRA's gradients
+            r = rhs.shape[0]
+            if c.b_op is not None:
+                coef = (c.b_op @ rhs.view(r * r)).view(r, r)
+            else:
+                coef = b_coefficient(c.basis, rhs).mul_(1.0 / c.scaling**2)
+            out = torch.mm(B, coef).addmm_(g, c.pinv_a)  # (grad_B (A A^T)^+ + B coef) / s^2
+            _rescale(out, c.scaling, pair.scaling)
+            return _shaped_like(out, grad)
+
+
+def _rescale(out: Tensor, cached_scaling: float, scaling: float) -> None:
+    """The scaling changed since the cache was made (``set_scale`` between two backward passes
+    of one step): every term is proportional to 1/s^2."""
+    if scaling != cached_scaling:
+        out.mul_((cached_scaling / scaling) ** 2)
+
+
+def _shaped_like(out: Tensor, grad: Tensor) -> Tensor:
+    out = _as(out, grad.dtype)
+    return out if out.shape == grad.shape else out.reshape(grad.shape)
 
 
 def attach(model: nn.Module, *, x_mode: XMode = "sylvester") -> LoRAProHandle:
