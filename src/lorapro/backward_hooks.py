@@ -65,12 +65,23 @@ def attached_handle(param: Tensor) -> LoRAProHandle | None:
     return handle if handle is not None and not handle.removed else None
 
 
-def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """The closed form's own precision, also when forward or backward runs under autocast
-    (which would otherwise compute the Gram matrices and products in bf16/fp16)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()  # entering autocast costs more than the hook's products
+_NOTHING = contextlib.nullcontext()
+
+
+def _plain_mode(device: torch.device) -> contextlib.AbstractContextManager:
+    """No autograd recording, and the closed form's own precision also when the forward or the
+    backward pass runs under autocast (which would compute the products in bf16/fp16). Both are
+    usually off inside backward already; entering them anyway would cost more than a hook's
+    products, so only what is on is switched off."""
+    grad, cast = torch.is_grad_enabled(), torch.is_autocast_enabled(device.type)
+    if not (grad or cast):
+        return _NOTHING
+    stack = contextlib.ExitStack()
+    if grad:
+        stack.enter_context(torch.no_grad())
+    if cast:
+        stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
+    return stack
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -155,7 +166,6 @@ class LoRAProHandle:
         self._signature: tuple | None = None
         self._layers: list[nn.Module] = []  # the LoRA layers seen at the last module walk
         self._quick: tuple | None = None
-        self._scanned_epoch = -1
         self._epoch = 0  # optimizer steps seen (any torch.optim optimizer): the factors may have moved
         self.basis_computations = 0
         """How many times the A/B-only part was (re)computed, each time for every stale layer."""
@@ -262,23 +272,32 @@ class LoRAProHandle:
         if not torch.is_grad_enabled():
             return
         # Walking every module costs about 0.5 ms per 500 modules: do it at the first forward
-        # after attach and after each optimizer step (engines that swap or partition the factors
-        # wrap the model before training), and between steps only check the adapters of the
-        # LoRA layers already known (a few microseconds).
+        # after attach, and after that only when a cheap check of the LoRA layers already known
+        # (their adapters, and whether the first factor is still the one hooked: FSDP2 swaps
+        # every parameter) sees a change.
         quick = self._quick_signature()
-        if self._scanned_epoch != self._epoch or quick != self._quick:
+        if quick != self._quick:
             signature, self._layers = _lora_signature(self.model)
             if signature != self._signature:  # adapters or factors changed: re-read the pairs
                 self.sync()
                 self._signature = signature
-            self._scanned_epoch = self._epoch
             self._quick = self._quick_signature()
         self._update_bases(self._entries.values())
 
     def _quick_signature(self) -> tuple:
         config = getattr(self.model, "peft_config", None)
         adapters = tuple(config) if isinstance(config, dict) else None
-        return adapters, tuple(
+        first = next(iter(self._entries.values()), None)
+        same = False
+        if first is not None:  # the first factor as its layer holds it now, not partitioned
+            layer, adapter, A = first.pair.layer, first.pair.adapter, first.pair.A
+            held = None  # (the adapter may have been deleted)
+            if adapter in layer.lora_A:
+                held = layer.lora_A[adapter].weight
+            elif adapter in layer.lora_embedding_A:
+                held = layer.lora_embedding_A[adapter]
+            same = held is A and not hasattr(A, "ds_id")
+        return adapters, same, tuple(
             (*m.active_adapters, len(m.lora_A) + len(m.lora_embedding_A)) for m in self._layers
         )
 
@@ -299,20 +318,26 @@ class LoRAProHandle:
         for e in stale:
             A = e.pair.A
             buckets[(A.shape[0], compute_dtype(A.dtype), A.device)].append(e)
-        with torch.no_grad():
-            for (r, dtype, device), bucket in buckets.items():
-                with _full_precision(device):
-                    self._update_bucket(bucket, r, dtype)
+        for (r, dtype, device), bucket in buckets.items():
+            with _plain_mode(device):
+                self._update_bucket(bucket, r, dtype)
         self.basis_computations += 1
 
     def _update_bucket(self, bucket: list[_Entry], r: int, dtype: torch.dtype) -> None:
-        grams: list[Tensor] = []
-        for e in bucket:
-            A = _as(e.pair.matrix_A().detach(), dtype)
-            B = _as(e.pair.matrix_B().detach(), dtype)
-            grams += [B.mT @ B, A @ A.mT]
-        stacked = torch.stack(grams).unflatten(0, (len(bucket), 2))
-        basis = factor_basis(stacked[:, 0], stacked[:, 1], self.x_mode)
+        # Layers of equal shapes share one batched product per Gram matrix (a copy of their
+        # factors, cheaper than a call per layer).
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i, e in enumerate(bucket):
+            by_shape[(tuple(e.pair.A.shape), tuple(e.pair.B.shape))].append(i)
+        btb = torch.empty((len(bucket), r, r), dtype=dtype, device=bucket[0].pair.A.device)
+        aat = torch.empty_like(btb)
+        for rows in by_shape.values():
+            A = torch.stack([_as(bucket[i].pair.matrix_A(), dtype) for i in rows])
+            B = torch.stack([_as(bucket[i].pair.matrix_B(), dtype) for i in rows])
+            index = torch.tensor(rows, device=btb.device)
+            btb.index_copy_(0, index, torch.bmm(B.mT, B))
+            aat.index_copy_(0, index, torch.bmm(A, A.mT))
+        basis = factor_basis(btb, aat, self.x_mode)
         scalings = [e.pair.scaling for e in bucket]
         inv_s2 = torch.tensor([1.0 / s**2 for s in scalings], dtype=dtype).to(basis.u.device)[:, None, None]
         pinv_b, pinv_a = (basis.pinv_b * inv_s2).unbind(0), (basis.pinv_a * inv_s2).unbind(0)
@@ -343,14 +368,14 @@ class LoRAProHandle:
     def _adjusted_A(self, entry: _Entry, grad: Tensor) -> Tensor:
         c = self._cache(entry)
         pair = entry.pair
-        with torch.no_grad(), _full_precision(grad.device):
+        with _plain_mode(grad.device):
             dtype = c.pinv_b.dtype
             g = _as(pair.matrix_A(grad), dtype)
-            A = _as(pair.matrix_A().detach(), dtype)
-            rhs = g @ A.mT  # grad_A A^T
+            A = _as(pair.matrix_A(), dtype)
+            rhs = torch.mm(g, A.mT)  # grad_A A^T
             r = rhs.shape[0]
             if c.x_op is not None:
-                x = (c.x_op @ rhs.view(r * r)).view(r, r)
+                x = torch.mv(c.x_op, rhs.view(r * r)).view(r, r)
             else:
                 x = x_matrix(c.basis, rhs).mul_(1.0 / c.scaling**2)
             out = torch.mm(x, A).addmm_(c.pinv_b, g)  # ((B^T B)^+ grad_A + X A) / s^2
@@ -360,14 +385,14 @@ class LoRAProHandle:
     def _adjusted_B(self, entry: _Entry, grad: Tensor) -> Tensor:
         c = self._cache(entry)
         pair = entry.pair
-        with torch.no_grad(), _full_precision(grad.device):
+        with _plain_mode(grad.device):
             dtype = c.pinv_a.dtype
             g = _as(pair.matrix_B(grad), dtype)
-            B = _as(pair.matrix_B().detach(), dtype)
-            rhs = B.mT @ g  # B^T grad_B, equal to grad_A A^T for LoRA's gradients
+            B = _as(pair.matrix_B(), dtype)
+            rhs = torch.mm(B.mT, g)  # B^T grad_B, equal to grad_A A^T for LoRA's gradients
             r = rhs.shape[0]
             if c.b_op is not None:
-                coef = (c.b_op @ rhs.view(r * r)).view(r, r)
+                coef = torch.mv(c.b_op, rhs.view(r * r)).view(r, r)
             else:
                 coef = b_coefficient(c.basis, rhs).mul_(1.0 / c.scaling**2)
             out = torch.mm(B, coef).addmm_(g, c.pinv_a)  # (grad_B (A A^T)^+ + B coef) / s^2

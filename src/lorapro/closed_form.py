@@ -188,8 +188,9 @@ def factor_basis(btb: Tensor, aat: Tensor, x_mode: XMode | str = "sylvester", rt
     """
     if x_mode not in X_MODES:
         raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
-    eig_b = gram_eigen(btb, rtol)
-    eig_a = gram_eigen(aat, rtol)
+    # One batched eigh for both Gram matrices of every layer (half the calls of two).
+    both = gram_eigen(torch.stack((btb, aat)), rtol)
+    eig_b, eig_a = (GramEigen(*parts) for parts in zip(*(t.unbind(0) for t in both), strict=True))
     l, q = eig_b.values, eig_a.values
     l_inv, q_inv = eig_b.inverse_values, eig_a.inverse_values
     proj = l_inv[..., :, None] * q_inv[..., None, :]
@@ -204,7 +205,8 @@ def factor_basis(btb: Tensor, aat: Tensor, x_mode: XMode | str = "sylvester", rt
         x_weights = -0.5 * proj
     else:
         x_weights = torch.zeros_like(proj)
-    return FactorBasis(eig_b.vectors, eig_a.vectors, _pinv(eig_b), _pinv(eig_a), x_weights, proj)
+    pinv_b, pinv_a = _pinv(both).unbind(0)
+    return FactorBasis(eig_b.vectors, eig_a.vectors, pinv_b, pinv_a, x_weights, proj)
 
 
 def _in_bases(basis: FactorBasis, m: Tensor) -> Tensor:
