@@ -3,8 +3,10 @@
 
 1. Operand layouts, per layer (m = 4096 and 11008, n = 4096, r = 8). The four r x r terms:
    four small matmuls on the factors and gradients as they are; the same with B and grad_B
-   viewed c rows at a time (64-byte rows, ``PACKED_ROW_BYTES``) and the c diagonal blocks
-   summed; two matmuls on the concatenations ``[B, grad_B]`` and ``[A; grad_A]`` built in a
+   viewed c rows at a time (64-byte rows, ``PACKED_ROW_BYTES`` below; the library used this
+   layout on the CPU until the closed form became one code path for the optimizers and
+   ``lorapro.attach``) and the c diagonal blocks summed; two matmuls on the concatenations
+   ``[B, grad_B]`` and ``[A; grad_A]`` built in a
    reused buffer (copies included). The B side of the adjusted gradient,
    ``grad_B @ coef + B @ coef2``: as is, and packed with block-diagonal coefficients.
 2. Whole ``LoRAProAdamW`` steps (efficient mode) on 4 Llama-2-7B blocks and on MiniLM-L6-shaped
@@ -31,6 +33,9 @@ from step_overhead import build_model, lora_params, set_grads, transient_peak_by
 import lorapro
 import lorapro._base
 
+#: Row width of the packed layout measured in ``layouts`` (c = 64 bytes / (r x element size)).
+PACKED_ROW_BYTES = 64
+
 
 def median_us(fn, repeats: int = 200) -> float:
     for _ in range(5):
@@ -45,7 +50,7 @@ def median_us(fn, repeats: int = 200) -> float:
 
 def layouts(rank: int, n: int = 4096) -> None:
     """Per layer: the four r x r terms, and the B side of the adjusted gradients."""
-    c = max(1, lorapro._base.PACKED_ROW_BYTES // (rank * 4))
+    c = max(1, PACKED_ROW_BYTES // (rank * 4))
     print(
         f"| m | terms: four matmuls us | terms: B packed {c} rows at a time us | terms: concatenations + "
         f"two matmuls us | B side: (m, r) x (r, r) us | B side: packed, (m/{c}, {c}r) x ({c}r, {c}r) us |"

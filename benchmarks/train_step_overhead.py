@@ -7,7 +7,8 @@ linear layer of the encoder or of the decoder layers) train side by side in one 
 ways: LoRA with torch AdamW (fused), ``lorapro.attach`` + torch AdamW (fused), and
 ``LoRAProAdamW``; steps alternate between them so that machine noise hits all equally. Prints
 the median step time of each, the ratios, the share of the step spent in the optimizer, the
-optimizer-state size and the optimizer step's transient memory peak.
+optimizer-state size and the optimizer step's transient memory peak, and the time attach spent
+in its own hooks (``LoRAProHandle.seconds``) as a share of the LoRA step.
 SmolLM2's first load on a machine dequantises its GGUF file and caches the result (~30 s,
 once; see lorapro.bench.smollm2).
 
@@ -104,9 +105,11 @@ def compare(name: str, steps: int, batch_size: int, seq_len: int, accumulation: 
     for _ in range(2):  # warm-up: state creation, allocator
         for model, opt in runs.values():
             timed_step(model, opt, batch, accumulation)
+    hook_seconds = handle.seconds
     for _ in range(steps):
         for key, (model, opt) in runs.items():
             times[key].append(timed_step(model, opt, batch, accumulation))
+    hook_seconds = (handle.seconds - hook_seconds) / steps
     n_pairs = len(handle.pairs)
     print(
         f"\n{name}: micro-batch {batch_size} x {seq_len} tokens, accumulation {accumulation}, "
@@ -129,6 +132,12 @@ def compare(name: str, steps: int, batch_size: int, seq_len: int, accumulation: 
         cells = [f"{total * 1e3:.1f}", f"{opt_time * 1e3:.2f}", f"{opt_time / total:.1%}"]
         cells += [f"{state_bytes(opt) / 2**20:.1f}", f"{peak / 2**20:.1f}"]
         print(f"| {key} | " + " | ".join(cells) + " |")
+    # The step ratios carry the noise of the forward and backward passes (a few % here); the
+    # time attach itself spent (its hooks and forward pre-hook, timed inside) is the sharp figure.
+    print(
+        f"{ATTACH}: time in lorapro's hooks {hook_seconds * 1e3:.2f} ms per step = "
+        f"{hook_seconds / medians[FUSED]:+.2%} of the LoRA step"
+    )
     for method in (ATTACH, PRO):
         ratio = medians[method] / medians[FUSED]
         extra = opt_medians[method] - opt_medians[FUSED]

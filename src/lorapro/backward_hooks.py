@@ -29,6 +29,7 @@ handle (DoRA, ...) raise :class:`~lorapro.LoRAProConfigError` there.
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable
@@ -166,6 +167,9 @@ class LoRAProHandle:
         self._signature: tuple | None = None
         self._layers: list[nn.Module] = []  # the LoRA layers seen at the last module walk
         self._quick: tuple | None = None
+        self._updated_epoch = -1
+        self.seconds = 0.0
+        """Time spent in lorapro's hooks and forward pre-hook so far (what attach costs)."""
         self._epoch = 0  # optimizer steps seen (any torch.optim optimizer): the factors may have moved
         self.basis_computations = 0
         """How many times the A/B-only part was (re)computed, each time for every stale layer."""
@@ -271,6 +275,13 @@ class LoRAProHandle:
     def _on_forward(self, module: nn.Module, args: Any) -> None:
         if not torch.is_grad_enabled():
             return
+        start = time.perf_counter()
+        try:
+            self._prepare_for_backward()
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _prepare_for_backward(self) -> None:
         # Walking every module costs about 0.5 ms per 500 modules: do it at the first forward
         # after attach, and after that only when a cheap check of the LoRA layers already known
         # (their adapters, and whether the first factor is still the one hooked: FSDP2 swaps
@@ -282,7 +293,10 @@ class LoRAProHandle:
                 self.sync()
                 self._signature = signature
             self._quick = self._quick_signature()
-        self._update_bases(self._entries.values())
+        if self._updated_epoch != self._epoch:  # the factors moved: all layers at once, batched
+            self._update_bases(self._entries.values())
+            self._updated_epoch = self._epoch
+        # (other changes, such as in-place writes, are caught by each hook's own check)
 
     def _quick_signature(self) -> tuple:
         config = getattr(self.model, "peft_config", None)
@@ -366,6 +380,7 @@ class LoRAProHandle:
     # adjusted gradient is non-finite too and GradScaler / DeepSpeed still skip the step.
     # Per call: the r x r term, its map (one matrix-vector product), two skinny products.
     def _adjusted_A(self, entry: _Entry, grad: Tensor) -> Tensor:
+        start = time.perf_counter()
         c = self._cache(entry)
         pair = entry.pair
         with _plain_mode(grad.device):
@@ -380,9 +395,12 @@ class LoRAProHandle:
                 x = x_matrix(c.basis, rhs).mul_(1.0 / c.scaling**2)
             out = torch.mm(x, A).addmm_(c.pinv_b, g)  # ((B^T B)^+ grad_A + X A) / s^2
             _rescale(out, c.scaling, pair.scaling)
-            return _shaped_like(out, grad)
+            out = _shaped_like(out, grad)
+        self.seconds += time.perf_counter() - start
+        return out
 
     def _adjusted_B(self, entry: _Entry, grad: Tensor) -> Tensor:
+        start = time.perf_counter()
         c = self._cache(entry)
         pair = entry.pair
         with _plain_mode(grad.device):
@@ -397,7 +415,9 @@ class LoRAProHandle:
                 coef = b_coefficient(c.basis, rhs).mul_(1.0 / c.scaling**2)
             out = torch.mm(B, coef).addmm_(g, c.pinv_a)  # (grad_B (A A^T)^+ + B coef) / s^2
             _rescale(out, c.scaling, pair.scaling)
-            return _shaped_like(out, grad)
+            out = _shaped_like(out, grad)
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 def _rescale(out: Tensor, cached_scaling: float, scaling: float) -> None:
