@@ -94,6 +94,24 @@ def test_peft_initialisation_b_zero():
     assert_adjusted(model, raw)
 
 
+def test_lora_dropout():
+    """With lora_dropout the closed form still holds per backward (the dropped input feeds both
+    factors' gradients alike); the two copies draw the same masks."""
+    raw = tiny_lora_llama(random_b=True).double()
+    for module in raw.modules():
+        if hasattr(module, "lora_dropout"):
+            for name in list(module.lora_dropout):
+                module.lora_dropout[name] = nn.Dropout(p=0.3)
+    raw.train()
+    model = copy.deepcopy(raw)
+    lorapro.attach(model)
+    for part in pattern_tokens(8).chunk(2):
+        for m in (raw, model):
+            torch.manual_seed(7)
+            lm_loss(m, part).backward()
+    assert_adjusted(model, raw)
+
+
 def test_per_micro_batch_adjustment_equals_adjusting_the_accumulated_gradient():
     """Linearity: 4 micro-batches adjusted one by one and accumulated in .grad equal the closed
     form applied to the accumulated raw gradient."""
