@@ -31,6 +31,7 @@ SINGLE = [  # {out}: the test's temporary folder
     "trainer:--steps,8,--resume,--bf16,--output-dir,{out}/trainer",
     "accelerate_loop:--steps,8,--mixed-precision,bf16",
     "export_adapter:--steps,6,--gradient-checkpointing,--modules-to-save,lm_head,--output-dir,{out}/adapter",
+    "attach_any_optimizer:--steps,8",
 ]
 # One 2-rank launch per example: each example creates and destroys its own process group, and a
 # second gloo group in the same processes was seen to hang (destroy/re-init), so none is reused.
@@ -79,6 +80,8 @@ def test_single_process_examples(single):
     assert accelerate["losses"][-1] < accelerate["losses"][0]
     export = results(single, "export_adapter")
     assert export["gap_loaded"] < 1e-5 and export["gap_merged"] < 1e-5
+    attached = results(single, "attach_any_optimizer")["losses"]
+    assert attached[-1] < attached[0], attached
 
 
 @pytest.mark.distributed
