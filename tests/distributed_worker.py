@@ -70,8 +70,12 @@ def scenario_ddp(rank: int, world: int) -> dict[str, torch.Tensor]:
     model = DDP(tiny_lora_llama(random_b=True))
     opt = make_optimizer(model)  # pairs found through the wrapper
     assert len(opt.pairs) == 8, len(opt.pairs)
-    rows = local_rows(rank, world)
-    micro = rows.chunk(2)
+    return _ddp_train(model, opt, rank, world)
+
+
+def _ddp_train(model, opt, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Half of the global batch per rank, in two micro-batches accumulated under no_sync."""
+    micro = local_rows(rank, world).chunk(2)
     for _ in range(STEPS):
         with model.no_sync():
             (lm_loss(model, micro[0]) / 2).backward()
@@ -94,15 +98,7 @@ def scenario_ddp_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
     inner = tiny_lora_llama(random_b=True)
     lorapro.attach(inner)
     model = DDP(inner)
-    opt = _plain_adamw(model)
-    micro = local_rows(rank, world).chunk(2)
-    for _ in range(STEPS):
-        with model.no_sync():
-            (lm_loss(model, micro[0]) / 2).backward()
-        (lm_loss(model, micro[1]) / 2).backward()
-        opt.step()
-        opt.zero_grad()
-    return trainable_state(model)
+    return _ddp_train(model, _plain_adamw(model), rank, world)
 
 
 def scenario_ddp_full(rank: int, world: int) -> dict[str, torch.Tensor]:

@@ -8,12 +8,12 @@ import copy
 
 import pytest
 import torch
-from transformers import Trainer, get_linear_schedule_with_warmup
+from transformers import Trainer
 
 import lorapro
 from integration_common import VOCAB, PatternDataset, lm_loss, tiny_lora_llama, trainable_state
 from lorapro.integrations.trainer import LoRAProCallback, LoRAProTrainer
-from test_integration_trainer import HYPER, assert_same_params, training_args
+from test_integration_trainer import assert_same_params, reference_run, training_args
 
 
 @pytest.fixture(autouse=True)
@@ -21,29 +21,8 @@ def one_thread(single_thread):
     yield
 
 
-def attached_reference(steps: int, fused: bool) -> dict[str, torch.Tensor]:
-    """attach + torch AdamW by hand: mean loss over 8 sequences, clip the *adjusted* gradients
-    to 0.05 (clipping runs after backward), linear schedule with 2 warm-up steps."""
-    model = tiny_lora_llama(random_b=True)
-    lorapro.attach(model)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=HYPER["learning_rate"],
-        betas=(HYPER["adam_beta1"], HYPER["adam_beta2"]), eps=HYPER["adam_epsilon"],
-        weight_decay=HYPER["weight_decay"], fused=fused,
-    )  # fmt: skip
-    sched = get_linear_schedule_with_warmup(opt, 2, steps)
-    tokens = PatternDataset(8).tokens
-    for _ in range(steps):
-        lm_loss(model, tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-    return trainable_state(model)
-
-
 def test_callback_turns_the_trainers_fused_adamw_into_lora_pro(tmp_path):
-    expected = attached_reference(6, fused=True)
+    expected = reference_run(6, attach_fused=True)
     callback = LoRAProCallback()
     trainer = Trainer(
         model=tiny_lora_llama(random_b=True), args=training_args(tmp_path, optim="adamw_torch_fused"),
@@ -54,20 +33,29 @@ def test_callback_turns_the_trainers_fused_adamw_into_lora_pro(tmp_path):
     assert_same_params(trainable_state(trainer.model), expected)
 
 
-def test_callback_with_adafactor_trains_and_differs_from_plain(tmp_path):
+def assert_trains_lora_pro(build) -> None:
+    """``build(name, callbacks)`` makes a trainer; with the callback the loss falls and the
+    parameters end away from the same trainer without it (so the adjusted gradients were used)."""
     runs = {}
     for name, callbacks in (("pro", [LoRAProCallback()]), ("plain", [])):
-        trainer = Trainer(
-            model=tiny_lora_llama(random_b=True),
-            args=training_args(tmp_path / name, optim="adafactor", max_grad_norm=0.0, learning_rate=1e-2),
-            train_dataset=PatternDataset(8), callbacks=callbacks,
-        )  # fmt: skip
+        trainer = build(name, callbacks)
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         runs[name] = (losses, trainable_state(trainer.model))
     losses, params = runs["pro"]
     assert losses[-1] < losses[0]
     assert max((params[n] - runs["plain"][1][n]).abs().max().item() for n in params) > 1e-3
+
+
+def test_callback_with_adafactor_trains_and_differs_from_plain(tmp_path):
+    def build(name, callbacks):
+        return Trainer(
+            model=tiny_lora_llama(random_b=True),
+            args=training_args(tmp_path / name, optim="adafactor", max_grad_norm=0.0, learning_rate=1e-2),
+            train_dataset=PatternDataset(8), callbacks=callbacks,
+        )  # fmt: skip
+
+    assert_trains_lora_pro(build)
 
 
 def tiny_tokenizer():
@@ -86,23 +74,19 @@ def test_trl_sft_trainer_with_the_callback(tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     texts = [" ".join(f"t{(3 * i + 2 * j) % (VOCAB - 2)}" for j in range(10)) for i in range(8)]
-    runs = {}
-    for name, callbacks in (("pro", [LoRAProCallback()]), ("plain", [])):
+
+    def build(name, callbacks):
         config = trl.SFTConfig(
             output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=6, learning_rate=3e-2,
             use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
             optim="adamw_torch", max_length=16, dataset_num_proc=None,
         )  # fmt: skip
-        trainer = trl.SFTTrainer(
+        return trl.SFTTrainer(
             model=tiny_lora_llama(random_b=True), args=config, processing_class=tiny_tokenizer(),
             train_dataset=datasets.Dataset.from_dict({"text": texts}), callbacks=callbacks,
         )  # fmt: skip
-        trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        runs[name] = (losses, trainable_state(trainer.model))
-    losses, params = runs["pro"]
-    assert losses[-1] < losses[0]
-    assert max((params[n] - runs["plain"][1][n]).abs().max().item() for n in params) > 1e-3
+
+    assert_trains_lora_pro(build)
 
 
 def test_callback_refuses_a_lorapro_optimizer(tmp_path):

@@ -44,15 +44,23 @@ def training_args(out, **kw) -> TrainingArguments:
     return TrainingArguments(**base)
 
 
-def reference_run(steps: int, mode: str = "efficient", random_b: bool = True) -> dict[str, torch.Tensor]:
+def reference_run(
+    steps: int, mode: str = "efficient", random_b: bool = True, attach_fused: bool = False
+) -> dict[str, torch.Tensor]:
     """The loop the Trainer should be running: full-batch (8 sequences = 2 micro-batches of 4)
     mean loss, clip the raw gradients to 0.05, LoRAProAdamW with the same hyper-parameters,
-    linear schedule with 2 warm-up steps."""
+    linear schedule with 2 warm-up steps. ``attach_fused``: lorapro.attach + torch's fused AdamW
+    instead, so the clipped gradients are the adjusted ones."""
     model = tiny_lora_llama(random_b=random_b)
-    opt = lorapro.LoRAProAdamW(
-        model, lr=HYPER["learning_rate"], betas=(HYPER["adam_beta1"], HYPER["adam_beta2"]),
-        eps=HYPER["adam_epsilon"], weight_decay=HYPER["weight_decay"], mode=mode,
+    hyper = dict(
+        lr=HYPER["learning_rate"], betas=(HYPER["adam_beta1"], HYPER["adam_beta2"]),
+        eps=HYPER["adam_epsilon"], weight_decay=HYPER["weight_decay"],
     )  # fmt: skip
+    if attach_fused:
+        lorapro.attach(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **hyper, fused=True)
+    else:
+        opt = lorapro.LoRAProAdamW(model, **hyper, mode=mode)
     sched = get_linear_schedule_with_warmup(opt, 2, steps)
     tokens = PatternDataset(8).tokens
     for _ in range(steps):
