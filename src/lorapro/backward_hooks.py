@@ -32,7 +32,7 @@ import contextlib
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,8 +258,8 @@ class LoRAProHandle:
                 )
         entry = _Entry(pair)
         entry.hooks = [
-            pair.A.register_hook(lambda grad, e=entry: self._adjusted_A(e, grad)),
-            pair.B.register_hook(lambda grad, e=entry: self._adjusted_B(e, grad)),
+            pair.A.register_hook(self._make_hook(entry, _adjusted_A, pair.matrix_A)),
+            pair.B.register_hook(self._make_hook(entry, _adjusted_B, pair.matrix_B)),
         ]
         for p in (pair.A, pair.B):
             setattr(p, _HANDLE_ATTR, self._self_ref)
@@ -368,68 +368,69 @@ class LoRAProHandle:
                 e.cached = _Cached(scalings[i], pinv_b[i], pinv_a[i], None, None, layer_basis)
                 e.stamp = self._stamp(e)
 
-    def _cache(self, entry: _Entry) -> _Cached:
-        if entry.stamp != self._stamp(entry):  # no forward pass through the attached model since
-            self._update_bases(self._entries.values())
-        assert entry.cached is not None
-        return entry.cached
+    # -- the hooks ------------------------------------------------------------------------------
+    def _make_hook(self, entry: _Entry, adjust: Callable, matrix: Callable) -> Callable[[Tensor], Tensor]:
+        """The gradient hook of one factor. It runs for every layer in every backward pass, so
+        it binds what it needs once and does little besides the products."""
+        A, B = entry.pair.A, entry.pair.B
+        layer, adapter = entry.pair.layer, entry.pair.adapter
+        clock = time.perf_counter
 
-    # -- the adjustments (Theorem 2.1, one factor at a time) -----------------------------------
-    # NaN and Inf propagate: a non-finite entry of a gradient reaches its r x r term through a
-    # matmul (0 * NaN and 0 * Inf are NaN), and every output entry depends on that term, so the
-    # adjusted gradient is non-finite too and GradScaler / DeepSpeed still skip the step.
-    # Per call: the r x r term, its map (one matrix-vector product), two skinny products.
-    def _adjusted_A(self, entry: _Entry, grad: Tensor) -> Tensor:
-        start = time.perf_counter()
-        c = self._cache(entry)
-        pair = entry.pair
-        with _plain_mode(grad.device):
-            dtype = c.pinv_b.dtype
-            g = _as(pair.matrix_A(grad), dtype)
-            A = _as(pair.matrix_A(), dtype)
-            rhs = torch.mm(g, A.mT)  # grad_A A^T
-            r = rhs.shape[0]
-            if c.x_op is not None:
-                x = torch.mv(c.x_op, rhs.view(r * r)).view(r, r)
-            else:
-                x = x_matrix(c.basis, rhs).mul_(1.0 / c.scaling**2)
-            out = torch.mm(x, A).addmm_(c.pinv_b, g)  # ((B^T B)^+ grad_A + X A) / s^2
-            _rescale(out, c.scaling, pair.scaling)
-            out = _shaped_like(out, grad)
-        self.seconds += time.perf_counter() - start
-        return out
+        def hook(grad: Tensor) -> Tensor:
+            start = clock()
+            cached = entry.cached
+            stamp = (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)  # as _stamp
+            if cached is None or entry.stamp != stamp:  # the factors changed since the last forward
+                self._update_bases(self._entries.values())
+                cached = entry.cached
+            with _plain_mode(grad.device):
+                out = adjust(cached, matrix(grad), matrix(), float(layer.scaling[adapter]))
+                if out.dtype != grad.dtype:
+                    out = out.to(grad.dtype)
+                if out.shape != grad.shape:
+                    out = out.reshape(grad.shape)
+            self.seconds += clock() - start
+            return out
 
-    def _adjusted_B(self, entry: _Entry, grad: Tensor) -> Tensor:
-        start = time.perf_counter()
-        c = self._cache(entry)
-        pair = entry.pair
-        with _plain_mode(grad.device):
-            dtype = c.pinv_a.dtype
-            g = _as(pair.matrix_B(grad), dtype)
-            B = _as(pair.matrix_B(), dtype)
-            rhs = torch.mm(B.mT, g)  # B^T grad_B, equal to grad_A A^T for LoRA's gradients
-            r = rhs.shape[0]
-            if c.b_op is not None:
-                coef = torch.mv(c.b_op, rhs.view(r * r)).view(r, r)
-            else:
-                coef = b_coefficient(c.basis, rhs).mul_(1.0 / c.scaling**2)
-            out = torch.mm(B, coef).addmm_(g, c.pinv_a)  # (grad_B (A A^T)^+ + B coef) / s^2
-            _rescale(out, c.scaling, pair.scaling)
-            out = _shaped_like(out, grad)
-        self.seconds += time.perf_counter() - start
-        return out
+        return hook
 
 
-def _rescale(out: Tensor, cached_scaling: float, scaling: float) -> None:
-    """The scaling changed since the cache was made (``set_scale`` between two backward passes
-    of one step): every term is proportional to 1/s^2."""
-    if scaling != cached_scaling:
-        out.mul_((cached_scaling / scaling) ** 2)
+# -- the adjustments (Theorem 2.1, one factor at a time) -------------------------------------------
+# NaN and Inf propagate: a non-finite entry of a gradient reaches its r x r term through a matmul
+# (0 * NaN and 0 * Inf are NaN), and every output entry depends on that term, so the adjusted
+# gradient is non-finite too and GradScaler / DeepSpeed still skip the step.
+# Per call: the r x r term, its map (one matrix-vector product), two skinny products.
+def _adjusted_A(c: _Cached, g: Tensor, A: Tensor, scaling: float) -> Tensor:
+    """``((B^T B)^+ grad_A + X A) / s^2`` for A's (r, n) gradient ``g``."""
+    dtype = c.pinv_b.dtype
+    if g.dtype != dtype:
+        g, A = g.to(dtype), A.to(dtype)
+    rhs = torch.mm(g, A.mT)  # grad_A A^T
+    if c.x_op is not None:
+        x = torch.mv(c.x_op, rhs.view(-1)).view(rhs.shape)
+    else:
+        x = x_matrix(c.basis, rhs).mul_(1.0 / c.scaling**2)
+    out = torch.mm(x, A).addmm_(c.pinv_b, g)
+    if scaling != c.scaling:  # set_scale since the cache was made: every term goes with 1/s^2
+        out.mul_((c.scaling / scaling) ** 2)
+    return out
 
 
-def _shaped_like(out: Tensor, grad: Tensor) -> Tensor:
-    out = _as(out, grad.dtype)
-    return out if out.shape == grad.shape else out.reshape(grad.shape)
+def _adjusted_B(c: _Cached, g: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """``(grad_B (A A^T)^+ + B coef) / s^2`` for B's (m, r) gradient ``g``, X taken from
+    ``B^T grad_B`` (equal to ``grad_A A^T`` for LoRA's gradients)."""
+    dtype = c.pinv_a.dtype
+    if g.dtype != dtype:
+        g, B = g.to(dtype), B.to(dtype)
+    rhs = torch.mm(B.mT, g)  # B^T grad_B
+    if c.b_op is not None:
+        coef = torch.mv(c.b_op, rhs.view(-1)).view(rhs.shape)
+    else:
+        coef = b_coefficient(c.basis, rhs).mul_(1.0 / c.scaling**2)
+    out = torch.mm(B, coef).addmm_(g, c.pinv_a)
+    if scaling != c.scaling:
+        out.mul_((c.scaling / scaling) ** 2)
+    return out
 
 
 def attach(model: nn.Module, *, x_mode: XMode = "sylvester") -> LoRAProHandle:
