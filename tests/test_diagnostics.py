@@ -5,6 +5,7 @@ TrainerCallback records the requested steps, and records and figures are written
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
+import lorapro
 from lorapro import LoRAProAdamW, find_lora_pairs
 from lorapro.diagnostics import (
     GradientMonitor,
@@ -208,6 +210,32 @@ def test_lorapro_closer_on_every_layer_of_a_model():
         assert rec.rank_A == rec.r and rec.rank_B == 0  # PEFT init: B = 0
         assert rec.closed_form_rank_A == rec.r and rec.closed_form_rank_B == 0
         assert rec.sv_B == [0.0] * rec.r
+
+
+def test_attached_model_is_measured_as_the_unattached_one():
+    """Under lorapro.attach .grad holds LoRA-Pro's gradients: the monitor takes LoRA's from g and
+    reports the same distances as on an unattached copy, and its check confirms the attached
+    gradients are the closed form's (a model with B != 0, where the two differ)."""
+    plain = _tiny_bert(seed=3)
+    with torch.no_grad():
+        for pair in find_lora_pairs(plain):
+            pair.B.normal_(0.0, 0.3)
+    attached = copy.deepcopy(plain)
+    lorapro.attach(attached)
+    records = {}
+    for name, model in (("plain", plain), ("attached", attached)):
+        monitor = GradientMonitor(model, steps=[0])
+        torch.manual_seed(0)  # the same hidden-dropout masks in both
+        with monitor.measure(0):
+            model(**_bert_batch(8, seed=0)).loss.backward()
+        records[name] = monitor.records
+    assert len(records["attached"]) == len(find_lora_pairs(plain))
+    for got, want in zip(records["attached"], records["plain"], strict=True):
+        assert got.name == want.name
+        for key in ("lora_rel_distance", "pro_rel_distance", "lora_cosine", "pro_cosine"):
+            assert math.isclose(getattr(got, key), getattr(want, key), rel_tol=1e-4, abs_tol=1e-6), key
+        assert got.lora_grad_mismatch < 1e-4  # float32
+        assert got.pro_rel_distance < got.lora_rel_distance
 
 
 # --------------------------------------------------------------------------- no effect on training

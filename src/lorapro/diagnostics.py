@@ -11,6 +11,9 @@ steps you choose:
 - the singular values and numerical ranks of A and B;
 - a consistency check: LoRA's own gradients must equal ``(s B^T g, s g A^T)`` (Eq. 5). A
   mismatch means the measurement is not what it claims (LoRA dropout, gradient hooks, ...).
+  On a model under :func:`lorapro.attach` the factors' ``.grad`` holds LoRA-Pro's gradients:
+  LoRA's are then taken as ``(s B^T g, s g A^T)`` and the check compares the attached
+  gradients with LoRA-Pro's closed form of them.
 
 How ``g`` is captured. ``W0`` enters the forward pass only through ``W`` (PEFT computes
 ``base_layer(x) + s B(A(dropout(x)))``, linear in the weight), so ``dL/dW0 = dL/dW``. On a
@@ -56,6 +59,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .backward_hooks import attached_handle
 from .closed_form import DEFAULT_RTOL_FACTOR, compute_dtype, equivalent_gradient, optimal_gradients
 from .pairs import LoRAPair, find_lora_pairs
 
@@ -149,6 +153,26 @@ def compare_gradients(
     ref = math.hypot(float(torch.linalg.matrix_norm(expect_A)), float(torch.linalg.matrix_norm(expect_B)))
     mismatch = 0.0 if err == 0 else _ratio(err, ref)
     return GradientComparison(g_norm, *lora, *pro, mismatch)
+
+
+def _compare_attached(
+    g: Tensor, A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, scaling: float, rtol: float | None
+) -> GradientComparison:
+    """:func:`compare_gradients` for a model under :func:`lorapro.attach`, whose ``.grad`` holds
+    LoRA-Pro's gradients, not LoRA's. LoRA's own gradients are then taken from ``g`` (``s B^T g``,
+    ``s g A^T``: exact without LoRA dropout), and ``lora_grad_mismatch`` compares the attached
+    gradients with the closed form of those, so it checks what attach delivered."""
+    dtype = compute_dtype(torch.promote_types(g.dtype, A.dtype))
+    g, A, B, grad_A, grad_B = (t.detach().to(dtype) for t in (g, A, B, grad_A, grad_B))
+    s = float(scaling)
+    lora_A, lora_B = s * (B.mT @ g), s * (g @ A.mT)
+    cmp = compare_gradients(g, A, B, lora_A, lora_B, s, rtol=rtol)
+    pro_A, pro_B = optimal_gradients(A, B, lora_A, lora_B, s, rtol=rtol)
+    err = math.hypot(
+        float(torch.linalg.matrix_norm(grad_A - pro_A)), float(torch.linalg.matrix_norm(grad_B - pro_B))
+    )
+    ref = math.hypot(float(torch.linalg.matrix_norm(pro_A)), float(torch.linalg.matrix_norm(pro_B)))
+    return cmp._replace(lora_grad_mismatch=0.0 if err == 0 else _ratio(err, ref))
 
 
 def singular_values(matrix: Tensor) -> Tensor:
@@ -710,7 +734,10 @@ class GradientMonitor:
             gA = torch.zeros_like(A) if grad_A is None else pair.matrix_A(grad_A)
             gB = torch.zeros_like(B) if grad_B is None else pair.matrix_B(grad_B)
             s = pair.scaling
-            cmp = compare_gradients(g, A, B, gA, gB, s, rtol=self.pinv_rtol)
+            if attached_handle(pair.A) is not None:
+                cmp = _compare_attached(g, A, B, gA, gB, s, self.pinv_rtol)
+            else:
+                cmp = compare_gradients(g, A, B, gA, gB, s, rtol=self.pinv_rtol)
             if cmp.lora_grad_mismatch > MISMATCH_WARN:
                 self._warn_once(
                     "mismatch",
