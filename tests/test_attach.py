@@ -281,6 +281,15 @@ def test_remove_gives_back_lora_gradients_and_works_as_a_context_manager():
     handle2.remove()
 
 
+def test_a_deep_copy_of_an_attached_model_is_not_attached():
+    """The copy has no hooks, so nothing may treat it as attached: an optimizer and attach work on it."""
+    model = tiny_lora_llama(random_b=True)
+    lorapro.attach(model)
+    copy_ = copy.deepcopy(model)
+    lorapro.LoRAProAdamW(copy_, lr=1e-3)
+    lorapro.attach(copy_).remove()
+
+
 def test_misuse_is_refused():
     model = tiny_lora_llama()
     handle = lorapro.attach(model)

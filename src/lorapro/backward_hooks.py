@@ -56,12 +56,18 @@ from .pairs import LoRAPair, find_lora_pairs
 
 __all__ = ["LoRAProHandle", "attach", "attached_handle"]
 
-_HANDLE_ATTR = "_lorapro_attach_handle"  # on every hooked factor: a weak reference to its handle
+# Every hooked factor -> a weak reference to its handle. Kept beside the parameters rather than
+# on them, so that a deep copy or a pickle of the model carries no stale mark (the copy has no
+# hooks either).
+# Keyed by id (tensors compare elementwise, so they cannot be dictionary keys of a
+# WeakKeyDictionary); the weak reference to the parameter guards against a reused id.
+_ATTACHED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
 def attached_handle(param: Tensor) -> LoRAProHandle | None:
     """The live :class:`LoRAProHandle` whose hooks adjust this parameter's gradient, or None."""
-    ref = getattr(param, _HANDLE_ATTR, None)
+    entry = _ATTACHED.get(id(param))
+    ref = entry[1] if entry is not None and entry[0]() is param else None
     handle = ref() if ref is not None else None
     return handle if handle is not None and not handle.removed else None
 
@@ -262,15 +268,18 @@ class LoRAProHandle:
             pair.B.register_hook(self._make_hook(entry, _adjusted_B, pair.matrix_B)),
         ]
         for p in (pair.A, pair.B):
-            setattr(p, _HANDLE_ATTR, self._self_ref)
+            if id(p) not in _ATTACHED:  # forget the id when the parameter dies
+                weakref.finalize(p, _ATTACHED.pop, id(p), None)
+            _ATTACHED[id(p)] = (weakref.ref(p), self._self_ref)
         return entry
 
     def _unhook(self, entry: _Entry) -> None:
         for h in entry.hooks:
             h.remove()
         for p in (entry.pair.A, entry.pair.B):
-            if getattr(p, _HANDLE_ATTR, None) is self._self_ref:
-                delattr(p, _HANDLE_ATTR)
+            entry = _ATTACHED.get(id(p))
+            if entry is not None and entry[1] is self._self_ref:
+                del _ATTACHED[id(p)]
 
     def _on_forward(self, module: nn.Module, args: Any) -> None:
         if not torch.is_grad_enabled():
