@@ -20,10 +20,11 @@ What DeepSpeed does to a client optimizer (checked with DeepSpeed 0.19.8, CPU, g
   ``torch_autocast`` section (fp32 weights, bf16 compute) or keep the model in bf16 yourself.
 - **an ``optimizer`` section**: DeepSpeed builds its own optimizer instead. Refused.
 
-What to use instead of ZeRO-1/2: the LoRA factors are small (Llama-2-7B at r = 8 has 20 M of
-them: 80 MB of fp32 Adam moments per replica), so sharding their optimizer state buys little;
-plain data parallelism (ZeRO stage 0, torchrun/DDP) is the right tool. To shard the frozen
-base model, use FSDP2 with :mod:`lorapro.integrations.fsdp`.
+What to use instead with ZeRO-1/2 or the bf16/fp16 sections: :func:`lorapro.attach` before
+``deepspeed.initialize``, with DeepSpeed's own optimizer. The gradient hooks adjust every
+gradient before DeepSpeed copies it into its flat buckets, so its optimizer steps LoRA-Pro's
+gradients (efficient mode). Full mode needs a lorapro optimizer: ZeRO stage 0, torchrun/DDP, or
+FSDP2 with :mod:`lorapro.integrations.fsdp`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from .guard import assert_owns_pairs, unwrap_lorapro
 __all__ = ["assert_owns_pairs", "check_deepspeed_config", "initialize"]
 
 _INSTEAD = (
-    "Use ZeRO stage 0 (plain data parallelism: the LoRA factors and their Adam moments are small), "
-    "torchrun/DDP, or FSDP2 with lorapro.integrations.fsdp to shard the frozen base model."
+    "For efficient mode call lorapro.attach(model) before deepspeed.initialize and keep DeepSpeed's own "
+    "optimizer (tested with ZeRO stage 2 in fp32; attach refuses ZeRO-3); for a lorapro optimizer (full "
+    "mode) use ZeRO stage 0, torchrun/DDP, or FSDP2 with lorapro.integrations.fsdp."
 )
 
 
