@@ -484,13 +484,14 @@ def test_gradient_checkpointing(reentrant):
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-14, msg=name)
 
 
-def test_torch_compile():
-    """A compiled model (dynamo and AOT autograd; the aot_eager backend skips C++ code
-    generation, which has no bearing on where gradient hooks run)."""
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile(backend):
+    """A compiled model: dynamo and AOT autograd (aot_eager), and the default inductor backend,
+    which generates C++ for the CPU (a few seconds here)."""
     raw = mixed_model()
     model = copy.deepcopy(raw)
     lorapro.attach(model)
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend=backend)
     ids, image = mixed_inputs()
     for _ in range(2):  # the second call runs the cached graph
         for m in (raw, model):
