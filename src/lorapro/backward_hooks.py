@@ -15,15 +15,18 @@ Why per factor, per micro-batch, is exact:
   side Theorem 2.3 writes with ``grad_A A^T``; for LoRA's gradients of any loss this equals
   ``B^T grad_B`` (both are ``s B^T G A^T``), so each factor is adjusted from its own gradient
   (:func:`~lorapro.closed_form.b_coefficient` with ``grad_a_at=None``).
-- What depends only on A and B (Gram matrices, their ``eigh``, pseudo-inverses, X's weights)
-  is computed for all layers at once, batched, and reused until the factors change: it is
-  recomputed after any ``torch.optim`` optimizer's step (a global step hook), and whenever a
-  factor is written in place (its version counter) or replaced (its storage). What is left per
-  hook call is three skinny matmuls and a few r x r ones.
+- What depends only on A and B (Gram matrices, their ``eigh``, pseudo-inverses, and the maps
+  to X and to B's coefficient as r^2 x r^2 matrices) is computed for all layers at once,
+  batched, at the first forward pass after any ``torch.optim`` optimizer's step (a global step
+  hook), and again whenever a factor is written in place (its version counter) or replaced (its
+  storage). What is left per hook call is one r x r product, one matrix-vector product and two
+  skinny products.
 
-The model's LoRA layers are re-read at every forward pass with gradients enabled, so adapters
-switched (``set_adapter``), added or deleted later are followed; adapters LoRA-Pro cannot
-handle (DoRA, ...) raise :class:`~lorapro.LoRAProConfigError` there.
+The model's LoRA layers are checked at every forward pass with gradients enabled (cheaply; the
+full walk over the modules runs only when something changed), so adapters switched
+(``set_adapter``), added or deleted later are followed; adapters LoRA-Pro cannot handle (DoRA,
+...) and sharded or partitioned factors (FSDP2, DeepSpeed ZeRO-3) raise
+:class:`~lorapro.LoRAProConfigError` there.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def _refuse_unsupported_storage(pair: LoRAPair) -> None:
             raise LoRAProConfigError(
                 f"{pair.name}: {name} is partitioned by DeepSpeed ZeRO stage 3, which gathers a factor only "
                 "around its own module's forward and backward. lorapro.attach does not support ZeRO-3 yet; "
-                "use ZeRO stage 1 or 2 (with DeepSpeed's own optimizer) or stage 0."
+                "use ZeRO stage 2 with DeepSpeed's own optimizer (tested), or stage 0."
             )
 
 
