@@ -108,7 +108,7 @@ def solve_pairs(
 
     Layers of equal rank, dtype, device and x_mode form a bucket that shares one batched
     solve (:func:`~lorapro.closed_form.solve_coefficients`), whatever their shapes and
-    scalings: the four r x r terms of each layer, then two batched ``eigh`` and the r x r
+    scalings: the four r x r terms of each layer, then one batched ``eigh`` and the r x r
     algebra for the whole bucket, with each layer's 1/s^2 folded into its coefficients.
     Nothing of size m or n is allocated: the (m, r) and (r, n) work happens in
     :func:`adjust_into`, after the caller has checked the returned tensors.
