@@ -28,7 +28,7 @@ from .backward_hooks import attached_handle
 from .closed_form import X_MODES, adjust_grad_A, adjust_grad_B, compute_dtype, solve_coefficients
 from .errors import LoRAProConfigError, NonFiniteGradientError
 from .functional import any_nonfinite
-from .pairs import LoRAPair, find_lora_pairs
+from .pairs import LoRAPair, PairTracker
 
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -279,7 +279,8 @@ class LoRAProOptimizer(Optimizer):
                 f"got {type(model).__name__}; pass the model itself: {type(self).__name__}(model, lr=...)"
             )
         check_choice("nonfinite policy", nonfinite, NONFINITE_POLICIES)
-        pairs = find_lora_pairs(model)
+        tracker = PairTracker(model)
+        pairs = tracker.pairs()[0]
         if not pairs:
             raise LoRAProConfigError(
                 "no trainable LoRA layers found in the model: LoRA-Pro adjusts the gradients of PEFT LoRA "
@@ -291,7 +292,7 @@ class LoRAProOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         """Steps skipped because of non-finite gradients (``nonfinite="skip"``)."""
-        self._model = model
+        self._tracker = tracker
         self._pairs = pairs
         self._checked: list[Tensor] = []  # r x r tensors of the current step, for the NaN check
         # The options this class defines (torch adds keys such as "differentiable" to
@@ -377,7 +378,7 @@ class LoRAProOptimizer(Optimizer):
         optimizer was built and whose factors it does not hold, and an attached model.
         """
         _refuse_engine_managed(self._pairs, type(self).__name__)
-        fresh = find_lora_pairs(self._model)
+        fresh, _ = self._tracker.pairs()  # a module walk only when the cheap check sees a change
         owned = {id(p) for g in self.param_groups for p in g["params"]}
         keep: list[LoRAPair] = []
         lost: list[LoRAPair] = []

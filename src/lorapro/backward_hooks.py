@@ -55,7 +55,7 @@ from .closed_form import (
     x_matrix,
 )
 from .errors import LoRAProConfigError
-from .pairs import LoRAPair, find_lora_pairs
+from .pairs import LoRAPair, PairTracker
 
 __all__ = ["LoRAProHandle", "attach", "attached_handle"]
 
@@ -98,6 +98,17 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _refuse_foreign_handle(pair: LoRAPair, handle: LoRAProHandle) -> None:
+    """Checked for every pair before any is hooked, so a refusal leaves nothing half-attached."""
+    for p in (pair.A, pair.B):
+        owner = attached_handle(p)
+        if owner is not None and owner is not handle:
+            raise LoRAProConfigError(
+                f"{pair.name}: this LoRA layer is already attached by another lorapro.attach handle; "
+                "its gradients would be adjusted twice. Call remove() on the first handle."
+            )
+
+
 def _refuse_unsupported_storage(pair: LoRAPair) -> None:
     """Engines that shard the factors themselves: the hooks would see shards, not matrices."""
     for name, p in (("lora_A", pair.A), ("lora_B", pair.B)):
@@ -119,27 +130,6 @@ def _refuse_unsupported_storage(pair: LoRAPair) -> None:
 #: (:func:`~lorapro.closed_form.vec_operators`): one matrix-vector product per hook instead of
 #: five r x r operations, for 2 r^4 cached numbers per layer (128 KiB at r = 16).
 VEC_OPERATOR_MAX_RANK = 16
-
-
-def _lora_signature(model: nn.Module) -> tuple[tuple, list[nn.Module]]:
-    """What :func:`~lorapro.find_lora_pairs` depends on, cheaply: each LoRA layer's active adapters
-    and the identity, trainability and storage kind of their factors (no names, no checks); and
-    the LoRA layers."""
-    from peft.tuners.lora import LoraLayer
-
-    signature: list = []
-    layers: list[nn.Module] = []
-    for m in model.modules():
-        if isinstance(m, LoraLayer):
-            layers.append(m)
-            for adapter in m.active_adapters:
-                factors = (m.lora_A[adapter].weight, m.lora_B[adapter].weight) if adapter in m.lora_A else (
-                    (m.lora_embedding_A[adapter], m.lora_embedding_B[adapter])
-                    if adapter in m.lora_embedding_A else ()
-                )  # fmt: skip
-                signature += [(id(p), p.requires_grad, type(p), hasattr(p, "ds_id")) for p in factors]
-            signature.append((id(m), tuple(m.active_adapters)))
-    return tuple(signature), layers
 
 
 @dataclass(eq=False)
@@ -173,9 +163,7 @@ class LoRAProHandle:
         self.x_mode = x_mode
         self.removed = False
         self._entries: dict[tuple[int, int], _Entry] = {}
-        self._signature: tuple | None = None
-        self._layers: list[nn.Module] = []  # the LoRA layers seen at the last module walk
-        self._quick: tuple | None = None
+        self._tracker = PairTracker(model)
         self._updated_epoch = -1
         self.seconds = 0.0
         """Time spent in lorapro's hooks and forward pre-hook so far (what attach costs)."""
@@ -204,7 +192,13 @@ class LoRAProHandle:
         adapters if you run a LoRA layer without going through the attached model's forward.
         """
         self._check_live()
-        pairs = find_lora_pairs(self.model)
+        try:
+            self._apply_pairs(self._tracker.pairs(walk=True)[0])
+        except Exception:
+            self._tracker.invalidate()
+            raise
+
+    def _apply_pairs(self, pairs: list[LoRAPair]) -> None:
         if not pairs:
             raise LoRAProConfigError(
                 "no trainable LoRA layers found in the model: lorapro.attach adjusts the gradients of "
@@ -214,6 +208,7 @@ class LoRAProHandle:
         fresh: dict[tuple[int, int], LoRAPair] = {}
         for pair in pairs:
             _refuse_unsupported_storage(pair)
+            _refuse_foreign_handle(pair, self)
             fresh[(id(pair.A), id(pair.B))] = pair
         for key in [k for k in self._entries if k not in fresh]:
             self._unhook(self._entries.pop(key))
@@ -258,13 +253,6 @@ class LoRAProHandle:
             )
 
     def _hook(self, pair: LoRAPair) -> _Entry:
-        for p in (pair.A, pair.B):
-            owner = attached_handle(p)
-            if owner is not None and owner is not self:
-                raise LoRAProConfigError(
-                    f"{pair.name}: this LoRA layer is already attached by another lorapro.attach handle; "
-                    "its gradients would be adjusted twice. Call remove() on the first handle."
-                )
         entry = _Entry(pair)
         entry.hooks = [
             pair.A.register_hook(self._make_hook(entry, _adjusted_A, pair.matrix_A)),
@@ -294,38 +282,17 @@ class LoRAProHandle:
             self.seconds += time.perf_counter() - start
 
     def _prepare_for_backward(self) -> None:
-        # Walking every module costs about 0.5 ms per 500 modules: do it at the first forward
-        # after attach, and after that only when a cheap check of the LoRA layers already known
-        # (their adapters, and whether the first factor is still the one hooked: FSDP2 swaps
-        # every parameter) sees a change.
-        quick = self._quick_signature()
-        if quick != self._quick:
-            signature, self._layers = _lora_signature(self.model)
-            if signature != self._signature:  # adapters or factors changed: re-read the pairs
-                self.sync()
-                self._signature = signature
-            self._quick = self._quick_signature()
+        pairs, changed = self._tracker.pairs()  # a module walk only when something changed
+        if changed:
+            try:
+                self._apply_pairs(pairs)
+            except Exception:
+                self._tracker.invalidate()  # refused: so is every later forward pass
+                raise
         if self._updated_epoch != self._epoch:  # the factors moved: all layers at once, batched
             self._update_bases(self._entries.values())
             self._updated_epoch = self._epoch
         # (other changes, such as in-place writes, are caught by each hook's own check)
-
-    def _quick_signature(self) -> tuple:
-        config = getattr(self.model, "peft_config", None)
-        adapters = tuple(config) if isinstance(config, dict) else None
-        first = next(iter(self._entries.values()), None)
-        same = False
-        if first is not None:  # the first factor as its layer holds it now, not partitioned
-            layer, adapter, A = first.pair.layer, first.pair.adapter, first.pair.A
-            held = None  # (the adapter may have been deleted)
-            if adapter in layer.lora_A:
-                held = layer.lora_A[adapter].weight
-            elif adapter in layer.lora_embedding_A:
-                held = layer.lora_embedding_A[adapter]
-            same = held is A and not hasattr(A, "ds_id")
-        return adapters, same, tuple(
-            (*m.active_adapters, len(m.lora_A) + len(m.lora_embedding_A)) for m in self._layers
-        )
 
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._epoch += 1

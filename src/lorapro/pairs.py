@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .errors import LoRAProConfigError
 
-__all__ = ["LoRAPair", "find_lora_pairs"]
+__all__ = ["LoRAPair", "PairTracker", "find_lora_pairs"]
 
 PairKind = Literal["linear", "conv", "embedding"]
 
@@ -147,3 +147,78 @@ def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
             _check_supported(pair)
             pairs.append(pair)
     return pairs
+
+
+def _signature(model: nn.Module) -> tuple[tuple, list[nn.Module]]:
+    """What :func:`find_lora_pairs` depends on, cheaply: each LoRA layer's active adapters and the
+    identity, trainability and storage kind of their factors (no names, no checks); and the LoRA
+    layers themselves."""
+    lora_layer = _lora_layer_class()
+    signature: list = []
+    layers: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, lora_layer):
+            layers.append(m)
+            for adapter in m.active_adapters:
+                pair = _pair_of("", m, adapter)
+                factors = () if pair is None else (pair.A, pair.B)
+                signature += [(id(p), p.requires_grad, type(p), hasattr(p, "ds_id")) for p in factors]
+            signature.append((id(m), tuple(m.active_adapters)))
+    return tuple(signature), layers
+
+
+class PairTracker:
+    """:func:`find_lora_pairs` of a model, kept up to date at little cost per call.
+
+    Walking every module costs about 0.5 ms per 500 modules, too much for every forward pass or
+    optimizer step. So :meth:`pairs` walks the model the first time, and after that only when a
+    cheap check of the LoRA layers already known changes: their active adapters and number of
+    adapters, the model's PEFT adapter names, and whether every known pair's factors are still
+    the tensors their layer holds, unpartitioned (a wrapper may swap parameters, as FSDP2 does,
+    or partition them in place, as DeepSpeed ZeRO-3 does).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._pairs: list[LoRAPair] | None = None
+        self._layers: list[nn.Module] = []
+        self._signature: tuple | None = None
+        self._quick: tuple | None = None
+
+    def pairs(self, *, walk: bool = False) -> tuple[list[LoRAPair], bool]:
+        """The active trainable pairs, and whether they changed since the last call.
+        ``walk=True`` walks the model whatever the cheap check says."""
+        if walk or self._pairs is None or self._quick_signature() != self._quick:
+            signature, self._layers = _signature(self.model)
+            changed = signature != self._signature or self._pairs is None
+            if changed:
+                self._pairs = find_lora_pairs(self.model)
+                self._signature = signature
+            self._quick = self._quick_signature()
+            return self._pairs, changed
+        return self._pairs, False
+
+    def invalidate(self) -> None:
+        """Walk the model at the next call (e.g. after the caller refused the pairs it got)."""
+        self._pairs = None
+
+    def _quick_signature(self) -> tuple:
+        config = getattr(self.model, "peft_config", None)
+        adapters = tuple(config) if isinstance(config, dict) else None
+        return adapters, self._factors_held(), tuple(
+            (*m.active_adapters, len(m.lora_A) + len(m.lora_embedding_A)) for m in self._layers
+        )
+
+    def _factors_held(self) -> bool:
+        """Does every known pair's layer still hold its factors, unpartitioned?"""
+        for pair in self._pairs or ():
+            layer, adapter = pair.layer, pair.adapter
+            if pair.kind == "embedding":
+                held = layer.lora_embedding_A.get(adapter), layer.lora_embedding_B.get(adapter)
+            elif adapter in layer.lora_A and adapter in layer.lora_B:
+                held = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            else:
+                return False  # the adapter was deleted
+            if held[0] is not pair.A or held[1] is not pair.B or hasattr(pair.A, "ds_id"):
+                return False
+        return True
