@@ -94,10 +94,6 @@ def _plain_mode(device: torch.device) -> contextlib.AbstractContextManager:
     return stack
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _refuse_foreign_handle(pair: LoRAPair, handle: LoRAProHandle) -> None:
     """Checked for every pair before any is hooked, so a refusal leaves nothing half-attached."""
     for p in (pair.A, pair.B):
@@ -325,8 +321,8 @@ class LoRAProHandle:
         btb = torch.empty((len(bucket), r, r), dtype=dtype, device=bucket[0].pair.A.device)
         aat = torch.empty_like(btb)
         for rows in by_shape.values():
-            A = torch.stack([_as(bucket[i].pair.matrix_A(), dtype) for i in rows])
-            B = torch.stack([_as(bucket[i].pair.matrix_B(), dtype) for i in rows])
+            A = torch.stack([bucket[i].pair.matrix_A() for i in rows]).to(dtype)
+            B = torch.stack([bucket[i].pair.matrix_B() for i in rows]).to(dtype)
             index = torch.tensor(rows, device=btb.device)
             btb.index_copy_(0, index, torch.bmm(B.mT, B))
             aat.index_copy_(0, index, torch.bmm(A, A.mT))
@@ -351,15 +347,13 @@ class LoRAProHandle:
     def _make_hook(self, entry: _Entry, adjust: Callable, matrix: Callable) -> Callable[[Tensor], Tensor]:
         """The gradient hook of one factor. It runs for every layer in every backward pass, so
         it binds what it needs once and does little besides the products."""
-        A, B = entry.pair.A, entry.pair.B
         layer, adapter = entry.pair.layer, entry.pair.adapter
         clock = time.perf_counter
 
         def hook(grad: Tensor) -> Tensor:
             start = clock()
             cached = entry.cached
-            stamp = (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)  # as _stamp
-            if cached is None or entry.stamp != stamp:  # the factors changed since the last forward
+            if cached is None or entry.stamp != self._stamp(entry):  # factors changed since the forward
                 self._update_bases(self._entries.values())
                 cached = entry.cached
             with _plain_mode(grad.device):

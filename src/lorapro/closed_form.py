@@ -209,6 +209,11 @@ def factor_basis(btb: Tensor, aat: Tensor, x_mode: XMode | str = "sylvester", rt
     return FactorBasis(eig_b.vectors, eig_a.vectors, pinv_b, pinv_a, x_weights, proj)
 
 
+def _b_weights(basis: FactorBasis) -> Tensor:
+    """B's coefficient in the eigenbases when X's right-hand side is ``B^T grad_B`` too."""
+    return -(basis.proj_weights + basis.x_weights)
+
+
 def _in_bases(basis: FactorBasis, m: Tensor) -> Tensor:
     return basis.u.mT @ m @ basis.v
 
@@ -234,7 +239,7 @@ def b_coefficient(basis: FactorBasis, bt_grad_b: Tensor, grad_a_at: Tensor | Non
     """
     s_eig = _in_bases(basis, bt_grad_b)
     if grad_a_at is None:
-        return _from_bases(basis, s_eig * -(basis.proj_weights + basis.x_weights))
+        return _from_bases(basis, s_eig * _b_weights(basis))
     return _from_bases(basis, -(s_eig * basis.proj_weights) - _in_bases(basis, grad_a_at) * basis.x_weights)
 
 
@@ -286,8 +291,7 @@ def vec_operators(basis: FactorBasis) -> tuple[Tensor, Tensor]:
     r = u.shape[-1]
     uv = (u[..., :, None, :, None] * v[..., None, :, None, :]).reshape(*u.shape[:-2], r * r, r * r)
     x_op = (uv * basis.x_weights.flatten(-2)[..., None, :]) @ uv.mT
-    b_weights = -(basis.proj_weights + basis.x_weights)
-    b_op = (uv * b_weights.flatten(-2)[..., None, :]) @ uv.mT
+    b_op = (uv * _b_weights(basis).flatten(-2)[..., None, :]) @ uv.mT
     return x_op, b_op
 
 
