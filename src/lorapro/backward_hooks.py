@@ -19,8 +19,8 @@ Why per factor, per micro-batch, is exact:
   to X and to B's coefficient as r^2 x r^2 matrices) is computed for all layers at once,
   batched, at the first forward pass after any ``torch.optim`` optimizer's step (a global step
   hook), and again whenever a factor is written in place (its version counter) or replaced (its
-  storage). What is left per hook call is one r x r product, one matrix-vector product and two
-  skinny products.
+  storage). What is left per hook call is four matmuls: the r x r term, its map (an (r^2, r^2)
+  matrix times a column) and two skinny products.
 
 The model's LoRA layers are checked at every forward pass with gradients enabled (cheaply; the
 full walk over the modules runs only when something changed), so adapters switched
@@ -295,6 +295,7 @@ class LoRAProHandle:
 
     # -- the A/B-only part, once per step ------------------------------------------------------
     def _stamp(self, entry: _Entry) -> tuple:
+        # (the hooks inline this tuple; keep the two in step)
         A, B = entry.pair.A, entry.pair.B
         return (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)
 
@@ -345,23 +346,33 @@ class LoRAProHandle:
 
     # -- the hooks ------------------------------------------------------------------------------
     def _make_hook(self, entry: _Entry, adjust: Callable, matrix: Callable) -> Callable[[Tensor], Tensor]:
-        """The gradient hook of one factor. It runs for every layer in every backward pass, so
-        it binds what it needs once and does little besides the products."""
-        layer, adapter = entry.pair.layer, entry.pair.adapter
-        clock = time.perf_counter
+        """The gradient hook of one factor. It runs for every layer in every backward pass, right
+        after large matmuls have flushed the CPU's caches, so each Python step and each distinct
+        kernel in it is paid cold: it binds what it needs once, inlines the checks and calls
+        nothing but the products on the common path (2-D factors, grad mode and autocast off)."""
+        pair = entry.pair
+        layer, adapter = pair.layer, pair.adapter
+        A, B = pair.A, pair.B
+        factor = A if adjust is _adjusted_A else B
+        flat = factor.dim() == 2  # Conv factors are 4-D: adjusted as (r, n) / (m, r) matrices
+        clock, grad_on, cast_on = time.perf_counter, torch.is_grad_enabled, torch.is_autocast_enabled
 
         def hook(grad: Tensor) -> Tensor:
             start = clock()
             cached = entry.cached
-            if cached is None or entry.stamp != self._stamp(entry):  # factors changed since the forward
+            # the _stamp of the factors, inlined: they changed since the forward pass
+            stamp = (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)
+            if cached is None or entry.stamp != stamp:
                 self._update_bases(self._entries.values())
                 cached = entry.cached
-            with _plain_mode(grad.device):
-                out = adjust(cached, matrix(grad), matrix(), float(layer.scaling[adapter]))
-                if out.dtype != grad.dtype:
-                    out = out.to(grad.dtype)
-                if out.shape != grad.shape:
-                    out = out.reshape(grad.shape)
+            scaling = float(layer.scaling[adapter])
+            if flat and not (grad_on() or cast_on(grad.device.type)):
+                out = adjust(cached, grad, factor, scaling)
+            else:
+                with _plain_mode(grad.device):
+                    out = adjust(cached, matrix(grad), matrix(), scaling).reshape(grad.shape)
+            if out.dtype != grad.dtype:
+                out = out.to(grad.dtype)
             self.seconds += clock() - start
             return out
 
@@ -372,7 +383,8 @@ class LoRAProHandle:
 # NaN and Inf propagate: a non-finite entry of a gradient reaches its r x r term through a matmul
 # (0 * NaN and 0 * Inf are NaN), and every output entry depends on that term, so the adjusted
 # gradient is non-finite too and GradScaler / DeepSpeed still skip the step.
-# Per call: the r x r term, its map (one matrix-vector product), two skinny products.
+# Per call: the r x r term, its map, two skinny products, all through torch.mm / addmm (a
+# matrix-vector product as an (r^2, 1) matmul: in a hook each distinct kernel costs a cold start).
 def _adjusted_A(c: _Cached, g: Tensor, A: Tensor, scaling: float) -> Tensor:
     """``((B^T B)^+ grad_A + X A) / s^2`` for A's (r, n) gradient ``g``."""
     dtype = c.pinv_b.dtype
@@ -380,7 +392,7 @@ def _adjusted_A(c: _Cached, g: Tensor, A: Tensor, scaling: float) -> Tensor:
         g, A = g.to(dtype), A.to(dtype)
     rhs = torch.mm(g, A.mT)  # grad_A A^T
     if c.x_op is not None:
-        x = torch.mv(c.x_op, rhs.view(-1)).view(rhs.shape)
+        x = torch.mm(c.x_op, rhs.view(-1, 1)).view(rhs.shape)
     else:
         x = x_matrix(c.basis, rhs).mul_(1.0 / c.scaling**2)
     out = torch.mm(x, A).addmm_(c.pinv_b, g)
@@ -397,7 +409,7 @@ def _adjusted_B(c: _Cached, g: Tensor, B: Tensor, scaling: float) -> Tensor:
         g, B = g.to(dtype), B.to(dtype)
     rhs = torch.mm(B.mT, g)  # B^T grad_B
     if c.b_op is not None:
-        coef = torch.mv(c.b_op, rhs.view(-1)).view(rhs.shape)
+        coef = torch.mm(c.b_op, rhs.view(-1, 1)).view(rhs.shape)
     else:
         coef = b_coefficient(c.basis, rhs).mul_(1.0 / c.scaling**2)
     out = torch.mm(B, coef).addmm_(g, c.pinv_a)
