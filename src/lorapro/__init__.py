@@ -20,7 +20,7 @@ from .errors import LoRAProConfigError, NonFiniteGradientError
 from .pairs import LoRAPair, find_lora_pairs
 from .sgd import LoRAProSGD
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "MODES",

@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from . import __version__
+from ._extras import BENCH_MODULES, MissingExtraError, require
 from .bench.options import positive_int as _positive_int
 
 
@@ -137,6 +139,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorapro", description="LoRA-Pro for PEFT models: demo and tools.")
+    parser.add_argument("--version", action="version", version=f"lorapro {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(sub)
     _add_bench(sub)
@@ -146,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["--version"]:  # answered without the bench's packages
+        print(f"lorapro {__version__}")
+        return 0
+    try:
+        # Every command is part of the bench and imports its packages while building the parser.
+        require(BENCH_MODULES, "the lorapro command", extra="bench")
+    except MissingExtraError as exc:
+        print(f"lorapro: error: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     from .bench.data import MissingAssetError
     from .bench.demo import DemoConfigError

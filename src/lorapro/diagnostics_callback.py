@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ._extras import raise_missing_extra
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ModuleNotFoundError as exc:
+    raise_missing_extra(exc, "lorapro.diagnostics_callback")
 
 from .diagnostics import GradientMonitor, LayerRecord, write_csv
 

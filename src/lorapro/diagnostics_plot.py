@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._extras import raise_missing_extra
 from .diagnostics import KIND_ORDER, LayerRecord, summarize
 
 __all__ = ["choose_layers", "plot_distances", "plot_spectra", "plot_summary", "write_figures"]
@@ -38,7 +39,10 @@ METRICS = {
 
 
 def _pyplot() -> Any:
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise_missing_extra(exc, "lorapro's diagnostics figures")
 
     matplotlib.use("Agg")  # servers and CI have no display; must precede pyplot's import
     import matplotlib.pyplot as plt

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._extras import raise_missing_extra
 from ..errors import LoRAProConfigError
 from .guard import assert_owns_pairs, unwrap_lorapro
 
@@ -88,8 +89,8 @@ def initialize(*, model, optimizer, config: dict[str, Any], **kwargs: Any):
     """
     try:
         import deepspeed
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("lorapro.integrations.deepspeed needs DeepSpeed: pip install deepspeed") from exc
+    except ModuleNotFoundError as exc:
+        raise_missing_extra(exc, "lorapro.integrations.deepspeed.initialize")
     if unwrap_lorapro(optimizer) is None:
         raise LoRAProConfigError(
             "optimizer must be a lorapro optimizer (LoRAProAdamW, LoRAProSGD, ...), got "

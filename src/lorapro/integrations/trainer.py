@@ -36,8 +36,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_pt_utils import get_parameter_names
+
+from .._extras import raise_missing_extra
+
+try:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_pt_utils import get_parameter_names
+except ModuleNotFoundError as exc:
+    raise_missing_extra(exc, "lorapro.integrations.trainer")
 
 from .._base import LoRAProOptimizer
 from ..adamw import LoRAProAdamW
