@@ -388,27 +388,171 @@ def scenario_trainer_deepspeed_zero2(rank: int, world: int) -> dict[str, torch.T
     return _trainer_deepspeed(2)
 
 
-def scenario_deepspeed_zero2_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
-    """lorapro.attach before deepspeed.initialize, ZeRO-2 with DeepSpeed's own optimizer section:
-    the adjusted gradients go into DeepSpeed's flat buckets, so its AdamW runs LoRA-Pro."""
+DS_ADAMW = {"type": "AdamW", "params": {**HYPER, "torch_adam": True, "adam_w_mode": True}}
+
+
+def _deepspeed_attach(stage: int, zero: dict | None = None, **extra) -> dict[str, torch.Tensor]:
+    """lorapro.attach before deepspeed.initialize with DeepSpeed's own optimizer section: the
+    adjusted gradients are what DeepSpeed accumulates, reduces (or reduce-scatters) and steps."""
     import deepspeed
 
     model = tiny_lora_llama(random_b=True)
-    lorapro.attach(model)
-    config = _ds_config(
-        2, optimizer={"type": "AdamW", "params": {**HYPER, "torch_adam": True, "adam_w_mode": True}},
+    handle = lorapro.attach(model)
+    config = _ds_config(stage, optimizer=extra.pop("optimizer", DS_ADAMW), **extra)
+    config["zero_optimization"].update(zero or {})
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
     )
+    _ds_train(engine, rank=dist.get_rank(), world=dist.get_world_size())
+    assert handle.basis_computations >= STEPS, handle.basis_computations  # refreshed after every step
+    trained = [p for p in engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(trained, enabled=stage == 3):  # ZeRO-3: whole factors
+        # fp32 copies: under the bf16 section the module holds bf16 weights
+        return {k: v.float() for k, v in trainable_state(engine.module).items()}
+
+
+def scenario_deepspeed_zero1_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _deepspeed_attach(1)
+
+
+def scenario_deepspeed_zero2_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _deepspeed_attach(2, {"overlap_comm": False})
+
+
+def scenario_deepspeed_zero2_overlap_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """overlap_comm reduces each bucket while backward still runs: the hooks have already
+    replaced the gradients it reduces."""
+    return _deepspeed_attach(2, {"overlap_comm": True, "reduce_bucket_size": 500})
+
+
+def scenario_deepspeed_zero3_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """ZeRO-3 with every factor partitioned (no persistence): each factor is whole only around
+    its own module's forward and backward; attach takes the Gram matrices in the forward."""
+    return _deepspeed_attach(3, {"overlap_comm": False, "stage3_param_persistence_threshold": 0})
+
+
+def scenario_deepspeed_zero3_persistent_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """ZeRO-3's default: factors below stage3_param_persistence_threshold stay gathered after the
+    first step (in the first step they are released like the others)."""
+    return _deepspeed_attach(3, {"overlap_comm": True})
+
+
+def scenario_deepspeed_zero2_offload_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """ZeRO-Offload: the optimizer state and step on the CPU, with DeepSpeed's own CPU Adam
+    (built on first use)."""
+    optimizer = {"type": "AdamW", "params": {**HYPER, "adam_w_mode": True}}
+    return _deepspeed_attach(2, {"offload_optimizer": {"device": "cpu"}}, optimizer=optimizer)
+
+
+def scenario_deepspeed_zero2_bf16_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """The bf16 section: bf16 weights and gradients, fp32 master weights in DeepSpeed's optimizer."""
+    return _deepspeed_attach(2, {"overlap_comm": False}, bf16={"enabled": True})
+
+
+def scenario_deepspeed_zero3_bf16_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _deepspeed_attach(3, {"stage3_param_persistence_threshold": 0}, bf16={"enabled": True})
+
+
+def scenario_deepspeed_zero2_bf16_plain(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """The same bf16 run without attach (plain LoRA): how far bf16 alone moves the result from
+    the fp32 reference, the noise floor the bf16 attach run is judged against."""
+    import deepspeed
+
+    model = tiny_lora_llama(random_b=True)
+    config = _ds_config(2, optimizer=DS_ADAMW, bf16={"enabled": True})
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
     )
     _ds_train(engine, rank, world)
-    return trainable_state(engine.module)
+    return {k: v.float() for k, v in trainable_state(engine.module).items()}
+
+
+def _trainer_args(out: str, **extra):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
+        learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"], adam_beta1=HYPER["betas"][0],
+        adam_beta2=HYPER["betas"][1], adam_epsilon=HYPER["eps"], lr_scheduler_type="constant",
+        max_grad_norm=0.0, use_cpu=True, report_to=[], save_strategy="no",
+        train_sampling_strategy="sequential", disable_tqdm=True, seed=0, **extra,
+    )  # fmt: skip
+
+
+def scenario_trainer_deepspeed_callback(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """A stock Trainer with deepspeed= (ZeRO-2, no optimizer section: the Trainer's own torch AdamW
+    becomes DeepSpeed's client optimizer) and LoRAProCallback: LoRA-Pro efficient mode."""
+    import tempfile
+
+    from transformers import Trainer
+
+    from lorapro.integrations.trainer import LoRAProCallback
+
+    config = {
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto", "gradient_clipping": "auto",
+        "zero_optimization": {"stage": 2, "overlap_comm": True}, "steps_per_print": 10**9,
+    }  # fmt: skip
+    class Recording(LoRAProCallback):
+        def on_train_end(self, *args, **kwargs):
+            self.computed = self.handle.basis_computations  # the hooks' cache, refreshed each step
+            super().on_train_end(*args, **kwargs)
+
+    callback = Recording()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(
+            model=tiny_lora_llama(random_b=True), args=_trainer_args(out, deepspeed=config),
+            train_dataset=PatternDataset(8), callbacks=[callback],
+        )  # fmt: skip
+        trainer.train()
+        assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine"
+        assert callback.handle is None and callback.computed >= STEPS, callback.computed  # removed at the end
+        return trainable_state(trainer.model)
+
+
+def scenario_accelerate_deepspeed_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Accelerate with DeepSpeedPlugin(zero_stage=2), attach and a stock torch AdamW (DeepSpeed's
+    client optimizer), gradient accumulation 2: LoRA-Pro efficient mode."""
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier scenarios made one without DeepSpeed
+    plugin = DeepSpeedPlugin(hf_ds_config={
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 4 * world,
+        "gradient_clipping": 0.0, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+    })  # fmt: skip
+    # Accelerate picks a distributed backend only for accelerators (or cpu=True, which turns
+    # DeepSpeed off): on this CPU-only machine it is named explicitly.
+    gloo = InitProcessGroupKwargs(backend="gloo")
+    try:
+        accelerator = Accelerator(
+            deepspeed_plugin=plugin, gradient_accumulation_steps=2, kwargs_handlers=[gloo]
+        )
+        assert accelerator.distributed_type == "DEEPSPEED", accelerator.distributed_type
+        assert accelerator.num_processes == world, accelerator.num_processes
+        model = tiny_lora_llama(random_b=True)
+        handle = lorapro.attach(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **HYPER)
+        loader = torch.utils.data.DataLoader(PatternDataset(GLOBAL_BATCH), batch_size=2, shuffle=False)
+        model, opt, loader = accelerator.prepare(model, opt, loader)
+        assert len(loader) == 2  # 2 micro-batches of 2 per rank: one optimizer step per pass
+        for _ in range(STEPS):
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    accelerator.backward(lm_loss(model, batch["input_ids"]))
+                    opt.step()
+                    opt.zero_grad()
+        assert model.global_steps == STEPS, model.global_steps  # the DeepSpeed engine's count
+        assert handle.basis_computations >= STEPS
+        return trainable_state(accelerator.unwrap_model(model))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def scenario_attach_refusals(rank: int, world: int) -> dict[str, torch.Tensor]:
-    """attach does not support sharded or partitioned factors yet: FSDP2 (attach before or after
-    fully_shard) and DeepSpeed ZeRO-3 raise LoRAProConfigError, never train plain AdamW."""
-    import deepspeed
+    """attach does not support FSDP2-sharded factors yet: attach before or after fully_shard
+    raises LoRAProConfigError, never trains plain AdamW."""
     from torch.distributed.fsdp import fully_shard
 
     messages = {}
@@ -425,19 +569,7 @@ def scenario_attach_refusals(rank: int, world: int) -> dict[str, torch.Tensor]:
         lorapro.attach(model)
     except lorapro.LoRAProConfigError as exc:
         messages["fsdp2_before_attach"] = str(exc)
-    model = tiny_lora_llama(random_b=True)
-    lorapro.attach(model)
-    config = _ds_config(3, optimizer={"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}})
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
-    try:
-        _ds_train(engine, rank, world)
-    except lorapro.LoRAProConfigError as exc:
-        messages["zero3"] = str(exc)
-    expected = {
-        "fsdp2_after_attach": "FSDPLoRAProAdamW", "fsdp2_before_attach": "FSDPLoRAProAdamW",
-        "zero3": "ZeRO stage 3",
-    }  # fmt: skip
+    expected = {"fsdp2_after_attach": "FSDPLoRAProAdamW", "fsdp2_before_attach": "FSDPLoRAProAdamW"}
     assert messages.keys() == expected.keys(), sorted(messages)
     for name, phrase in expected.items():
         assert phrase in messages[name], (name, messages[name])

@@ -55,7 +55,7 @@ from .closed_form import (
     x_matrix,
 )
 from .errors import LoRAProConfigError
-from .pairs import LoRAPair, PairTracker
+from .pairs import LoRAPair, PairTracker, zero3_gathered
 
 __all__ = ["LoRAProHandle", "attach", "attached_handle"]
 
@@ -114,11 +114,12 @@ def _refuse_unsupported_storage(pair: LoRAPair) -> None:
                 "whole factor matrices and does not support FSDP2-sharded LoRA layers yet; use "
                 "lorapro.integrations.fsdp.FSDPLoRAProAdamW for FSDP2."
             )
-        if hasattr(p, "ds_id") and hasattr(p, "ds_status"):
+        if hasattr(p, "ds_id") and pair.kind == "embedding":
             raise LoRAProConfigError(
-                f"{pair.name}: {name} is partitioned by DeepSpeed ZeRO stage 3, which gathers a factor only "
-                "around its own module's forward and backward. lorapro.attach does not support ZeRO-3 yet; "
-                "use ZeRO stage 2 with DeepSpeed's own optimizer (tested), or stage 0."
+                f"{pair.name}: {name} of a LoRA embedding is managed by DeepSpeed ZeRO stage 3. "
+                "lorapro.attach follows ZeRO-3 through the forward passes of the lora_A / lora_B "
+                "modules, which PEFT's embedding adapters do not have; leave embeddings out of "
+                "target_modules, or use ZeRO stage 1 or 2."
             )
 
 
@@ -148,6 +149,12 @@ class _Entry:
     hooks: list[RemovableHandle] = field(default_factory=list)
     cached: _Cached | None = None
     stamp: tuple | None = None  # what the cache was computed from, see LoRAProHandle._stamp
+    # DeepSpeed ZeRO-3 gathers a factor only around its own module's forward and backward, so
+    # A and B are never whole at the same time outside the forward: their Gram matrices are
+    # taken in those forward passes (once per optimizer step) and the cache built from them.
+    zero3: bool = False
+    grams: list[Tensor | None] = field(default_factory=lambda: [None, None])  # B^T B, A A^T
+    gram_epochs: list[int] = field(default_factory=lambda: [-1, -1])
 
 
 class LoRAProHandle:
@@ -158,7 +165,7 @@ class LoRAProHandle:
         self.model = model
         self.x_mode = x_mode
         self.removed = False
-        self._entries: dict[tuple[int, int], _Entry] = {}
+        self._entries: dict[tuple[int, int, bool], _Entry] = {}
         self._tracker = PairTracker(model)
         self._updated_epoch = -1
         self.seconds = 0.0
@@ -201,11 +208,12 @@ class LoRAProHandle:
                 "PEFT LoRA factors. Wrap the model first, e.g. model = peft.get_peft_model(model, "
                 "LoraConfig(...)), and make sure an adapter is active and trainable."
             )
-        fresh: dict[tuple[int, int], LoRAPair] = {}
+        fresh: dict[tuple[int, int, bool], LoRAPair] = {}
         for pair in pairs:
             _refuse_unsupported_storage(pair)
             _refuse_foreign_handle(pair, self)
-            fresh[(id(pair.A), id(pair.B))] = pair
+            # (ZeRO-3 converts the factors in place: the same tensors, hooked another way)
+            fresh[(id(pair.A), id(pair.B), hasattr(pair.A, "ds_id"))] = pair
         for key in [k for k in self._entries if k not in fresh]:
             self._unhook(self._entries.pop(key))
         for key, pair in fresh.items():
@@ -249,11 +257,15 @@ class LoRAProHandle:
             )
 
     def _hook(self, pair: LoRAPair) -> _Entry:
-        entry = _Entry(pair)
+        entry = _Entry(pair, zero3=hasattr(pair.A, "ds_id") or hasattr(pair.B, "ds_id"))
         entry.hooks = [
             pair.A.register_hook(self._make_hook(entry, _adjusted_A, pair.matrix_A)),
             pair.B.register_hook(self._make_hook(entry, _adjusted_B, pair.matrix_B)),
         ]
+        if entry.zero3:
+            # prepend: run before DeepSpeed's own forward hook releases the gathered factor
+            for which, module in ((0, pair.layer.lora_B[pair.adapter]), (1, pair.layer.lora_A[pair.adapter])):
+                entry.hooks.append(module.register_forward_hook(self._gram_hook(entry, which), prepend=True))
         for p in (pair.A, pair.B):
             if id(p) not in _ATTACHED:  # forget the id when the parameter dies
                 weakref.finalize(p, _ATTACHED.pop, id(p), None)
@@ -296,18 +308,30 @@ class LoRAProHandle:
     # -- the A/B-only part, once per step ------------------------------------------------------
     def _stamp(self, entry: _Entry) -> tuple:
         # (the hooks inline this tuple; keep the two in step)
+        if entry.zero3:  # ZeRO-3 moves the storage at every gather: steps are what change a factor
+            return ("zero3", self._epoch)
         A, B = entry.pair.A, entry.pair.B
         return (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)
 
+    def _ready(self, entry: _Entry) -> bool:
+        """Can the cache be built now: both factors whole, or (ZeRO-3) both Grams of this step?"""
+        if entry.zero3:
+            return entry.gram_epochs == [self._epoch, self._epoch]
+        return zero3_gathered(entry.pair.A) and zero3_gathered(entry.pair.B)
+
     def _update_bases(self, entries: Iterable[_Entry]) -> None:
-        """Recompute the cache of every entry whose factors may have changed, batched by rank."""
-        stale = [e for e in entries if e.stamp != self._stamp(e)]
+        """Recompute the cache of every entry whose factors may have changed, batched by rank.
+
+        Entries that are not ready (ZeRO-3: the forward pass has not taken this step's Gram
+        matrices yet) are left stale; their hooks recompute when they run, after the forward."""
+        stale = [e for e in entries if e.stamp != self._stamp(e) and self._ready(e)]
         if not stale:
             return
         buckets: dict[tuple, list[_Entry]] = defaultdict(list)
         for e in stale:
             A = e.pair.A
-            buckets[(A.shape[0], compute_dtype(A.dtype), A.device)].append(e)
+            r = e.grams[0].shape[-1] if e.zero3 else A.shape[0]  # (a ZeRO-3 partition has shape (0,))
+            buckets[(r, compute_dtype(A.dtype), A.device)].append(e)
         for (r, dtype, device), bucket in buckets.items():
             with _plain_mode(device):
                 self._update_bucket(bucket, r, dtype)
@@ -321,7 +345,13 @@ class LoRAProHandle:
             by_shape[(tuple(e.pair.A.shape), tuple(e.pair.B.shape))].append(i)
         btb = torch.empty((len(bucket), r, r), dtype=dtype, device=bucket[0].pair.A.device)
         aat = torch.empty_like(btb)
+        for i, e in enumerate(bucket):
+            if e.zero3:
+                btb[i], aat[i] = e.grams
         for rows in by_shape.values():
+            rows = [i for i in rows if not bucket[i].zero3]
+            if not rows:
+                continue
             A = torch.stack([bucket[i].pair.matrix_A() for i in rows]).to(dtype)
             B = torch.stack([bucket[i].pair.matrix_B() for i in rows]).to(dtype)
             index = torch.tensor(rows, device=btb.device)
@@ -345,6 +375,26 @@ class LoRAProHandle:
                 e.stamp = self._stamp(e)
 
     # -- the hooks ------------------------------------------------------------------------------
+    def _gram_hook(self, entry: _Entry, which: int) -> Callable:
+        """Forward hook of a ZeRO-3 factor's own module: its Gram matrix, while it is gathered."""
+        pair = entry.pair
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not torch.is_grad_enabled() or entry.gram_epochs[which] == self._epoch:
+                return  # once per step (micro-batches and recomputation see the same factor)
+            start = time.perf_counter()
+            with _plain_mode(pair.A.device):
+                if which == 0:
+                    B = pair.matrix_B().to(compute_dtype(pair.B.dtype))
+                    gram = B.mT @ B
+                else:
+                    A = pair.matrix_A().to(compute_dtype(pair.A.dtype))
+                    gram = A @ A.mT
+            entry.grams[which], entry.gram_epochs[which] = gram, self._epoch
+            self.seconds += time.perf_counter() - start
+
+        return torch.compiler.disable(hook)
+
     def _make_hook(self, entry: _Entry, adjust: Callable, matrix: Callable) -> Callable[[Tensor], Tensor]:
         """The gradient hook of one factor. It runs for every layer in every backward pass, right
         after large matmuls have flushed the CPU's caches, so each Python step and each distinct
@@ -355,16 +405,31 @@ class LoRAProHandle:
         A, B = pair.A, pair.B
         factor = A if adjust is _adjusted_A else B
         flat = factor.dim() == 2  # Conv factors are 4-D: adjusted as (r, n) / (m, r) matrices
+        zero3 = entry.zero3
         clock, grad_on, cast_on = time.perf_counter, torch.is_grad_enabled, torch.is_autocast_enabled
 
         def hook(grad: Tensor) -> Tensor:
             start = clock()
             cached = entry.cached
             # the _stamp of the factors, inlined: they changed since the forward pass
-            stamp = (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)
+            if zero3:
+                stamp = ("zero3", self._epoch)
+                if not zero3_gathered(factor):
+                    raise LoRAProConfigError(
+                        f"{pair.name}: DeepSpeed ZeRO-3 released this LoRA factor before its gradient "
+                        "arrived; lorapro.attach cannot adjust a partition"
+                    )
+            else:
+                stamp = (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)
             if cached is None or entry.stamp != stamp:
                 self._update_bases(self._entries.values())
                 cached = entry.cached
+                if cached is None or entry.stamp != self._stamp(entry):
+                    raise LoRAProConfigError(
+                        f"{pair.name}: LoRA-Pro's cache for this layer could not be built: its factors are "
+                        "partitioned by DeepSpeed ZeRO-3 and this step's forward pass did not run their "
+                        "lora_A / lora_B modules (a LoRA layer must be called through its module)"
+                    )
             scaling = float(layer.scaling[adapter])
             if flat and not (grad_on() or cast_on(grad.device.type)):
                 out = adjust(cached, grad, factor, scaling)

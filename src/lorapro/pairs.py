@@ -149,6 +149,13 @@ def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     return pairs
 
 
+def zero3_gathered(p: Tensor) -> bool:
+    """False while ZeRO-3 holds only this rank's partition of the parameter (its data is then an
+    empty placeholder); True for any parameter DeepSpeed does not manage."""
+    status = getattr(p, "ds_status", None)
+    return status is None or getattr(status, "name", "AVAILABLE") == "AVAILABLE"
+
+
 def _signature(model: nn.Module) -> tuple[tuple, list[nn.Module]]:
     """What :func:`find_lora_pairs` depends on, cheaply: each LoRA layer's active adapters and the
     identity, trainability and storage kind of their factors (no names, no checks); and the LoRA
@@ -173,9 +180,9 @@ class PairTracker:
     Walking every module costs about 0.5 ms per 500 modules, too much for every forward pass or
     optimizer step. So :meth:`pairs` walks the model the first time, and after that only when a
     cheap check of the LoRA layers already known changes: their active adapters and number of
-    adapters, the model's PEFT adapter names, and whether every known pair's factors are still
-    the tensors their layer holds, unpartitioned (a wrapper may swap parameters, as FSDP2 does,
-    or partition them in place, as DeepSpeed ZeRO-3 does).
+    adapters, the model's PEFT adapter names, whether every known pair's factors are still the
+    tensors their layer holds (a wrapper may swap parameters, as FSDP2 does), and whether
+    DeepSpeed has converted them in place (ZeRO-3 adds ``ds_id``).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -207,10 +214,10 @@ class PairTracker:
         adapters = tuple(config) if isinstance(config, dict) else None
         return adapters, self._factors_held(), tuple(
             (*m.active_adapters, len(m.lora_A) + len(m.lora_embedding_A)) for m in self._layers
-        )
+        ), tuple(hasattr(pair.A, "ds_id") for pair in self._pairs or ())  # ZeRO-3 converts them in place
 
     def _factors_held(self) -> bool:
-        """Does every known pair's layer still hold its factors, unpartitioned?"""
+        """Does every known pair's layer still hold its factors?"""
         for pair in self._pairs or ():
             layer, adapter = pair.layer, pair.adapter
             if pair.kind == "embedding":
@@ -219,6 +226,6 @@ class PairTracker:
                 held = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             else:
                 return False  # the adapter was deleted
-            if held[0] is not pair.A or held[1] is not pair.B or hasattr(pair.A, "ds_id"):
+            if held[0] is not pair.A or held[1] is not pair.B:
                 return False
         return True
