@@ -105,21 +105,19 @@ def _refuse_foreign_handle(pair: LoRAPair, handle: LoRAProHandle) -> None:
             )
 
 
+def _is_dtensor(p: Tensor) -> bool:
+    return type(p).__name__ == "DTensor" or isinstance(getattr(p, "_local_tensor", None), Tensor)
+
+
 def _refuse_unsupported_storage(pair: LoRAPair) -> None:
-    """Engines that shard the factors themselves: the hooks would see shards, not matrices."""
+    """Sharded factors are followed through their modules' forward passes, which embeddings lack."""
     for name, p in (("lora_A", pair.A), ("lora_B", pair.B)):
-        if type(p).__name__ == "DTensor" or isinstance(getattr(p, "_local_tensor", None), Tensor):
+        if (_is_dtensor(p) or hasattr(p, "ds_id")) and pair.kind == "embedding":
             raise LoRAProConfigError(
-                f"{pair.name}: {name} is a sharded DTensor (FSDP2's fully_shard). lorapro.attach adjusts "
-                "whole factor matrices and does not support FSDP2-sharded LoRA layers yet; use "
-                "lorapro.integrations.fsdp.FSDPLoRAProAdamW for FSDP2."
-            )
-        if hasattr(p, "ds_id") and pair.kind == "embedding":
-            raise LoRAProConfigError(
-                f"{pair.name}: {name} of a LoRA embedding is managed by DeepSpeed ZeRO stage 3. "
-                "lorapro.attach follows ZeRO-3 through the forward passes of the lora_A / lora_B "
-                "modules, which PEFT's embedding adapters do not have; leave embeddings out of "
-                "target_modules, or use ZeRO stage 1 or 2."
+                f"{pair.name}: {name} of a LoRA embedding is sharded (FSDP2) or partitioned (DeepSpeed "
+                "ZeRO-3). lorapro.attach follows such factors through the forward passes of the lora_A / "
+                "lora_B modules, which PEFT's embedding adapters do not have; leave embeddings out of "
+                "target_modules, or use DDP or ZeRO stage 1 or 2."
             )
 
 
@@ -149,12 +147,16 @@ class _Entry:
     hooks: list[RemovableHandle] = field(default_factory=list)
     cached: _Cached | None = None
     stamp: tuple | None = None  # what the cache was computed from, see LoRAProHandle._stamp
-    # DeepSpeed ZeRO-3 gathers a factor only around its own module's forward and backward, so
-    # A and B are never whole at the same time outside the forward: their Gram matrices are
-    # taken in those forward passes (once per optimizer step) and the cache built from them.
-    zero3: bool = False
+    # DeepSpeed ZeRO-3 and FSDP2 hold a factor whole only around its own module's forward and
+    # backward (the unit's, for FSDP2), so the pair is "tracked" through those modules: the Gram
+    # matrices are taken in their forward passes (once per optimizer step) and the cache built
+    # from them. FSDP2 also computes the gradient of an unsharded copy of each factor, a tensor
+    # of its own that the forward pass reveals: its hook goes there.
+    tracked: bool = False
+    fsdp2: bool = False
     grams: list[Tensor | None] = field(default_factory=lambda: [None, None])  # B^T B, A A^T
     gram_epochs: list[int] = field(default_factory=lambda: [-1, -1])
+    hooked: list[int | None] = field(default_factory=lambda: [None, None])  # FSDP2: id of B's, A's copy
 
 
 class LoRAProHandle:
@@ -257,12 +259,15 @@ class LoRAProHandle:
             )
 
     def _hook(self, pair: LoRAPair) -> _Entry:
-        entry = _Entry(pair, zero3=hasattr(pair.A, "ds_id") or hasattr(pair.B, "ds_id"))
-        entry.hooks = [
-            pair.A.register_hook(self._make_hook(entry, _adjusted_A, pair.matrix_A)),
-            pair.B.register_hook(self._make_hook(entry, _adjusted_B, pair.matrix_B)),
-        ]
-        if entry.zero3:
+        fsdp2 = _is_dtensor(pair.A) or _is_dtensor(pair.B)
+        zero3 = hasattr(pair.A, "ds_id") or hasattr(pair.B, "ds_id")
+        entry = _Entry(pair, tracked=fsdp2 or zero3, fsdp2=fsdp2)
+        if not fsdp2:  # (FSDP2's sharded parameters get the reduced gradient: never hooked)
+            entry.hooks = [
+                pair.A.register_hook(self._make_hook(entry, _adjusted_A, pair.matrix_A, pair.A)),
+                pair.B.register_hook(self._make_hook(entry, _adjusted_B, pair.matrix_B, pair.B)),
+            ]
+        if entry.tracked:
             # prepend: run before DeepSpeed's own forward hook releases the gathered factor
             for which, module in ((0, pair.layer.lora_B[pair.adapter]), (1, pair.layer.lora_A[pair.adapter])):
                 entry.hooks.append(module.register_forward_hook(self._gram_hook(entry, which), prepend=True))
@@ -308,14 +313,14 @@ class LoRAProHandle:
     # -- the A/B-only part, once per step ------------------------------------------------------
     def _stamp(self, entry: _Entry) -> tuple:
         # (the hooks inline this tuple; keep the two in step)
-        if entry.zero3:  # ZeRO-3 moves the storage at every gather: steps are what change a factor
-            return ("zero3", self._epoch)
+        if entry.tracked:  # ZeRO-3 and FSDP2 move the storage at every gather: steps change a factor
+            return ("tracked", self._epoch)
         A, B = entry.pair.A, entry.pair.B
         return (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)
 
     def _ready(self, entry: _Entry) -> bool:
-        """Can the cache be built now: both factors whole, or (ZeRO-3) both Grams of this step?"""
-        if entry.zero3:
+        """Can the cache be built now: both factors whole, or (tracked) both Grams of this step?"""
+        if entry.tracked:
             return entry.gram_epochs == [self._epoch, self._epoch]
         return zero3_gathered(entry.pair.A) and zero3_gathered(entry.pair.B)
 
@@ -330,7 +335,7 @@ class LoRAProHandle:
         buckets: dict[tuple, list[_Entry]] = defaultdict(list)
         for e in stale:
             A = e.pair.A
-            r = e.grams[0].shape[-1] if e.zero3 else A.shape[0]  # (a ZeRO-3 partition has shape (0,))
+            r = e.grams[0].shape[-1] if e.tracked else A.shape[0]  # (a ZeRO-3 partition has shape (0,))
             buckets[(r, compute_dtype(A.dtype), A.device)].append(e)
         for (r, dtype, device), bucket in buckets.items():
             with _plain_mode(device):
@@ -346,10 +351,10 @@ class LoRAProHandle:
         btb = torch.empty((len(bucket), r, r), dtype=dtype, device=bucket[0].pair.A.device)
         aat = torch.empty_like(btb)
         for i, e in enumerate(bucket):
-            if e.zero3:
+            if e.tracked:
                 btb[i], aat[i] = e.grams
         for rows in by_shape.values():
-            rows = [i for i in rows if not bucket[i].zero3]
+            rows = [i for i in rows if not bucket[i].tracked]
             if not rows:
                 continue
             A = torch.stack([bucket[i].pair.matrix_A() for i in rows]).to(dtype)
@@ -376,26 +381,49 @@ class LoRAProHandle:
 
     # -- the hooks ------------------------------------------------------------------------------
     def _gram_hook(self, entry: _Entry, which: int) -> Callable:
-        """Forward hook of a ZeRO-3 factor's own module: its Gram matrix, while it is gathered."""
+        """Forward hook of a tracked factor's own module (``which``: 0 for lora_B, 1 for lora_A),
+        run while the engine holds the factor whole: its Gram matrix once per step, and for
+        FSDP2 the gradient hook on the unsharded copy the module computes with."""
         pair = entry.pair
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not torch.is_grad_enabled() or entry.gram_epochs[which] == self._epoch:
-                return  # once per step (micro-batches and recomputation see the same factor)
+            if not torch.is_grad_enabled():
+                return
             start = time.perf_counter()
-            with _plain_mode(pair.A.device):
-                if which == 0:
-                    B = pair.matrix_B().to(compute_dtype(pair.B.dtype))
-                    gram = B.mT @ B
-                else:
-                    A = pair.matrix_A().to(compute_dtype(pair.A.dtype))
-                    gram = A @ A.mT
-            entry.grams[which], entry.gram_epochs[which] = gram, self._epoch
+            weight = module.weight  # whole here: gathered by ZeRO-3, FSDP2's unsharded copy
+            if entry.fsdp2 and entry.hooked[which] != id(weight):
+                self._hook_unsharded(entry, which, weight)
+            if entry.gram_epochs[which] != self._epoch:  # once per step (micro-batches and
+                with _plain_mode(weight.device):  # recomputation see the same factor)
+                    if which == 0:
+                        B = pair.matrix_B(weight).to(compute_dtype(weight.dtype))
+                        gram = B.mT @ B
+                    else:
+                        A = pair.matrix_A(weight).to(compute_dtype(weight.dtype))
+                        gram = A @ A.mT
+                entry.grams[which], entry.gram_epochs[which] = gram, self._epoch
             self.seconds += time.perf_counter() - start
 
         return torch.compiler.disable(hook)
 
-    def _make_hook(self, entry: _Entry, adjust: Callable, matrix: Callable) -> Callable[[Tensor], Tensor]:
+    def _hook_unsharded(self, entry: _Entry, which: int, weight: Tensor) -> None:
+        """FSDP2: hook the unsharded copy the module computes with (FSDP2 keeps one per factor
+        and reuses it, so this runs once per factor unless FSDP2 makes a new one)."""
+        pair = entry.pair
+        if _is_dtensor(weight):
+            raise LoRAProConfigError(
+                f"{pair.name}: the LoRA factor is a DTensor inside its module's forward pass (tensor "
+                "parallelism?). lorapro.attach supports FSDP2's fully_shard, whose modules compute with "
+                "whole factors; use FSDPLoRAProAdamW or leave the LoRA layers unsharded."
+            )
+        adjust, matrix = (_adjusted_B, pair.matrix_B) if which == 0 else (_adjusted_A, pair.matrix_A)
+        handle = weight.register_hook(self._make_hook(entry, adjust, matrix, weight))
+        entry.hooks.append(handle)
+        entry.hooked[which] = id(weight)
+
+    def _make_hook(
+        self, entry: _Entry, adjust: Callable, matrix: Callable, factor: Tensor
+    ) -> Callable[[Tensor], Tensor]:
         """The gradient hook of one factor. It runs for every layer in every backward pass, right
         after large matmuls have flushed the CPU's caches, so each Python step and each distinct
         kernel in it is paid cold: it binds what it needs once, inlines the checks and calls
@@ -403,21 +431,20 @@ class LoRAProHandle:
         pair = entry.pair
         layer, adapter = pair.layer, pair.adapter
         A, B = pair.A, pair.B
-        factor = A if adjust is _adjusted_A else B
-        flat = factor.dim() == 2  # Conv factors are 4-D: adjusted as (r, n) / (m, r) matrices
-        zero3 = entry.zero3
+        flat = pair.kind != "conv"  # Conv factors are 4-D: adjusted as (r, n) / (m, r) matrices
+        tracked = entry.tracked
         clock, grad_on, cast_on = time.perf_counter, torch.is_grad_enabled, torch.is_autocast_enabled
 
         def hook(grad: Tensor) -> Tensor:
             start = clock()
             cached = entry.cached
             # the _stamp of the factors, inlined: they changed since the forward pass
-            if zero3:
-                stamp = ("zero3", self._epoch)
-                if not zero3_gathered(factor):
+            if tracked:
+                stamp = ("tracked", self._epoch)
+                if factor.untyped_storage().size() == 0:
                     raise LoRAProConfigError(
-                        f"{pair.name}: DeepSpeed ZeRO-3 released this LoRA factor before its gradient "
-                        "arrived; lorapro.attach cannot adjust a partition"
+                        f"{pair.name}: the engine (DeepSpeed ZeRO-3, FSDP2) released this LoRA factor before "
+                        "its gradient arrived; lorapro.attach cannot adjust a partition"
                     )
             else:
                 stamp = (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)
@@ -427,15 +454,15 @@ class LoRAProHandle:
                 if cached is None or entry.stamp != self._stamp(entry):
                     raise LoRAProConfigError(
                         f"{pair.name}: LoRA-Pro's cache for this layer could not be built: its factors are "
-                        "partitioned by DeepSpeed ZeRO-3 and this step's forward pass did not run their "
-                        "lora_A / lora_B modules (a LoRA layer must be called through its module)"
+                        "sharded (FSDP2) or partitioned (DeepSpeed ZeRO-3) and this step's forward pass did "
+                        "not run their lora_A / lora_B modules (call the LoRA layer through its module)"
                     )
             scaling = float(layer.scaling[adapter])
             if flat and not (grad_on() or cast_on(grad.device.type)):
                 out = adjust(cached, grad, factor, scaling)
             else:
                 with _plain_mode(grad.device):
-                    out = adjust(cached, matrix(grad), matrix(), scaling).reshape(grad.shape)
+                    out = adjust(cached, matrix(grad), matrix(factor), scaling).reshape(grad.shape)
             if out.dtype != grad.dtype:
                 out = out.to(grad.dtype)
             self.seconds += clock() - start
