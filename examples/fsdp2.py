@@ -1,9 +1,15 @@
 """LoRA-Pro on FSDP2 (torch.distributed.fsdp.fully_shard) with sharded LoRA factors.
 
-    torchrun --nproc_per_node 2 examples/fsdp2.py
+    torchrun --nproc_per_node 2 examples/fsdp2.py --attach         # efficient mode, any optimizer
     torchrun --nproc_per_node 2 examples/fsdp2.py --mode full      # m x n moments sharded by rows
+    torchrun --nproc_per_node 2 examples/fsdp2.py                  # efficient mode, lorapro's optimizer
     torchrun --nproc_per_node 2 examples/fsdp2.py --default-placement
 
+``--attach``: ``lorapro.attach(model)`` and a stock ``torch.optim.AdamW`` on the sharded
+parameters. The hooks adjust the gradients FSDP2 computes for its unsharded copies of the
+factors, before its reduce-scatter; lorapro adds no collective.
+
+Otherwise:
 Shard every decoder block and the root with ``fully_shard``, passing
 ``lora_shard_placement_fn(model)`` so that the LoRA A factors are split by columns (B by rows is
 FSDP2's default). Then the optimizer's only collective is one all-reduce of the r x r Gram terms
@@ -20,13 +26,17 @@ import torch.distributed as dist
 from common import CountingDataset, default_lr, lora_model, parser
 from torch.distributed.fsdp import fully_shard
 
+import lorapro
 from lorapro.integrations.fsdp import FSDPLoRAProAdamW, full_state, lora_shard_placement_fn
 
 
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--default-placement", action="store_true", help="FSDP2's default Shard(0) for A too")
+    p.add_argument("--attach", action="store_true", help="lorapro.attach + torch AdamW (efficient mode)")
     args = p.parse_args(argv)
+    if args.attach and args.mode != "efficient":
+        p.error("--attach runs efficient mode; full mode needs FSDPLoRAProAdamW")
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -40,7 +50,12 @@ def main(argv=None) -> dict:
     for block in model.base_model.model.model.layers:
         fully_shard(block, shard_placement_fn=place)
     fully_shard(model, shard_placement_fn=place)
-    optimizer = FSDPLoRAProAdamW(model, lr=default_lr(args), weight_decay=0.01, mode=args.mode)
+    if args.attach:
+        lorapro.attach(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=default_lr(args), weight_decay=0.01)
+    else:
+        optimizer = FSDPLoRAProAdamW(model, lr=default_lr(args), weight_decay=0.01, mode=args.mode)
 
     data = CountingDataset()
     sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, seed=args.seed)
@@ -58,7 +73,8 @@ def main(argv=None) -> dict:
             step += 1
             if step >= args.steps:
                 break
-    traffic = dict(optimizer.comm_numel)  # numbers sent into the optimizer's collectives, last step
+    # numbers sent into lorapro's collectives in the last step (attach makes none)
+    traffic = {} if args.attach else dict(optimizer.comm_numel)
     params = full_state(model)  # every rank gathers the trained factors; rank 0 could save them
     if rank == 0:
         print(f"FSDP2 on {world} process(es), {args.mode} mode: loss {losses[0]:.3f} -> {losses[-1]:.3f}")

@@ -33,12 +33,15 @@ def kron_system(A: np.ndarray, B: np.ndarray, s: float) -> np.ndarray:
 def min_norm_lstsq(A: np.ndarray, B: np.ndarray, g: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
     """Minimum-norm minimiser of ||s B gA + s gB A - g||_F over (gA, gB), by brute force.
 
-    Uses an SVD-based driver (numpy's lstsq is LAPACK gelsd); gelsy was seen to return a
-    wrong minimiser on this rank-deficient system.
+    Uses LAPACK's plain SVD driver gelss. Two others were seen to return a wrong minimiser on
+    this rank-deficient system: gelsy, and gelsd (numpy's lstsq), which on one (r=2, m=10, n=3,
+    rank-1 factors) case counted a null singular value as nonzero and returned entries of 1e13.
     """
     r, n = A.shape
     m = B.shape[0]
-    sol = np.linalg.lstsq(kron_system(A, B, s), g.reshape(-1), rcond=None)[0]
+    system = kron_system(A, B, s)
+    cond = np.finfo(system.dtype).eps * max(system.shape)  # numpy's rcond=None cut-off
+    sol = scipy.linalg.lstsq(system, g.reshape(-1), cond=cond, lapack_driver="gelss")[0]
     return sol[: r * n].reshape(r, n), sol[r * n :].reshape(m, r)
 
 

@@ -16,6 +16,7 @@ import pytest
 from test_integration_distributed import launch
 
 WORKER = Path(__file__).with_name("examples_worker.py")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 # The 2-rank example launches hung once in a clean-clone CI run (rank 1 never returned from the
 # example's gloo teardown; rank 0 finished), so they run only on request until that is fixed. The
@@ -37,7 +38,10 @@ SINGLE = [  # {out}: the test's temporary folder
 # second gloo group in the same processes was seen to hang (destroy/re-init), so none is reused.
 TORCHRUN = ["ddp_torchrun:--steps,6", "fsdp2:--steps,6,--mode,full"]
 if HAS_DEEPSPEED:
-    TORCHRUN += ["deepspeed_zero0:--steps,4,--autocast,bfloat16"]
+    TORCHRUN += [
+        "deepspeed_zero0:--steps,4,--autocast,bfloat16",
+        "deepspeed_attach:--steps,4,--config,{examples}/deepspeed/zero3_bf16.json",
+    ]
 
 
 def run_single(out: Path) -> None:
@@ -61,7 +65,7 @@ def single(tmp_path_factory) -> Path:
 def torchrun(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("examples_torchrun")
     for spec in TORCHRUN:  # the env protocol torchrun uses
-        launch(out, [spec.format(out=out)], timeout=300, worker=WORKER)
+        launch(out, [spec.format(out=out, examples=EXAMPLES)], timeout=300, worker=WORKER)
     return out
 
 
@@ -102,3 +106,6 @@ def test_deepspeed_example(torchrun):
     for rank in (0, 1):
         losses = results(torchrun, "deepspeed_zero0", rank)["losses"]
         assert losses[-1] < losses[0], losses
+        attached = results(torchrun, "deepspeed_attach", rank)
+        assert attached["losses"][-1] < attached["losses"][0], attached
+        assert attached["basis_computations"] == 4  # once per optimizer step
