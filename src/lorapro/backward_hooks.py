@@ -25,8 +25,12 @@ Why per factor, per micro-batch, is exact:
 The model's LoRA layers are checked at every forward pass with gradients enabled (cheaply; the
 full walk over the modules runs only when something changed), so adapters switched
 (``set_adapter``), added or deleted later are followed; adapters LoRA-Pro cannot handle (DoRA,
-...) and sharded or partitioned factors (FSDP2, DeepSpeed ZeRO-3) raise
-:class:`~lorapro.LoRAProConfigError` there.
+...) raise :class:`~lorapro.LoRAProConfigError` there.
+
+Engines that hold a factor whole only around its own module's forward and backward (FSDP2's
+``fully_shard``, DeepSpeed ZeRO-3) are followed through the forward passes of the ``lora_A`` /
+``lora_B`` modules: the Gram matrices are taken there, once per step, and under FSDP2 the hooks
+go on the unsharded copies whose gradients FSDP2 reduce-scatters. No collective is added.
 """
 
 from __future__ import annotations
@@ -123,7 +127,8 @@ def _refuse_unsupported_storage(pair: LoRAPair) -> None:
 
 #: Up to this rank the hooks apply X's map and B's coefficient map as (r^2, r^2) matrices
 #: (:func:`~lorapro.closed_form.vec_operators`): one matrix-vector product per hook instead of
-#: five r x r operations, for 2 r^4 cached numbers per layer (128 KiB at r = 16).
+#: five r x r operations, for 2 r^4 cached float32 numbers per layer (32 KiB at r = 8, 512 KiB
+#: at r = 16).
 VEC_OPERATOR_MAX_RANK = 16
 
 

@@ -20,10 +20,10 @@ What DeepSpeed does to a client optimizer (checked with DeepSpeed 0.19.8, CPU, g
   ``torch_autocast`` section (fp32 weights, bf16 compute) or keep the model in bf16 yourself.
 - **an ``optimizer`` section**: DeepSpeed builds its own optimizer instead. Refused.
 
-What to use instead with ZeRO-1/2 or the bf16/fp16 sections: :func:`lorapro.attach` before
-``deepspeed.initialize``, with DeepSpeed's own optimizer. The gradient hooks adjust every
-gradient before DeepSpeed copies it into its flat buckets, so its optimizer steps LoRA-Pro's
-gradients (efficient mode). Full mode needs a lorapro optimizer: ZeRO stage 0, torchrun/DDP, or
+What to use instead with ZeRO-1/2/3, Offload or the bf16/fp16 sections: :func:`lorapro.attach`
+before ``deepspeed.initialize``, with DeepSpeed's own optimizer. The gradient hooks adjust every
+gradient before DeepSpeed accumulates, reduces or partitions it, so its optimizer steps
+LoRA-Pro's gradients (efficient mode). Full mode needs a lorapro optimizer: ZeRO stage 0, torchrun/DDP, or
 FSDP2 with :mod:`lorapro.integrations.fsdp`.
 """
 
@@ -39,7 +39,7 @@ __all__ = ["assert_owns_pairs", "check_deepspeed_config", "initialize"]
 
 _INSTEAD = (
     "For efficient mode call lorapro.attach(model) before deepspeed.initialize and keep DeepSpeed's own "
-    "optimizer (tested with ZeRO stage 2 in fp32; attach refuses ZeRO-3); for a lorapro optimizer (full "
+    "optimizer (tested with ZeRO stages 1-3, Offload and the bf16 section); for a lorapro optimizer (full "
     "mode) use ZeRO stage 0, torchrun/DDP, or FSDP2 with lorapro.integrations.fsdp."
 )
 
