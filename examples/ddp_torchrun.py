@@ -16,7 +16,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from common import CountingDataset, default_lr, lora_model, parser
+from common import CountingDataset, default_lr, lora_model, parser, tear_down_distributed
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lorapro
@@ -28,8 +28,14 @@ def main(argv=None) -> dict:
     p.add_argument("--micro-batch", type=int, default=4)
     args = p.parse_args(argv)
 
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    losses = train(args)  # the DDP model and its optimizer are freed when it returns
+    tear_down_distributed()
+    return {"losses": losses}
+
+
+def train(args) -> list[float]:
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -64,9 +70,7 @@ def main(argv=None) -> dict:
         epoch += 1
     if rank == 0:
         print(f"DDP on {world} process(es), {args.mode} mode: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    dist.barrier()  # no rank tears the group down while another still talks
-    dist.destroy_process_group()
-    return {"losses": losses}
+    return losses
 
 
 if __name__ == "__main__":

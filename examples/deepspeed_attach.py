@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 
 import torch
-from common import CountingDataset, lora_model, parser
+from common import CountingDataset, lora_model, parser, tear_down_distributed
 
 import lorapro
 
@@ -36,6 +36,14 @@ def main(argv=None) -> dict:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     with open(args.config) as f:
         config = json.load(f)
+    result = train(args, config)  # the engine is freed when it returns
+    tear_down_distributed()
+    return result
+
+
+def train(args, config: dict) -> dict:
+    import deepspeed
+
     model = lora_model(args)
     handle = lorapro.attach(model)  # before initialize: DeepSpeed reduces the adjusted gradients
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -61,8 +69,6 @@ def main(argv=None) -> dict:
             f"DeepSpeed ZeRO-{stage} + lorapro.attach on {world} process(es): loss {losses[0]:.3f} -> "
             f"{losses[-1]:.3f}; the A/B-only part computed {handle.basis_computations} times"
         )
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
     return {"losses": losses, "basis_computations": handle.basis_computations}
 
 

@@ -16,7 +16,7 @@ use the ``torch_autocast`` section (fp32 weights). With the Trainer, pass the sa
 from __future__ import annotations
 
 import torch
-from common import CountingDataset, default_lr, lora_model, parser
+from common import CountingDataset, default_lr, lora_model, parser, tear_down_distributed
 
 import lorapro
 from lorapro.integrations import deepspeed as lorapro_deepspeed
@@ -37,6 +37,12 @@ def main(argv=None) -> dict:
     }  # fmt: skip
     if args.autocast:
         config["torch_autocast"] = {"enabled": True, "dtype": args.autocast}
+    result = train(args, config)  # the engine and the optimizer are freed when it returns
+    tear_down_distributed()
+    return result
+
+
+def train(args, config: dict) -> dict:
     model = lora_model(args)
     optimizer = lorapro.LoRAProAdamW(model, lr=default_lr(args), weight_decay=0.01, mode=args.mode)
     try:
@@ -46,7 +52,6 @@ def main(argv=None) -> dict:
     except lorapro.LoRAProConfigError as exc:
         if torch.distributed.get_rank() == 0:
             print(f"refused: {exc}")
-        torch.distributed.destroy_process_group()
         return {"refused": str(exc)}
 
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -64,8 +69,6 @@ def main(argv=None) -> dict:
                 break
     if rank == 0:
         print(f"DeepSpeed ZeRO-0 on {world} process(es): loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
     return {"losses": losses}
 
 

@@ -23,7 +23,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from common import CountingDataset, default_lr, lora_model, parser
+from common import CountingDataset, default_lr, lora_model, parser, tear_down_distributed
 from torch.distributed.fsdp import fully_shard
 
 import lorapro
@@ -38,8 +38,14 @@ def main(argv=None) -> dict:
     if args.attach and args.mode != "efficient":
         p.error("--attach runs efficient mode; full mode needs FSDPLoRAProAdamW")
 
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    result = train(args)  # the sharded model and its optimizer are freed when it returns
+    tear_down_distributed()
+    return result
+
+
+def train(args) -> dict:
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -79,8 +85,6 @@ def main(argv=None) -> dict:
     if rank == 0:
         print(f"FSDP2 on {world} process(es), {args.mode} mode: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         print(f"optimizer collectives in the last step (numbers per rank): {traffic}")
-    dist.barrier()  # no rank tears the group down while another still talks
-    dist.destroy_process_group()
     return {"losses": losses, "traffic": traffic, "gathered_numel": sum(t.numel() for t in params.values())}
 
 
