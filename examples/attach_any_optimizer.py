@@ -4,11 +4,15 @@
     python examples/attach_any_optimizer.py --optimizer adamw8bit    # bitsandbytes AdamW8bit
     python examples/attach_any_optimizer.py --optimizer adafactor    # transformers' Adafactor
     python examples/attach_any_optimizer.py --trainer --optimizer adamw_torch_fused   # Trainer + callback
+    torchrun --nproc_per_node 2 examples/attach_any_optimizer.py --trainer \
+        --deepspeed examples/deepspeed/trainer_zero2.json        # the Trainer's deepspeed= + callback
 
 After ``lorapro.attach(model)``, every backward leaves LoRA-Pro's adjusted gradients in the
 LoRA factors' ``.grad`` (efficient mode, Algorithm 2, with an AdamW-like optimizer; Algorithm 1
 with SGD). Accumulation, clipping (of the adjusted gradients) and the optimizer need nothing
-else. In a Trainer, ``callbacks=[LoRAProCallback()]`` does the same with any ``optim=``.
+else. In a Trainer, ``callbacks=[LoRAProCallback()]`` does the same with any ``optim=``, also
+with ``deepspeed=`` (the Trainer's optimizer, or the config's ``optimizer`` section, then steps
+LoRA-Pro's gradients under ZeRO-1/2/3).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from common import CountingDataset, default_lr, lora_model, parser
+from common import CountingDataset, default_lr, lora_model, parser, tear_down_distributed
 
 import lorapro
 
@@ -75,7 +79,7 @@ def trainer(args) -> list[float]:
         per_device_train_batch_size=8, gradient_accumulation_steps=args.accumulation,
         learning_rate=default_lr(args), optim=args.optimizer, max_grad_norm=1.0,
         use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no", logging_steps=1,
-        disable_tqdm=True,
+        disable_tqdm=True, deepspeed=args.deepspeed,
     )  # fmt: skip
     trainer = Trainer(
         model=lora_model(args), args=training_args, train_dataset=CountingDataset(),
@@ -83,7 +87,12 @@ def trainer(args) -> list[float]:
     )  # fmt: skip
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print(f"Trainer(optim={args.optimizer!r}) + LoRAProCallback: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    if args.deepspeed and not trainer.is_deepspeed_enabled:
+        raise SystemExit("the Trainer did not enable DeepSpeed (launch with torchrun)")
+    engine = f"Trainer + {type(trainer.model_wrapped).__name__}"
+    if training_args.process_index == 0:
+        print(f"{engine}, optim={args.optimizer!r} + LoRAProCallback: loss {losses[0]:.3f} -> "
+              f"{losses[-1]:.3f}")
     return losses
 
 
@@ -93,12 +102,18 @@ def main(argv=None) -> dict:
                    "--trainer: any Trainer optim string (default adamw_torch_fused)")  # fmt: skip
     p.add_argument("--accumulation", type=int, default=2)
     p.add_argument("--trainer", action="store_true", help="a stock Trainer with LoRAProCallback")
+    p.add_argument("--deepspeed", default=None, help="with --trainer: a DeepSpeed JSON config (torchrun)")
     args = p.parse_args(argv)
     if args.mode != "efficient":
         raise SystemExit("attach gives efficient mode; full mode needs lorapro.LoRAProAdamW(mode='full')")
     if args.optimizer is None:
         args.optimizer = "adamw_torch_fused" if args.trainer else "adamw"
-    return {"losses": trainer(args) if args.trainer else loop(args)}
+    if not args.trainer:
+        return {"losses": loop(args)}
+    losses = trainer(args)  # the Trainer (and its DeepSpeed engine) is freed when it returns
+    if torch.distributed.is_initialized():  # torchrun: the Trainer made a process group
+        tear_down_distributed()
+    return {"losses": losses}
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ if HAS_DEEPSPEED:
     TORCHRUN += [
         "deepspeed_zero0:--steps,4,--autocast,bfloat16",
         "deepspeed_attach:--steps,4,--config,{examples}/deepspeed/zero3_bf16.json",
+        "attach_any_optimizer:--trainer,--steps,4,--deepspeed,{examples}/deepspeed/trainer_zero2.json",
     ]
 
 
@@ -102,3 +103,5 @@ def test_deepspeed_example(torchrun):
         attached = results(torchrun, "deepspeed_attach", rank)
         assert attached["losses"][-1] < attached["losses"][0], attached
         assert attached["basis_computations"] == 4  # once per optimizer step
+        trainer = results(torchrun, "attach_any_optimizer", rank)["losses"]
+        assert trainer[-1] < trainer[0], trainer
