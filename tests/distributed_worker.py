@@ -388,15 +388,28 @@ def scenario_trainer_deepspeed_zero2(rank: int, world: int) -> dict[str, torch.T
     return _trainer_deepspeed(2)
 
 
+def _count_forwards(model) -> list[int]:
+    """Count the forward calls of one lora_A module (gradient checkpointing runs each twice)."""
+    calls = [0]
+    module = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
+    module.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
 DS_ADAMW = {"type": "AdamW", "params": {**HYPER, "torch_adam": True, "adam_w_mode": True}}
 
 
-def _deepspeed_attach(stage: int, zero: dict | None = None, **extra) -> dict[str, torch.Tensor]:
+def _deepspeed_attach(
+    stage: int, zero: dict | None = None, checkpointing: bool = False, **extra
+) -> dict[str, torch.Tensor]:
     """lorapro.attach before deepspeed.initialize with DeepSpeed's own optimizer section: the
     adjusted gradients are what DeepSpeed accumulates, reduces (or reduce-scatters) and steps."""
     import deepspeed
 
     model = tiny_lora_llama(random_b=True)
+    if checkpointing:  # the forward runs again inside backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = _count_forwards(model)
     handle = lorapro.attach(model)
     config = _ds_config(stage, optimizer=extra.pop("optimizer", DS_ADAMW), **extra)
     config["zero_optimization"].update(zero or {})
@@ -405,6 +418,7 @@ def _deepspeed_attach(stage: int, zero: dict | None = None, **extra) -> dict[str
     )
     _ds_train(engine, rank=dist.get_rank(), world=dist.get_world_size())
     assert handle.basis_computations >= STEPS, handle.basis_computations  # refreshed after every step
+    assert calls[0] == (2 if checkpointing else 1) * STEPS * 2, calls  # 2 micro-batches per step
     trained = [p for p in engine.module.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(trained, enabled=stage == 3):  # ZeRO-3: whole factors
         # fp32 copies: under the bf16 section the module holds bf16 weights
@@ -429,6 +443,10 @@ def scenario_deepspeed_zero3_attach(rank: int, world: int) -> dict[str, torch.Te
     """ZeRO-3 with every factor partitioned (no persistence): each factor is whole only around
     its own module's forward and backward; attach takes the Gram matrices in the forward."""
     return _deepspeed_attach(3, {"overlap_comm": False, "stage3_param_persistence_threshold": 0})
+
+
+def scenario_deepspeed_zero3_checkpointing_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _deepspeed_attach(3, {"stage3_param_persistence_threshold": 0}, checkpointing=True)
 
 
 def scenario_deepspeed_zero3_persistent_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -551,7 +569,7 @@ def scenario_accelerate_deepspeed_attach(rank: int, world: int) -> dict[str, tor
 
 
 def _fsdp2_attach(
-    attach_first: bool, reshard_after_forward: bool = True, per_layer: bool = True
+    attach_first: bool, reshard_after_forward: bool = True, per_layer: bool = True, checkpointing=False
 ) -> dict[str, torch.Tensor]:
     """FSDP2 (fully_shard on each decoder layer and the root), lorapro.attach, a stock torch
     AdamW on the sharded parameters; 2 micro-batches per rank accumulated (FSDP2 reduce-scatters
@@ -561,6 +579,9 @@ def _fsdp2_attach(
     from lorapro.integrations.fsdp import full_state
 
     model = tiny_lora_llama(random_b=True)
+    if checkpointing:  # the forward runs again inside backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = _count_forwards(model)
     handle = lorapro.attach(model) if attach_first else None
     for layer in model.base_model.model.model.layers if per_layer else ():
         fully_shard(layer, reshard_after_forward=reshard_after_forward)
@@ -574,11 +595,16 @@ def _fsdp2_attach(
         opt.step()
         opt.zero_grad()
     assert handle.basis_computations >= STEPS, handle.basis_computations
+    assert calls[0] == (2 if checkpointing else 1) * STEPS * len(micro), calls
     return full_state(model)
 
 
 def scenario_fsdp2_attach(rank: int, world: int) -> dict[str, torch.Tensor]:
     return _fsdp2_attach(attach_first=False)
+
+
+def scenario_fsdp2_attach_checkpointing(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _fsdp2_attach(attach_first=False, checkpointing=True)
 
 
 def scenario_fsdp2_attach_root_only(rank: int, world: int) -> dict[str, torch.Tensor]:

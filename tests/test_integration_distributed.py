@@ -53,6 +53,7 @@ MATCHING = {
     "fsdp2_attach": "efficient",
     "fsdp2_attach_before_shard": "efficient",
     "fsdp2_attach_root_only": "efficient",
+    "fsdp2_attach_checkpointing": "efficient",  # gradient checkpointing: the forward runs twice
 }
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 NO_DEEPSPEED = "DeepSpeed is not installed (optional: pip install deepspeed)"
@@ -65,6 +66,7 @@ DEEPSPEED_MATCHING = {
     "deepspeed_zero2_overlap_attach": "efficient",
     "deepspeed_zero3_attach": "efficient",
     "deepspeed_zero3_persistent_attach": "efficient",
+    "deepspeed_zero3_checkpointing_attach": "efficient",  # with gradient checkpointing
     "deepspeed_zero2_offload_attach": "efficient",
     # the Trainer's deepspeed= with LoRAProCallback; Accelerate's DeepSpeedPlugin with attach
     "trainer_deepspeed_callback": "efficient",
