@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from ._extras import BENCH_MODULES, MissingExtraError, require
+from .bench.options import OutputFolderError, require_writable_folder
 from .bench.options import positive_int as _positive_int
 
 
@@ -60,6 +61,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from .bench.demo import run_demo
 
+    require_writable_folder(args.out)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     run_demo(
         methods=methods,
@@ -165,9 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .bench.harness import BenchConfigError
     from .bench.methods import MethodUnavailableError
 
+    setup_errors = (
+        MissingAssetError, MethodUnavailableError, DemoConfigError, BenchConfigError, OutputFolderError,
+    )  # fmt: skip
     try:
         return int(args.run(args) or 0)
-    except (MissingAssetError, MethodUnavailableError, DemoConfigError, BenchConfigError) as exc:
+    except setup_errors as exc:
         # Set-up problems and bad option values, not bugs: show the fix, not a traceback.
         # Anything else keeps its traceback, which is what a bug report needs.
         print(f"lorapro {args.command}: error: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .harness import DEFAULT_LR_GRID, BenchConfig, BenchResult, run_benchmark
 from .options import positive_int as _positive_int
+from .options import require_writable_folder
 
 __all__ = ["DIAGNOSABLE", "add_arguments", "diagnose_benchmark", "diagnose_steps", "run"]
 
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     out = args.out or f"bench-output/{args.task.split(':', 1)[0]}"
+    require_writable_folder(out)  # before anything is loaded or trained
     cfg = BenchConfig(
         task=args.task,
         methods=methods,

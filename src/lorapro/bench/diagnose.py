@@ -34,7 +34,7 @@ from lorapro.diagnostics import GradientMonitor, LayerRecord, parse_steps, read_
 
 from .data import MissingAssetError
 from .methods import MethodUnavailableError, get_method
-from .options import parse_lrs
+from .options import parse_lrs, require_writable_folder
 from .options import positive_int as _positive_int
 from .tasks import TaskOptions, get_task, task_names
 from .train import TrainConfig, train_and_evaluate
@@ -426,6 +426,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``lorapro diagnose``; returns the exit status."""
+    require_writable_folder(args.out)  # before anything is loaded or trained
     if args.from_records:
         try:
             replot(args.from_records, args.out, layers=args.layers)

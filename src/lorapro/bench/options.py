@@ -3,9 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
-__all__ = ["parse_lrs", "positive_int"]
+__all__ = ["OutputFolderError", "parse_lrs", "positive_int", "require_writable_folder"]
+
+
+class OutputFolderError(ValueError):
+    """``--out`` cannot be written: raised before anything is loaded or trained."""
+
+
+def require_writable_folder(path: str | Path) -> Path:
+    """The ``--out`` folder, created if needed and proven writable by writing a file into it.
+
+    Every command that writes results calls this first, so a bad ``--out`` fails in one line
+    instead of after the training it would have stored.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise OutputFolderError(f"--out {folder} is a file, not a folder; give a folder with --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lorapro-write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        message = f"--out {folder} cannot be written ({reason}); give another folder with --out"
+        raise OutputFolderError(message) from None
+    return folder
 
 
 def positive_int(text: str) -> int:

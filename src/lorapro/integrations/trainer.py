@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -237,7 +238,7 @@ class LoRAProTrainer(Trainer):
         lorapro_optimizer: ``"adamw"`` (default) or ``"sgd"``.
         lorapro_kwargs: options for the optimizer (``mode``, ``x_mode``, ``nonfinite``,
             ``momentum`` for SGD, ...); they override what ``args`` gives.
-        Everything else as ``transformers.Trainer``. ``args.optim`` is ignored.
+        Everything else as ``transformers.Trainer``. ``args.optim`` is not used (a warning says so).
 
     Full mode with weight decay scales the frozen base weights in place (Eq. 57-58 of the
     paper). PEFT checkpoints hold only the adapter, so this trainer also writes those base
@@ -273,6 +274,15 @@ class LoRAProTrainer(Trainer):
             from .deepspeed import check_deepspeed_config
 
             check_deepspeed_config(self.args.hf_deepspeed_config.config)
+        default_optim = type(self.args).__dataclass_fields__["optim"].default
+        if self.args.optim != default_optim:
+            warnings.warn(
+                f"LoRAProTrainer trains with lorapro's {self.lorapro_optimizer} and does not use "
+                f"optim={str(getattr(self.args.optim, 'value', self.args.optim))!r}. For LoRA-Pro with that "
+                "optimizer, use a stock Trainer with callbacks=[LoRAProCallback()] instead.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
