@@ -62,6 +62,29 @@ def local_rows(rank: int, world: int) -> torch.Tensor:
     return tokens[rank * per : (rank + 1) * per]
 
 
+def _trainer_args(out: str, **extra):
+    """TrainingArguments for STEPS steps of 2 micro-batches of 2 per rank with the HYPER settings
+    of the reference (constant rate, no clipping, sequential sampling)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
+        learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"], adam_beta1=HYPER["betas"][0],
+        adam_beta2=HYPER["betas"][1], adam_epsilon=HYPER["eps"], lr_scheduler_type="constant",
+        max_grad_norm=0.0, use_cpu=True, report_to=[], save_strategy="no",
+        train_sampling_strategy="sequential", disable_tqdm=True, seed=0, **extra,
+    )  # fmt: skip
+
+
+def _hf_deepspeed_config(stage: int, **zero) -> dict:
+    """A DeepSpeed config in the Trainer's style: sizes and clipping from TrainingArguments."""
+    return {
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto", "gradient_clipping": "auto",
+        "zero_optimization": {"stage": stage, **zero}, "steps_per_print": 10**9,
+    }  # fmt: skip
+
+
 def scenario_ddp(rank: int, world: int) -> dict[str, torch.Tensor]:
     """DDP around the PEFT model, optimizer built from the DDP-wrapped model; each rank sees
     half of the batch in two micro-batches (accumulated under no_sync, the last one syncs)."""
@@ -229,18 +252,10 @@ def scenario_trainer_ddp(rank: int, world: int) -> dict[str, torch.Tensor]:
     micro-batches of 2 = the global batch of 8 per step."""
     import tempfile
 
-    from transformers import TrainingArguments
-
     from lorapro.integrations.trainer import LoRAProTrainer
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
-            learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"], adam_beta1=HYPER["betas"][0],
-            adam_beta2=HYPER["betas"][1], adam_epsilon=HYPER["eps"], lr_scheduler_type="constant",
-            max_grad_norm=0.0, use_cpu=True, ddp_backend="gloo", report_to=[], save_strategy="no",
-            train_sampling_strategy="sequential", disable_tqdm=True, seed=0, logging_steps=1,
-        )  # fmt: skip
+        args = _trainer_args(out, ddp_backend="gloo", logging_steps=1)
         model = tiny_lora_llama(random_b=True)
         trainer = LoRAProTrainer(model=model, args=args, train_dataset=PatternDataset(8))
         trainer.train()
@@ -350,23 +365,10 @@ def scenario_deepspeed_refusals(rank: int, world: int) -> dict[str, torch.Tensor
 def _trainer_deepspeed(stage: int) -> dict[str, torch.Tensor]:
     import tempfile
 
-    from transformers import TrainingArguments
-
     from lorapro.integrations.trainer import LoRAProTrainer
 
-    config = {
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
-        "steps_per_print": 10**9,
-    }  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
-            learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"], adam_beta1=HYPER["betas"][0],
-            adam_beta2=HYPER["betas"][1], adam_epsilon=HYPER["eps"], lr_scheduler_type="constant",
-            max_grad_norm=0.0, use_cpu=True, report_to=[], save_strategy="no", deepspeed=config,
-            train_sampling_strategy="sequential", disable_tqdm=True, seed=0,
-        )  # fmt: skip
+        args = _trainer_args(out, deepspeed=_hf_deepspeed_config(stage))
         try:
             trainer = LoRAProTrainer(
                 model=tiny_lora_llama(random_b=True), args=args, train_dataset=PatternDataset(8)
@@ -485,18 +487,6 @@ def scenario_deepspeed_zero2_bf16_plain(rank: int, world: int) -> dict[str, torc
     return {k: v.float() for k, v in trainable_state(engine.module).items()}
 
 
-def _trainer_args(out: str, **extra):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
-        learning_rate=HYPER["lr"], weight_decay=HYPER["weight_decay"], adam_beta1=HYPER["betas"][0],
-        adam_beta2=HYPER["betas"][1], adam_epsilon=HYPER["eps"], lr_scheduler_type="constant",
-        max_grad_norm=0.0, use_cpu=True, report_to=[], save_strategy="no",
-        train_sampling_strategy="sequential", disable_tqdm=True, seed=0, **extra,
-    )  # fmt: skip
-
-
 def scenario_trainer_deepspeed_callback(rank: int, world: int) -> dict[str, torch.Tensor]:
     """A stock Trainer with deepspeed= (ZeRO-2, no optimizer section: the Trainer's own torch AdamW
     becomes DeepSpeed's client optimizer) and LoRAProCallback: LoRA-Pro efficient mode."""
@@ -506,11 +496,7 @@ def scenario_trainer_deepspeed_callback(rank: int, world: int) -> dict[str, torc
 
     from lorapro.integrations.trainer import LoRAProCallback
 
-    config = {
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto", "gradient_clipping": "auto",
-        "zero_optimization": {"stage": 2, "overlap_comm": True}, "steps_per_print": 10**9,
-    }  # fmt: skip
+    config = _hf_deepspeed_config(2, overlap_comm=True)
     class Recording(LoRAProCallback):
         def on_train_end(self, *args, **kwargs):
             self.computed = self.handle.basis_computations  # the hooks' cache, refreshed each step

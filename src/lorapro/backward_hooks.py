@@ -59,7 +59,7 @@ from .closed_form import (
     x_matrix,
 )
 from .errors import LoRAProConfigError
-from .pairs import LoRAPair, PairTracker, zero3_gathered
+from .pairs import LoRAPair, PairTracker
 
 __all__ = ["LoRAProHandle", "attach", "attached_handle"]
 
@@ -324,10 +324,9 @@ class LoRAProHandle:
         return (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)
 
     def _ready(self, entry: _Entry) -> bool:
-        """Can the cache be built now: both factors whole, or (tracked) both Grams of this step?"""
-        if entry.tracked:
-            return entry.gram_epochs == [self._epoch, self._epoch]
-        return zero3_gathered(entry.pair.A) and zero3_gathered(entry.pair.B)
+        """Can the cache be built now? Untracked factors are always whole; a tracked pair needs
+        both Gram matrices of this step, taken by the forward pass."""
+        return not entry.tracked or entry.gram_epochs == [self._epoch, self._epoch]
 
     def _update_bases(self, entries: Iterable[_Entry]) -> None:
         """Recompute the cache of every entry whose factors may have changed, batched by rank.
@@ -349,19 +348,22 @@ class LoRAProHandle:
 
     def _update_bucket(self, bucket: list[_Entry], r: int, dtype: torch.dtype) -> None:
         # Layers of equal shapes share one batched product per Gram matrix (a copy of their
-        # factors, cheaper than a call per layer).
+        # factors, cheaper than a call per layer); tracked pairs (ZeRO-3, FSDP2) bring their
+        # Grams from the forward pass, copied in once for all of them.
         by_shape: dict[tuple, list[int]] = defaultdict(list)
-        for i, e in enumerate(bucket):
-            by_shape[(tuple(e.pair.A.shape), tuple(e.pair.B.shape))].append(i)
-        btb = torch.empty((len(bucket), r, r), dtype=dtype, device=bucket[0].pair.A.device)
-        aat = torch.empty_like(btb)
+        tracked: list[int] = []
         for i, e in enumerate(bucket):
             if e.tracked:
-                btb[i], aat[i] = e.grams
+                tracked.append(i)
+            else:
+                by_shape[(tuple(e.pair.A.shape), tuple(e.pair.B.shape))].append(i)
+        btb = torch.empty((len(bucket), r, r), dtype=dtype, device=bucket[0].pair.A.device)
+        aat = torch.empty_like(btb)
+        if tracked:
+            index = torch.tensor(tracked, device=btb.device)
+            btb.index_copy_(0, index, torch.stack([bucket[i].grams[0] for i in tracked]).to(dtype))
+            aat.index_copy_(0, index, torch.stack([bucket[i].grams[1] for i in tracked]).to(dtype))
         for rows in by_shape.values():
-            rows = [i for i in rows if not bucket[i].tracked]
-            if not rows:
-                continue
             A = torch.stack([bucket[i].pair.matrix_A() for i in rows]).to(dtype)
             B = torch.stack([bucket[i].pair.matrix_B() for i in rows]).to(dtype)
             index = torch.tensor(rows, device=btb.device)

@@ -149,13 +149,6 @@ def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     return pairs
 
 
-def zero3_gathered(p: Tensor) -> bool:
-    """False while ZeRO-3 holds only this rank's partition of the parameter (its data is then an
-    empty placeholder); True for any parameter DeepSpeed does not manage."""
-    status = getattr(p, "ds_status", None)
-    return status is None or getattr(status, "name", "AVAILABLE") == "AVAILABLE"
-
-
 def _signature(model: nn.Module) -> tuple[tuple, list[nn.Module]]:
     """What :func:`find_lora_pairs` depends on, cheaply: each LoRA layer's active adapters and the
     identity, trainability and storage kind of their factors (no names, no checks); and the LoRA
@@ -191,6 +184,7 @@ class PairTracker:
         self._layers: list[nn.Module] = []
         self._signature: tuple | None = None
         self._quick: tuple | None = None
+        self._converted: list[bool] = []  # per pair: did DeepSpeed ZeRO-3 own its A when found?
 
     def pairs(self, *, walk: bool = False) -> tuple[list[LoRAPair], bool]:
         """The active trainable pairs, and whether they changed since the last call.
@@ -200,6 +194,7 @@ class PairTracker:
             changed = signature != self._signature or self._pairs is None
             if changed:
                 self._pairs = find_lora_pairs(self.model)
+                self._converted = [hasattr(pair.A, "ds_id") for pair in self._pairs]
                 self._signature = signature
             self._quick = self._quick_signature()
             return self._pairs, changed
@@ -207,18 +202,19 @@ class PairTracker:
 
     def invalidate(self) -> None:
         """Walk the model at the next call (e.g. after the caller refused the pairs it got)."""
-        self._pairs = None
+        self._pairs, self._converted = None, []
 
     def _quick_signature(self) -> tuple:
         config = getattr(self.model, "peft_config", None)
         adapters = tuple(config) if isinstance(config, dict) else None
         return adapters, self._factors_held(), tuple(
             (*m.active_adapters, len(m.lora_A) + len(m.lora_embedding_A)) for m in self._layers
-        ), tuple(hasattr(pair.A, "ds_id") for pair in self._pairs or ())  # ZeRO-3 converts them in place
+        )
 
     def _factors_held(self) -> bool:
-        """Does every known pair's layer still hold its factors?"""
-        for pair in self._pairs or ():
+        """Does every known pair's layer still hold its factors, as they were when found (ZeRO-3
+        converts them in place, adding ``ds_id``)?"""
+        for pair, converted in zip(self._pairs or (), self._converted, strict=True):
             layer, adapter = pair.layer, pair.adapter
             if pair.kind == "embedding":
                 held = layer.lora_embedding_A.get(adapter), layer.lora_embedding_B.get(adapter)
@@ -226,6 +222,6 @@ class PairTracker:
                 held = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             else:
                 return False  # the adapter was deleted
-            if held[0] is not pair.A or held[1] is not pair.B:
+            if held[0] is not pair.A or held[1] is not pair.B or hasattr(pair.A, "ds_id") != converted:
                 return False
         return True
