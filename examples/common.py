@@ -79,9 +79,8 @@ def tear_down_distributed() -> None:
     everything that holds it is gone.
 
     DDP's reducer, FSDP2's state and DeepSpeed's engine keep references to the process group.
-    When the last of them was dropped only after ``destroy_process_group`` (as ``main``
-    returned), one rank was seen to hang there forever while the other had exited (about one
-    launch in five on a loaded 2-core machine). So each example trains in a function whose
+    Dropped only after ``destroy_process_group`` (as ``main`` returns), their teardown can hang
+    one rank forever while the other has exited. So each example trains in a function whose
     locals are freed when it returns, then calls this: collect any reference cycle, meet at a
     barrier, destroy.
     """

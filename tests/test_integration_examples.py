@@ -18,10 +18,9 @@ from test_integration_distributed import launch
 WORKER = Path(__file__).with_name("examples_worker.py")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-# The 2-rank examples once hung one rank at exit (about one launch in five on a loaded machine):
-# the DDP / FSDP2 / DeepSpeed objects, which hold the process group, were freed only after
-# destroy_process_group. They now train in a function and call common.tear_down_distributed
-# after it returns (45 DDP launches and 40 launches of all of them under load, no hang).
+# The 2-rank examples train in a function and call common.tear_down_distributed after it
+# returns: objects that hold the process group, freed after destroy_process_group, can hang a
+# rank at exit.
 
 SINGLE = [  # {out}: the test's temporary folder
     "trainer:--steps,8,--resume,--bf16,--output-dir,{out}/trainer",
