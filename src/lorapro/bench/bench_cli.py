@@ -5,13 +5,36 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .harness import DEFAULT_LR_GRID, BenchConfig, BenchResult, run_benchmark
+from .harness import (
+    DEFAULT_LR_GRID,
+    DEVICES,
+    DTYPES,
+    BenchConfig,
+    BenchConfigError,
+    BenchResult,
+    run_benchmark,
+)
 from .options import positive_int as _positive_int
 from .options import require_writable_folder
 
 __all__ = ["DIAGNOSABLE", "add_arguments", "diagnose_benchmark", "diagnose_steps", "run"]
 
 DEFAULT_METHODS = "full,lora,lorapro"
+#: Tasks written NAME:PATH.
+_TAKES_PATH = ("text-csv", "jsonl")
+#: Options the retraining of --diagnose (on the CPU) does not carry over yet, with the value
+#: it assumes.
+_NOT_DIAGNOSABLE = {
+    "model": None, "target_modules": None, "eval_file": None, "answer_regex": None,
+    "dtype": "float32", "grad_accum": 1, "max_steps": None,
+}  # fmt: skip
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated module names such as q_proj,v_proj")
+    return names
 
 
 def _grid(text: str) -> tuple[float, ...]:
@@ -33,7 +56,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
         default="mr",
-        help=f"task: {', '.join(n + (':PATH' if n == 'text-csv' else '') for n in task_names())}",
+        help=f"task: {', '.join(n + (':PATH' if n in _TAKES_PATH else '') for n in task_names())}",
+    )
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a Hugging Face model folder (config, weights, tokenizer; read offline) in place of the "
+        "task's model: a causal LM for jsonl, a new sequence-classification head for mr, trec, text-csv",
+    )
+    p.add_argument(
+        "--target-modules",
+        type=_names,
+        metavar="NAMES",
+        help="comma-separated modules that get LoRA, by name or name suffix as PEFT's target_modules "
+        "(e.g. q_proj,v_proj); default: every linear layer of the body",
+    )
+    p.add_argument(
+        "--eval-file",
+        metavar="PATH",
+        help="jsonl: a second JSONL file that validation and test are drawn from (half each by default); "
+        "the --task file is then all training data",
+    )
+    p.add_argument(
+        "--answer-regex",
+        metavar="REGEX",
+        help="jsonl: also score test exact match of the final answer: the regex's first group (or whole "
+        "match) in the greedy generation against the one in the reference response",
     )
     p.add_argument(
         "--methods",
@@ -73,6 +121,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train/validation/test split")
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where runs train: auto (CUDA when torch sees a GPU, else the CPU), cpu or cuda (default auto)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="float32, or bfloat16: frozen weights stored and the forward computed in bfloat16 (autocast), "
+        "trained parameters and optimizer state kept in float32 (default float32)",
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="micro-batches of --batch-size accumulated into one optimizer step (default 1)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        metavar="N",
+        help="optimizer steps per run, in place of --epochs (the schedule spans them)",
+    )
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output folder (default: bench-output/TASK)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -98,6 +172,13 @@ def run(args: argparse.Namespace) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     out = args.out or f"bench-output/{args.task.split(':', 1)[0]}"
     require_writable_folder(out)  # before anything is loaded or trained
+    if args.diagnose:
+        given = [f"--{k.replace('_', '-')}" for k, v in _NOT_DIAGNOSABLE.items() if getattr(args, k) != v]
+        given += ["--device cuda"] if args.device == "cuda" else []
+        if given:
+            raise BenchConfigError(
+                f"--diagnose does not take {', '.join(given)} yet; run the benchmark without --diagnose"
+            )
     cfg = BenchConfig(
         task=args.task,
         methods=methods,
@@ -115,6 +196,14 @@ def run(args: argparse.Namespace) -> int:
         data_seed=args.data_seed,
         extend_grid=args.extend_grid,
         out=out,
+        model=args.model,
+        target_modules=args.target_modules,
+        eval_file=args.eval_file,
+        answer_regex=args.answer_regex,
+        device=args.device,
+        dtype=args.dtype,
+        grad_accum=args.grad_accum,
+        max_steps=args.max_steps,
     )
     result = run_benchmark(
         cfg, progress=not args.no_progress and not args.report_only, report_only=args.report_only

@@ -15,6 +15,7 @@ version), so an interrupted or extended benchmark never repeats a finished run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -34,10 +35,13 @@ from .train import RunResult, TrainConfig, train_and_evaluate
 
 __all__ = [
     "DEFAULT_LR_GRID",
+    "DEVICES",
+    "DTYPES",
     "BenchConfig",
     "BenchConfigError",
     "BenchResult",
     "MethodOutcome",
+    "resolve_device",
     "run_benchmark",
     "run_hash",
 ]
@@ -51,9 +55,30 @@ DEFAULT_LR_GRID: tuple[float, ...] = (5e-5, 2e-4, 1e-3, 5e-3)
 #: older version are then not reused.
 HARNESS_VERSION = 1
 
+#: ``--device`` choices; ``auto`` is CUDA when torch sees a GPU, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
+#: ``--dtype`` choices: the dtype frozen weights are stored and the forward computed in.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 class BenchConfigError(ValueError):
     """The benchmark's options are inconsistent; the message names the option to change."""
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one is refused."""
+    if device not in DEVICES:
+        raise BenchConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) is built without CUDA"
+            if torch.version.cuda is None
+            else "torch sees no CUDA device here"
+        )
+        raise BenchConfigError(f"--device cuda: {why}; use --device cpu (or auto)")
+    return device
 
 
 @dataclass(frozen=True)
@@ -76,6 +101,22 @@ class BenchConfig:
     #: Extra grid points a method may get beyond an end of the grid where its best rate lies.
     extend_grid: int = 2
     out: str = "bench-output"
+    #: A Hugging Face model folder in place of the task's bundled model (text tasks, jsonl).
+    model: str | None = None
+    #: Names (or name suffixes, as PEFT's target_modules) of the modules that get LoRA;
+    #: None: the task's default, every linear layer of the body.
+    target_modules: tuple[str, ...] | None = None
+    #: jsonl: the file validation and test come from (else they are split out of the data).
+    eval_file: str | None = None
+    #: jsonl: the final answer of a response (its first group, else the whole match) for
+    #: the test split's exact match.
+    answer_regex: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    #: Micro-batches of batch_size accumulated into one optimizer step.
+    grad_accum: int = 1
+    #: Optimizer steps per run; when set it replaces the epochs (the schedule spans it).
+    max_steps: int | None = None
 
     def validate(self) -> None:
         if not self.methods:
@@ -103,6 +144,15 @@ class BenchConfig:
             raise BenchConfigError(f"--rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:
             raise BenchConfigError(f"--alpha must be > 0, got {self.alpha}")
+        if self.dtype not in DTYPES:
+            raise BenchConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.grad_accum < 1:
+            raise BenchConfigError(f"--grad-accum must be >= 1, got {self.grad_accum}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise BenchConfigError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.target_modules is not None and not [t for t in self.target_modules if t.strip()]:
+            raise BenchConfigError("--target-modules is empty; name modules such as q_proj,v_proj")
+        resolve_device(self.device)
 
 
 @dataclass
@@ -215,11 +265,17 @@ class _RunStore:
         tmp.replace(path)  # atomic: a killed run leaves no half-written result
 
 
-def _train_config(cfg: BenchConfig, task: Task, lr: float, seed: int) -> TrainConfig:
+def _train_config(cfg: BenchConfig, task: Task, lr: float, seed: int, n_train: int) -> TrainConfig:
+    epochs = cfg.epochs or task.default_epochs
+    batch_size = cfg.batch_size or task.default_batch_size
+    if cfg.max_steps is not None:
+        # Enough epochs to reach max_steps; the loop stops there (and lays its schedule out for it).
+        per_epoch = math.ceil(math.ceil(n_train / batch_size) / cfg.grad_accum)
+        epochs = math.ceil(cfg.max_steps / per_epoch)
     return TrainConfig(
         lr=lr,
-        epochs=cfg.epochs or task.default_epochs,
-        batch_size=cfg.batch_size or task.default_batch_size,
+        epochs=epochs,
+        batch_size=batch_size,
         weight_decay=cfg.weight_decay,
         seed=seed,
         lora_rank=cfg.rank,
@@ -249,8 +305,17 @@ def run_benchmark(
     from .report import write_reports
 
     cfg.validate()
+    device = resolve_device(cfg.device)
     task = task or _get_task(cfg.task)
-    task.check()
+    task.load_dtype = DTYPES[cfg.dtype]
+    given = {"model": cfg.model, "eval_file": cfg.eval_file, "answer_regex": cfg.answer_regex}
+    task_options = {name: value for name, value in given.items() if value is not None}
+    try:
+        if task_options:
+            task.configure(**task_options)
+        task.check()
+    except ValueError as exc:
+        raise BenchConfigError(str(exc)) from None
     for m in cfg.methods:
         spec = get_method(m)
         if spec.check is not None:
@@ -264,17 +329,23 @@ def run_benchmark(
     )
     try:
         prepared = task.prepare(options)
+        if cfg.target_modules is not None:
+            prepared = _with_targets(prepared, cfg.target_modules)
     except ValueError as exc:
         raise BenchConfigError(str(exc)) from None
     out = Path(cfg.out)
     store = _RunStore(out / "runs")
     env = environment()
+    env["device"] = device
+    if device == "cuda":
+        env["cuda_device"] = torch.cuda.get_device_name()
     base_key = {
         "harness_version": HARNESS_VERSION,
         "task": task.identity(),
         "options": asdict(options),
         # Sizes, not the whole info dict: rewording a note must not invalidate finished runs.
         "sizes": prepared.info.get("sizes"),
+        **_runtime_key(cfg, device),
     }
     seeds = list(range(cfg.seeds))
     grid = sorted(cfg.lr_grid)  # ascending: ties then keep the smaller rate
@@ -291,16 +362,19 @@ def run_benchmark(
             position=0,
             dynamic_ncols=True,
         )
+    accumulate = f", {cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1 else ""
+    steps = f", {cfg.max_steps} steps per run" if cfg.max_steps is not None else ""
     log(
         f"Task {task.name}: {task.description}\n"
         f"Data: {prepared.info.get('sizes')}; methods: {', '.join(cfg.methods)}; lr grid: "
-        f"{', '.join(f'{x:g}' for x in grid)}; seeds: {cfg.seeds}; results under {out}"
+        f"{', '.join(f'{x:g}' for x in grid)}; seeds: {cfg.seeds}; results under {out}\n"
+        f"Device: {env.get('cuda_device', device)}, {cfg.dtype}{accumulate}{steps}"
     )
     counters = {"executed": 0, "reused": 0}
     all_runs: list[RunResult] = []
 
     def run(method: str, lr: float, seed: int) -> RunResult:
-        train_cfg = _train_config(cfg, task, lr, seed)
+        train_cfg = _train_config(cfg, task, lr, seed, len(prepared.train))
         key = {**base_key, "method": method, "train": train_cfg.to_dict()}
         digest = run_hash(key)
         path = store.path(method, lr, seed, digest)
@@ -313,7 +387,15 @@ def run_benchmark(
         if result is None:
             try:
                 result = train_and_evaluate(
-                    method, prepared, train_cfg, progress=progress, progress_position=1
+                    method,
+                    prepared,
+                    train_cfg,
+                    progress=progress,
+                    progress_position=1,
+                    max_steps=cfg.max_steps,
+                    device=device,
+                    dtype=DTYPES[cfg.dtype],
+                    grad_accum=cfg.grad_accum,
                 )
             except MethodUnavailableError as exc:
                 store.save_refusal(path, digest, str(exc), env)
@@ -382,6 +464,39 @@ def run_benchmark(
     )
     write_reports(result, log=log)
     return result
+
+
+def _runtime_key(cfg: BenchConfig, device: str) -> dict[str, Any]:
+    """The options beyond the task and the training config that change a run, for its hash.
+
+    Each enters only when it differs from what every run stored before these options
+    existed did (CPU, float32, no accumulation, epochs, the task's LoRA targets), so those
+    runs keep their hashes and are reused.
+    """
+    runtime: dict[str, Any] = {}
+    if device != "cpu":
+        runtime["device"] = device
+    if cfg.dtype != "float32":
+        runtime["dtype"] = cfg.dtype
+    if cfg.grad_accum != 1:
+        runtime["grad_accum"] = cfg.grad_accum
+    if cfg.max_steps is not None:
+        runtime["max_steps"] = cfg.max_steps
+    key: dict[str, Any] = {"runtime": runtime} if runtime else {}
+    if cfg.target_modules is not None:
+        key["target_modules"] = [t.strip() for t in cfg.target_modules if t.strip()]
+    return key
+
+
+def _with_targets(prepared: Any, patterns: Sequence[str]) -> Any:
+    """``prepared`` with LoRA on the modules ``--target-modules`` names, checked on the model's
+    structure now (a skeleton without weights where the task has one), before anything trains."""
+    from .targets import select_modules
+
+    model = prepared.model_skeleton() if prepared.model_skeleton is not None else prepared.load_model()
+    names = tuple(select_modules(model, [p for p in patterns if p.strip()]))
+    del model
+    return dataclasses.replace(prepared, lora_targets=lambda _model: list(names))
 
 
 def _score(run: RunResult, selection: Metric) -> float:

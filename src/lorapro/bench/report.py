@@ -158,12 +158,15 @@ def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
     info = summary["task_info"]
     env = summary["environment"]
     cfg = summary["config"]
+    # Runs on a GPU name it; summaries written before the device was recorded ran on the CPU.
+    where = f", on {env['cuda_device']}" if env.get("cuda_device") else ""
+    precision = f"; {cfg['dtype']}" if cfg.get("dtype", "float32") != "float32" else ""
     lines = [
         f"# Benchmark: {summary['task']}",
         "",
         f"{summary['task_description']}. Written {summary['written_at']} "
         f"(torch {env['torch']}, peft {env['peft']}, {env['cpu_count']} CPUs, "
-        f"{env['torch_threads']} torch threads).",
+        f"{env['torch_threads']} torch threads{where}{precision}).",
         "",
         f"Data: {info.get('sizes')}; {info.get('data_notes', '')}",
         "Each method's learning rate is the grid point with the best validation "

@@ -56,10 +56,12 @@ def evaluate_accuracy(model: nn.Module, data: Encoded, batch_size: int = 128) ->
         return float("nan")
     was_training = model.training
     model.eval()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     correct = 0
     for start in range(0, len(order), batch_size):
-        batch = data.batch(order[start : start + batch_size])
+        batch = {k: v.to(device) for k, v in data.batch(order[start : start + batch_size]).items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits
         correct += int((logits.argmax(dim=-1) == labels).sum())

@@ -8,6 +8,9 @@ same data order and the same cosine schedule with 3% warm-up; only the method di
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +28,7 @@ from .tasks.base import PreparedTask
 __all__ = [
     "RunResult",
     "TrainConfig",
+    "autocast",
     "optimizer_state_bytes",
     "train_and_evaluate",
 ]
@@ -94,6 +98,35 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The forward's precision: float32 as stored, or torch.autocast to a 16-bit dtype."""
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _on_model_device(loss: Callable[[nn.Module, dict], torch.Tensor]) -> Callable:
+    """A task's loss whose batch (built on the CPU) is first moved to the model's device."""
+
+    def moved(model: nn.Module, batch: dict) -> torch.Tensor:
+        device = _device_of(model)
+        return loss(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+
+    return moved
+
+
+def _store_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen weights in ``dtype``; trained parameters (and so their optimizer state) in float32.
+
+    Done in place on ``.data``, after the optimizer was built on these very parameters: its
+    state is created at the first step, in the parameters' (float32) dtype.
+    """
+    for p in model.parameters():
+        want = torch.float32 if p.requires_grad else dtype
+        if p.is_floating_point() and p.dtype != want:
+            p.data = p.data.to(want)
+
+
 def train_and_evaluate(
     method: str | MethodSpec,
     task: PreparedTask,
@@ -104,12 +137,21 @@ def train_and_evaluate(
     make_monitor: Callable[[nn.Module], Any] | None = None,
     progress: bool = True,
     progress_position: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    grad_accum: int = 1,
 ) -> RunResult:
     """Fine-tune one freshly loaded model with one method, then evaluate it.
 
     ``max_steps`` stops early (the schedule is laid out for ``max_steps``).
     ``make_monitor(model)`` returns a :class:`lorapro.GradientMonitor`-like object whose
     ``measure(step)`` wraps forward and backward (the diagnose command uses it).
+
+    ``device`` moves the model there after loading (batches follow it). With a 16-bit
+    ``dtype`` the frozen weights are stored in it, the trained parameters and the optimizer
+    state stay float32, and forward and evaluation run under ``torch.autocast``: every
+    method gets the same mixed precision. ``grad_accum`` micro-batches of ``batch_size`` are
+    accumulated (each loss divided by their count) into one optimizer step.
 
     A non-finite loss, or LoRA-Pro refusing a non-finite gradient, ends training early and
     marks the run ``diverged``; the model is still evaluated, so a too-large learning rate
@@ -121,15 +163,27 @@ def train_and_evaluate(
     train = task.train
     if len(train) == 0:
         raise ValueError("empty training set")
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.batch_size) / grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     if max_steps is not None:
         total_steps = min(total_steps, max_steps) if cfg.epochs > 0 else max_steps
+    target = torch.device(device) if device is not None else None
+    if target is not None and target.type == "cuda":
+        gc.collect()  # the previous run's model, so that it does not count in this run's peak
+        task = dataclasses.replace(task, loss=_on_model_device(task.loss))
     torch.manual_seed(cfg.seed)
     model = task.load_model()
-    with PeakMemory(_device_of(model)) as memory:
+    if target is not None and _device_of(model) != target:
+        model = model.to(target)
+    run_device = _device_of(model)
+    precision = dtype if dtype is not None and dtype != torch.float32 else None
+    with PeakMemory(run_device) as memory:
         built = spec.build(model, BuildContext(cfg, task, total_steps))
         model, optimizer = built.model, built.optimizer
+        if precision is not None:
+            _store_frozen_in(model, precision)
         monitor = make_monitor(model) if make_monitor is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in trainable)
@@ -160,18 +214,24 @@ def train_and_evaluate(
         diverged = False
         try:
             while step < total_steps and not diverged:
-                for batch_idx in torch.randperm(len(train), generator=gen).split(cfg.batch_size):
+                micro = torch.randperm(len(train), generator=gen).split(cfg.batch_size)
+                for first in range(0, len(micro), grad_accum):
                     if step >= total_steps:
                         break
-                    batch = train.batch(batch_idx.tolist())
+                    group = micro[first : first + grad_accum]
                     optimizer.zero_grad(set_to_none=True)
                     ctx = monitor.measure(step) if monitor is not None else nullcontext()
+                    step_loss = 0.0
                     with ctx:
-                        loss = task.loss(model, batch)
-                        loss.backward()
-                    # One host sync per step for the loss curve; the benchmark needs it and
-                    # the training step itself dwarfs it.
-                    losses.append(float(loss.detach()))
+                        for batch_idx in group:
+                            batch = train.batch(batch_idx.tolist())
+                            with autocast(run_device, precision):
+                                loss = task.loss(model, batch)
+                            (loss / len(group) if len(group) > 1 else loss).backward()
+                            # One host sync per micro-batch for the loss curve; the benchmark
+                            # needs it and the training step itself dwarfs it.
+                            step_loss += float(loss.detach()) / len(group)
+                    losses.append(step_loss)
                     if not math.isfinite(losses[-1]):
                         diverged = True
                         break
@@ -194,8 +254,13 @@ def train_and_evaluate(
                 bar.close()
             if monitor is not None and hasattr(monitor, "close"):
                 monitor.close()
+        if run_device.type == "cuda":
+            torch.cuda.synchronize(run_device)
         train_seconds = time.perf_counter() - start
-        metrics = {split: task.evaluate(model, split) for split in evaluate_on}
+        with autocast(run_device, precision):
+            metrics = {split: task.evaluate(model, split) for split in evaluate_on}
+        if run_device.type == "cuda":
+            torch.cuda.synchronize(run_device)
         seconds = time.perf_counter() - start
         state_bytes = optimizer_state_bytes(optimizer)
 
@@ -217,4 +282,10 @@ def train_and_evaluate(
         peak_memory_bytes=memory.peak_bytes,
         peak_memory_kind=memory.kind,
         diverged=diverged,
+        extra={
+            "device": str(run_device),
+            "dtype": "float32" if precision is None else str(precision).removeprefix("torch."),
+            "grad_accum": grad_accum,
+            **({"cuda_device": torch.cuda.get_device_name(run_device)} if run_device.type == "cuda" else {}),
+        },
     )

@@ -80,6 +80,9 @@ class PreparedTask:
     evaluate: Callable[[nn.Module, str], dict[str, float]]
     #: PEFT task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``) or None for a plain module.
     peft_task_type: str | None = None
+    #: A weightless model of the same structure (on the meta device), for checking module
+    #: names before anything trains; None: the harness uses ``load_model``.
+    model_skeleton: Callable[[], nn.Module] | None = None
     #: Modules trained in full next to LoRA (a freshly initialised head).
     modules_to_save: list[str] | None = None
     #: Facts about the data and model for the report (sizes, sources, notes).
@@ -103,6 +106,22 @@ class Task(ABC):
     default_epochs: int = 2
     default_batch_size: int = 32
     model_name: str = ""
+    #: Options of ``lorapro bench`` beyond :class:`TaskOptions` that this task takes
+    #: (``"model"``, ``"eval_file"``, ``"answer_regex"``), set through :meth:`configure`.
+    extra_options: frozenset[str] = frozenset()
+    #: The dtype a task that reads a model folder loads its weights in (the harness sets it
+    #: from ``--dtype``). Not part of the task's identity: the run's precision is hashed apart.
+    load_dtype: torch.dtype = torch.float32
+
+    def configure(self, **options: Any) -> None:
+        """Take the options named in :attr:`extra_options`; raise ValueError naming the fix.
+
+        Called once, before :meth:`check`. Whatever changes the data or the model must
+        enter :meth:`identity`.
+        """
+        if options:
+            names = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(options))
+            raise ValueError(f"task {self.name} does not take {names}")
 
     @abstractmethod
     def prepare(self, options: TaskOptions) -> PreparedTask:

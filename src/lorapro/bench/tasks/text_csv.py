@@ -87,7 +87,7 @@ class TextCsv(TextClassificationTask):
     def identity(self) -> dict[str, Any]:
         # The content's hash, not just the path: editing the file must not reuse old runs.
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest() if self.path.is_file() else None
-        return {"task": self.name, "path": str(self.path.resolve()), "sha256": digest}
+        return {**super().identity(), "path": str(self.path.resolve()), "sha256": digest}
 
 
 register_task("text-csv", TextCsv, takes_argument=True)
