@@ -1,5 +1,5 @@
 """Efficient mode under FSDP2, two ways, side by side: ``lorapro.attach`` + torch AdamW against
-``FSDPLoRAProAdamW(mode="efficient")`` (lorapro's placement), on 2 gloo ranks on the CPU.
+``lorapro.LoRAProAdamW(mode="efficient")`` on the shards (lorapro's placement), on 2 gloo ranks on the CPU.
 
 Two identical Llama-shaped models (LoRA r = 8 on every linear layer), each ``fully_shard``-ed per
 decoder layer and at the root, train side by side in the same process group, steps interleaved.
@@ -52,7 +52,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import lorapro
-    from lorapro.integrations.fsdp import FSDPLoRAProAdamW, full_state, lora_shard_placement_fn
+    from lorapro.integrations.fsdp import full_state, lora_shard_placement_fn
 
     hyper = {"lr": 1e-3, "weight_decay": 0.01}
     attached = shard(build(args))
@@ -60,11 +60,12 @@ def worker(rank: int, world: int, port: int, args) -> None:
     attach_opt = torch.optim.AdamW([p for p in attached.parameters() if p.requires_grad], **hyper)
     owned = build(args)
     owned = shard(owned, lora_shard_placement_fn(owned))
-    owned_opt = FSDPLoRAProAdamW(owned, **hyper, mode="efficient")
+    owned_opt = lorapro.LoRAProAdamW(owned, **hyper, mode="efficient")
     g = torch.Generator().manual_seed(rank)
     tokens = torch.randint(0, 1024, (args.batch, args.seq), generator=g)
-    runs = {"attach + torch AdamW": (attached, attach_opt), "FSDPLoRAProAdamW": (owned, owned_opt)}
+    runs = {"attach + torch AdamW": (attached, attach_opt), "LoRAProAdamW on the shards": (owned, owned_opt)}
     times = {k: ([], []) for k in runs}
+    opt_of = {name: opt for name, (_, opt) in runs.items()}
     for step in range(args.steps + 2):
         for name, (model, opt) in runs.items():
             dist.barrier()
@@ -81,14 +82,16 @@ def worker(rank: int, world: int, port: int, args) -> None:
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     if rank == 0:
         shape = f"{args.layers} layers of width {args.hidden}, r = {args.rank}"
-        print(f"{world} gloo ranks, {shape}, micro-batch {args.batch} x {args.seq} per rank, "
-              f"{args.steps} steps each, torch {torch.__version__}")
+        print(
+            f"{world} gloo ranks, {shape}, micro-batch {args.batch} x {args.seq} per rank, "
+            f"{args.steps} steps each, torch {torch.__version__}"
+        )
         print("| way | median step ms | median optimizer ms | lorapro's collectives per step (numbers) |")
         print("|---|---|---|---|")
         for name in runs:
             step_ms = 1e3 * statistics.median(times[name][0])
             opt_ms = 1e3 * statistics.median(times[name][1])
-            comm = dict(owned_opt.comm_numel) if name == "FSDPLoRAProAdamW" else "none (no collective call)"
+            comm = dict(owned_opt.comm_numel) if opt_of[name] is owned_opt else "none (no collective call)"
             print(f"| {name} | {step_ms:.1f} | {opt_ms:.2f} | {comm} |")
         print(f"largest parameter difference between the two ways after {args.steps + 2} steps: {diff:.2e}")
     dist.barrier()

@@ -6,7 +6,7 @@ measures what can be measured on a CPU machine and checks it against the formula
 - optimizer state bytes of a real ``LoRAProAdamW`` after one step, on one decoder block of the
   real widths (base weights on the meta device, LoRA factors real), efficient and full mode;
 - the peak extra resident memory of that step (Linux VmHWM, reset before the step);
-- the numbers ``FSDPLoRAProAdamW`` sends into collectives per step, from a 2-process gloo run
+- the numbers ``LoRAProAdamW`` sends into collectives per step, from a 2-process gloo run
   with FSDP2: (a) one block of Llama-2-7B's real widths, (b) a narrow stack with 7B's count of
   LoRA layers (224), where the Gram all-reduce is the only term and does not depend on widths.
 
@@ -220,7 +220,7 @@ def _free_port() -> int:
 
 
 def measure_comm(kind: str, r: int, mode: str) -> dict[str, int]:
-    """Launch 2 gloo ranks running one FSDP2 step; returns FSDPLoRAProAdamW.comm_numel."""
+    """Launch 2 gloo ranks running one FSDP2 step; returns LoRAProAdamW.comm_numel."""
     port = _free_port()
     with tempfile.TemporaryDirectory() as out:
         procs = []
@@ -244,7 +244,8 @@ def comm_worker(kind: str, r: int, mode: str, out: str) -> None:
     from torch import nn
     from torch.distributed.fsdp import fully_shard
 
-    from lorapro.integrations.fsdp import FSDPLoRAProAdamW, lora_shard_placement_fn
+    import lorapro
+    from lorapro.integrations.fsdp import lora_shard_placement_fn
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -277,7 +278,7 @@ def comm_worker(kind: str, r: int, mode: str, out: str) -> None:
     for block in model.base_model.model:
         fully_shard(block, shard_placement_fn=place)
     fully_shard(model, shard_placement_fn=place)
-    opt = FSDPLoRAProAdamW(model, lr=1e-4, mode=mode)
+    opt = lorapro.LoRAProAdamW(model, lr=1e-4, mode=mode)
     width = next(iter(shapes.values()))[1]
     x = torch.randn(2, 4, width)
     model(x).square().mean().backward()
@@ -310,7 +311,7 @@ def measurements() -> str:
         )
     lines += [
         "",
-        "Numbers `FSDPLoRAProAdamW` sent into collectives in one step (`optimizer.comm_numel`, rank 0, "
+        "Numbers `LoRAProAdamW` sent into collectives in one step (`optimizer.comm_numel`, rank 0, "
         "2 gloo ranks, FSDP2 with `lora_shard_placement_fn`), against the formula:",
         "",
         "| model | r | mode | measured | formula |",

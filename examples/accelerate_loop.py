@@ -6,9 +6,9 @@
 
 Build the optimizer from the (unwrapped) PEFT model before ``prepare``; Accelerate wraps it
 without touching the LoRA factors, skips its step while accumulating, and all-reduces the
-gradients before the step that runs. With FSDP2 (``--fsdp2``-style Accelerate configs) use
-``lorapro.integrations.fsdp.FSDPLoRAProAdamW`` instead: Accelerate swaps the optimizer's
-parameters for sharded ones inside ``prepare`` and that class follows the swap.
+gradients before the step that runs. With FSDP2 (``--fsdp2``-style Accelerate configs) the
+same code works: Accelerate swaps the optimizer's parameters for sharded DTensors inside
+``prepare``, and the lorapro optimizers follow the swap and work on the shards.
 """
 
 from __future__ import annotations

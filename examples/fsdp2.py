@@ -2,14 +2,14 @@
 
     torchrun --nproc_per_node 2 examples/fsdp2.py --attach         # efficient mode, any optimizer
     torchrun --nproc_per_node 2 examples/fsdp2.py --mode full      # m x n moments sharded by rows
-    torchrun --nproc_per_node 2 examples/fsdp2.py                  # efficient mode, lorapro's optimizer
+    torchrun --nproc_per_node 2 examples/fsdp2.py                  # efficient mode, LoRAProAdamW
     torchrun --nproc_per_node 2 examples/fsdp2.py --default-placement
 
 ``--attach``: ``lorapro.attach(model)`` and a stock ``torch.optim.AdamW`` on the sharded
 parameters. The hooks adjust the gradients FSDP2 computes for its unsharded copies of the
 factors, before its reduce-scatter; lorapro adds no collective.
 
-Otherwise:
+Otherwise ``lorapro.LoRAProAdamW``, built after sharding, works on each rank's shards.
 Shard every decoder block and the root with ``fully_shard``, passing
 ``lora_shard_placement_fn(model)`` so that the LoRA A factors are split by columns (B by rows is
 FSDP2's default). Then the optimizer's only collective is one all-reduce of the r x r Gram terms
@@ -27,7 +27,7 @@ from common import CountingDataset, default_lr, lora_model, parser, tear_down_di
 from torch.distributed.fsdp import fully_shard
 
 import lorapro
-from lorapro.integrations.fsdp import FSDPLoRAProAdamW, full_state, lora_shard_placement_fn
+from lorapro.integrations.fsdp import full_state, lora_shard_placement_fn
 
 
 def main(argv=None) -> dict:
@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     p.add_argument("--attach", action="store_true", help="lorapro.attach + torch AdamW (efficient mode)")
     args = p.parse_args(argv)
     if args.attach and args.mode != "efficient":
-        p.error("--attach runs efficient mode; full mode needs FSDPLoRAProAdamW")
+        p.error("--attach runs efficient mode; full mode needs LoRAProAdamW")
 
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     result = train(args)  # the sharded model and its optimizer are freed when it returns
@@ -61,7 +61,7 @@ def train(args) -> dict:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=default_lr(args), weight_decay=0.01)
     else:
-        optimizer = FSDPLoRAProAdamW(model, lr=default_lr(args), weight_decay=0.01, mode=args.mode)
+        optimizer = lorapro.LoRAProAdamW(model, lr=default_lr(args), weight_decay=0.01, mode=args.mode)
 
     data = CountingDataset()
     sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, seed=args.seed)

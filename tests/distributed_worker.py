@@ -164,19 +164,19 @@ def scenario_accelerate(rank: int, world: int) -> dict[str, torch.Tensor]:
 
 def _fsdp2_run(mode: str, lora_placement: bool) -> dict[str, torch.Tensor]:
     """FSDP2 (fully_shard on each decoder layer and the root) with the LoRA factors sharded;
-    lorapro's FSDP optimizer computes the r x r Gram terms from local shards and all-reduces
+    the lorapro optimizer computes the r x r Gram terms from local shards and all-reduces
     them. Each rank sees half of the global batch."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from lorapro.integrations.fsdp import FSDPLoRAProAdamW, full_state, lora_shard_placement_fn
+    from lorapro.integrations.fsdp import full_state, lora_shard_placement_fn
 
     model = tiny_lora_llama(random_b=True)
     place = lora_shard_placement_fn(model) if lora_placement else None
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, shard_placement_fn=place)
     fully_shard(model, shard_placement_fn=place)
-    opt = FSDPLoRAProAdamW(model, **{**HYPER, "lr": MODE_LR[mode]}, mode=mode)
+    opt = lorapro.LoRAProAdamW(model, **{**HYPER, "lr": MODE_LR[mode]}, mode=mode)
     assert all(isinstance(t, DTensor) for p in opt.pairs for t in (p.A, p.B))
     rows = local_rows(dist.get_rank(), dist.get_world_size())
     for _ in range(STEPS):
@@ -209,7 +209,7 @@ def scenario_fsdp2_full_resume(rank: int, world: int) -> dict[str, torch.Tensor]
     model and of the DTensor m x n moments), resumed into a model built from another seed."""
     import io
 
-    from lorapro.integrations.fsdp import FSDPLoRAProAdamW, full_state
+    from lorapro.integrations.fsdp import full_state
 
     rows = local_rows(rank, world)
 
@@ -220,7 +220,7 @@ def scenario_fsdp2_full_resume(rank: int, world: int) -> dict[str, torch.Tensor]
             opt.zero_grad()
 
     model = _sharded()
-    opt = FSDPLoRAProAdamW(model, **{**HYPER, "lr": MODE_LR["full"]}, mode="full")
+    opt = lorapro.LoRAProAdamW(model, **{**HYPER, "lr": MODE_LR["full"]}, mode="full")
     train(model, opt, STEPS // 2)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
@@ -229,7 +229,7 @@ def scenario_fsdp2_full_resume(rank: int, world: int) -> dict[str, torch.Tensor]
     saved = torch.load(buffer, weights_only=False)
     model = _sharded(seed=123)
     model.load_state_dict(saved["model"])
-    opt = FSDPLoRAProAdamW(model, **{**HYPER, "lr": MODE_LR["full"]}, mode="full")
+    opt = lorapro.LoRAProAdamW(model, **{**HYPER, "lr": MODE_LR["full"]}, mode="full")
     opt.load_state_dict(saved["optimizer"])
     train(model, opt, STEPS - STEPS // 2)
     return full_state(model)
@@ -497,6 +497,7 @@ def scenario_trainer_deepspeed_callback(rank: int, world: int) -> dict[str, torc
     from lorapro.integrations.trainer import LoRAProCallback
 
     config = _hf_deepspeed_config(2, overlap_comm=True)
+
     class Recording(LoRAProCallback):
         def on_train_end(self, *args, **kwargs):
             self.computed = self.handle.basis_computations  # the hooks' cache, refreshed each step
@@ -709,22 +710,20 @@ def _swapped_after_build(cls) -> dict[str, torch.Tensor]:
 
 
 def scenario_fsdp2_accelerate_swap(rank: int, world: int) -> dict[str, torch.Tensor]:
-    from lorapro.integrations.fsdp import FSDPLoRAProAdamW
-
-    return _swapped_after_build(FSDPLoRAProAdamW)
+    return _swapped_after_build(lorapro.LoRAProAdamW)
 
 
 def scenario_fsdp2_without_gram_allreduce(rank: int, world: int) -> dict[str, torch.Tensor]:
     """Negative control: the same FSDP2 run with the Gram all-reduce switched off must NOT match
     the single-process result (so the comparison can fail)."""
-    from lorapro.integrations.fsdp import FSDPLoRAProAdamW
+    from lorapro._sharded import FactorSharding
 
-    original = FSDPLoRAProAdamW._reduce_gram_terms
-    FSDPLoRAProAdamW._reduce_gram_terms = lambda self, terms: terms
+    original = FactorSharding.reduce_terms
+    FactorSharding.reduce_terms = lambda self, terms: terms
     try:
         return _fsdp2_run("efficient", lora_placement=True)
     finally:
-        FSDPLoRAProAdamW._reduce_gram_terms = original
+        FactorSharding.reduce_terms = original
 
 
 SCENARIOS = {

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._sharded import FactorSharding, ShardedPair, local_tensor
 from .backward_hooks import attached_handle
 from .closed_form import X_MODES, adjust_grad_A, adjust_grad_B, compute_dtype, solve_coefficients
 from .errors import LoRAProConfigError, NonFiniteGradientError
@@ -48,6 +49,9 @@ class PairWork:
     coefficients: Sequence[Tensor] | None = None
     adjusted_A: Tensor | None = None
     adjusted_B: Tensor | None = None
+    # Set when the factors are DTensor shards (FSDP2): A, B and the gradients above are then
+    # this rank's local shards, A by columns and B by rows (see lorapro._sharded).
+    sharded: ShardedPair | None = None
 
 
 @dataclass(eq=False)
@@ -295,6 +299,7 @@ class LoRAProOptimizer(Optimizer):
         self._tracker = tracker
         self._pairs = pairs
         self._checked: list[Tensor] = []  # r x r tensors of the current step, for the NaN check
+        self._sharding = FactorSharding()  # FSDP2's DTensor factors, if any, handled there
         # The options this class defines (torch adds keys such as "differentiable" to
         # self.defaults on load, and those never appear in a saved group).
         self._option_keys = tuple(defaults)
@@ -406,7 +411,7 @@ class LoRAProOptimizer(Optimizer):
                 f"was built (parameter shapes now {shapes}...), and LoRA-Pro would silently not be applied. "
                 "DeepSpeed ZeRO stages 1-3 and its bf16/fp16 sections do this: call lorapro.attach(model) "
                 "before deepspeed.initialize and use DeepSpeed's own optimizer (or any torch optimizer) "
-                "instead of a lorapro optimizer. For FSDP2 use lorapro.integrations.fsdp.FSDPLoRAProAdamW."
+                "instead of a lorapro optimizer. Under FSDP2 build the lorapro optimizer after fully_shard."
             )
         if new:
             raise LoRAProConfigError(
@@ -434,6 +439,7 @@ class LoRAProOptimizer(Optimizer):
 
     def _collect(self) -> list[GroupWork]:
         self._sync_pairs()
+        self._sharding.begin_step()
         works = []
         for group, pairs in zip(self.param_groups, self._group_pairs, strict=True):
             work = GroupWork(group)
@@ -447,11 +453,18 @@ class LoRAProOptimizer(Optimizer):
                         "use dense embeddings (sparse=False)"
                     )
                 dtype = compute_dtype(pair.A.dtype)
-                A = _in_dtype(pair.matrix_A(), dtype)
-                B = _in_dtype(pair.matrix_B(), dtype)
-                gA = torch.zeros_like(A) if gA is None else _in_dtype(pair.matrix_A(gA), dtype)
-                gB = torch.zeros_like(B) if gB is None else _in_dtype(pair.matrix_B(gB), dtype)
-                work.pairs.append(PairWork(pair, pair.scaling, A, B, gA, gB))
+                sharded = self._sharding.pair(pair)
+                if sharded is None:
+                    A = _in_dtype(pair.matrix_A(), dtype)
+                    B = _in_dtype(pair.matrix_B(), dtype)
+                    gA = torch.zeros_like(A) if gA is None else _in_dtype(pair.matrix_A(gA), dtype)
+                    gB = torch.zeros_like(B) if gB is None else _in_dtype(pair.matrix_B(gB), dtype)
+                else:  # this rank's shards, A by columns and B by rows
+                    A = _in_dtype(sharded.local_A(pair.A), dtype)
+                    B = _in_dtype(sharded.local_B(pair.B), dtype)
+                    gA = torch.zeros_like(A) if gA is None else _in_dtype(sharded.local_A(gA), dtype)
+                    gB = torch.zeros_like(B) if gB is None else _in_dtype(sharded.local_B(gB), dtype)
+                work.pairs.append(PairWork(pair, pair.scaling, A, B, gA, gB, sharded=sharded))
             for p in group["params"]:
                 if p.grad is None or id(p) in self._lora_ids:
                     continue
@@ -462,23 +475,23 @@ class LoRAProOptimizer(Optimizer):
                 work.params.append(p)
                 work.grads.append(p.grad)
             works.append(work)
+        self._sharding.end_collect()
         return works
 
-    def _reduce_gram_terms(self, terms: Tensor) -> Tensor:
-        """Sum the (k, 4, r, r) Gram terms over shards of sharded factors.
-
-        Replicated factors (one process, DDP) need nothing: the identity. A sharded-parameter
-        integration overrides this with an all-reduce (4 k r^2 numbers per bucket).
-        """
-        return terms
+    @property
+    def comm_numel(self) -> dict[str, int]:
+        """Numbers this rank sent into collectives in the last step, by purpose. Empty unless the
+        LoRA factors are FSDP2 shards (``gram_allreduce``: the r x r terms; ``reshard_A``: A under
+        FSDP2's default placement; ``full_mode_gather`` / ``full_mode_allreduce``: full mode)."""
+        return dict(self._sharding.comm_numel)
 
     def _solve(self, pair_works: list[PairWork], x_mode_of: Callable[[PairWork], str]) -> None:
         """Coefficients for every layer; the r x r tensors are kept for the NaN check."""
-        self._checked += solve_pairs(pair_works, x_mode_of, self._reduce_gram_terms)
+        self._checked += solve_pairs(pair_works, x_mode_of, self._sharding.reduce_terms)
 
     def _adjust(self, pair_works: list[PairWork], x_mode_of: Callable[[PairWork], str]) -> None:
         """Coefficients and every layer's adjusted gradients at once (full mode's need)."""
-        self._checked += adjust_pairs(pair_works, x_mode_of, self._reduce_gram_terms)
+        self._checked += adjust_pairs(pair_works, x_mode_of, self._sharding.reduce_terms)
 
     def _prepare(self, works: list[GroupWork]) -> None:
         """Solve every layer's coefficients before anything is checked or updated (subclasses
@@ -501,11 +514,13 @@ class LoRAProOptimizer(Optimizer):
                 grads += [gA, gB]
             yield params, grads
 
-    def _as_param_gradients(self, w: PairWork) -> tuple[Tensor, Tensor]:
-        """The layer's adjusted gradients shaped like its parameters (a sharded integration
-        returns them laid out like its sharded parameters)."""
+    @staticmethod
+    def _as_param_gradients(w: PairWork) -> tuple[Tensor, Tensor]:
+        """The layer's adjusted gradients shaped (sharded: laid out) like its parameters."""
         gA, gB, A, B = w.adjusted_A, w.adjusted_B, w.pair.A, w.pair.B
         assert gA is not None and gB is not None
+        if w.sharded is not None:
+            return w.sharded.as_params(gA, gB)
         return (gA if gA.shape == A.shape else gA.view_as(A)), (gB if gB.shape == B.shape else gB.view_as(B))
 
     def _apply(self, work: GroupWork) -> None:
@@ -526,8 +541,11 @@ class LoRAProOptimizer(Optimizer):
         """
         tensors: list[Tensor] = list(self._checked)
         for work in works:
-            tensors += work.grads
-        return bool(any_nonfinite(tensors))  # the one sync per step (GradScaler pays the same)
+            tensors += [local_tensor(g) for g in work.grads]
+        # The one sync per step (GradScaler pays the same). With sharded factors the r x r terms
+        # are already summed over ranks, so a NaN in any rank's shard is in every rank's terms;
+        # agree() makes the verdict on the other parameters' local shards the same on every rank.
+        return self._sharding.agree(any_nonfinite(tensors))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

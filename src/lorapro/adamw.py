@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import GroupWork, LoRAProOptimizer, PairWork, adjusted_gradients, check_choice, check_number
+from ._sharded import local_tensor
 from .closed_form import XMode, compute_dtype, equivalent_gradient
 from .errors import LoRAProConfigError
 from .functional import adam_direction, adamw_update, fused_kernel_applies
@@ -206,28 +207,39 @@ class LoRAProAdamW(LoRAProOptimizer):
         # Adam on each layer's m x n equivalent gradient, one layer at a time, in two m x n
         # buffers shared by all layers (the equivalent gradient, which becomes the direction,
         # and the denominator): fresh m x n temporaries per layer would be page-faulted anew on
-        # the CPU every step. Then map the direction back to LoRA gradients.
-        largest: dict[tuple, int] = defaultdict(int)  # m n of the largest layer per dtype, device
+        # the CPU every step. Then map the direction back to LoRA gradients. With FSDP2 shards
+        # (w.sharded) every m x n tensor is this rank's rows, like B's shard: A and the adjusted
+        # grad_A are gathered whole (r x n), and B^T D is summed over the row shards.
+        largest: dict[tuple, int] = defaultdict(int)  # elements of the largest layer per dtype, device
         for w in work.pairs:
+            n = w.A.shape[1] if w.sharded is None else w.sharded.columns
             key = (w.A.dtype, w.A.device)
-            largest[key] = max(largest[key], w.B.shape[0] * w.A.shape[1])
+            largest[key] = max(largest[key], w.B.shape[0] * n)
         scratch = {key: torch.empty((2, size), dtype=key[0], device=key[1]) for key, size in largest.items()}
         for w in work.pairs:
-            m, n = w.B.shape[0], w.A.shape[1]
+            sh = w.sharded
+            adjusted_A, adjusted_B = adjusted_gradients(w)  # from the coefficients _prepare solved
+            A = w.A if sh is None else sh.full_columns(w.A)
+            if sh is not None:
+                adjusted_A = sh.full_columns(adjusted_A)
+            rows, n = w.B.shape[0], A.shape[1]
             state = self.state[w.pair.B]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
-                state["equiv_exp_avg"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
-                state["equiv_exp_avg_sq"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
-            g_equiv, denom = (buf[: m * n].view(m, n) for buf in scratch[(w.A.dtype, w.A.device)])
-            adjusted_A, adjusted_B = adjusted_gradients(w)  # from the coefficients _prepare solved
-            equivalent_gradient(w.A, w.B, adjusted_A, adjusted_B, w.scaling, out=g_equiv)
+                for key in ("equiv_exp_avg", "equiv_exp_avg_sq"):
+                    if sh is None:
+                        state[key] = torch.zeros((rows, n), dtype=w.A.dtype, device=w.A.device)
+                    else:
+                        state[key] = sh.row_sharded_zeros(n, w.A.dtype)
+            g_equiv, denom = (buf[: rows * n].view(rows, n) for buf in scratch[(w.A.dtype, w.A.device)])
+            equivalent_gradient(A, w.B, adjusted_A, adjusted_B, w.scaling, out=g_equiv)
             direction = adam_direction(
-                g_equiv, state["equiv_exp_avg"], state["equiv_exp_avg_sq"], state["step"],
-                beta1=beta1, beta2=beta2, eps=group["eps"], out=g_equiv, scratch=denom,
+                g_equiv, local_tensor(state["equiv_exp_avg"]), local_tensor(state["equiv_exp_avg_sq"]),
+                state["step"], beta1=beta1, beta2=beta2, eps=group["eps"], out=g_equiv, scratch=denom,
             )  # fmt: skip
-            w.grad_A = w.scaling * (w.B.mT @ direction)
-            w.grad_B = w.scaling * (direction @ w.A.mT)
+            grad_A = w.scaling * (w.B.mT @ direction)
+            w.grad_A = grad_A if sh is None else sh.own_columns(sh.sum_over_rows(grad_A))
+            w.grad_B = w.scaling * (direction @ A.mT)
         del scratch  # the m x n buffers are not needed by the factor updates below
         self._adjust(work.pairs, lambda w: group["x_mode"])
 
@@ -235,12 +247,21 @@ class LoRAProAdamW(LoRAProOptimizer):
         factor_decay = math.sqrt(decay)
         decayed_bases: set[int] = set()
         for w in work.pairs:
-            for param, delta in ((w.pair.A, w.adjusted_A), (w.pair.B, w.adjusted_B)):
-                updated = param.reshape(delta.shape).to(delta.dtype, copy=True)
+            assert w.adjusted_A is not None and w.adjusted_B is not None
+            # w.A and w.B may be views of the parameters: update copies, then write both.
+            new_A, new_B = w.A.clone(), w.B.clone()
+            for value, delta in ((new_A, w.adjusted_A), (new_B, w.adjusted_B)):
                 if wd != 0.0:
-                    updated.mul_(factor_decay)
-                updated.add_(delta, alpha=-lr)
-                param.copy_(updated.view_as(param))
+                    value.mul_(factor_decay)
+                value.add_(delta, alpha=-lr)
+            A, B = w.pair.A, w.pair.B
+            if w.sharded is None:
+                A.copy_(new_A.view_as(A))
+                B.copy_(new_B.view_as(B))
+            else:
+                as_A, as_B = w.sharded.as_params(new_A.to(A.dtype), new_B.to(B.dtype))
+                A.copy_(as_A)
+                B.copy_(as_B)
             base = w.pair.base_weight
             if wd != 0.0 and id(base) not in decayed_bases:
                 decayed_bases.add(id(base))

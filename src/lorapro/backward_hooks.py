@@ -421,7 +421,8 @@ class LoRAProHandle:
             raise LoRAProConfigError(
                 f"{pair.name}: the LoRA factor is a DTensor inside its module's forward pass (tensor "
                 "parallelism?). lorapro.attach supports FSDP2's fully_shard, whose modules compute with "
-                "whole factors; use FSDPLoRAProAdamW or leave the LoRA layers unsharded."
+                "whole factors; use lorapro.LoRAProAdamW (built after sharding) or leave the LoRA layers "
+                "unsharded."
             )
         adjust, matrix = (_adjusted_B, pair.matrix_B) if which == 0 else (_adjusted_A, pair.matrix_A)
         handle = weight.register_hook(self._make_hook(entry, adjust, matrix, weight))

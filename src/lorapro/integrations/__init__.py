@@ -4,8 +4,9 @@ Submodules (each imported on demand, so that ``import lorapro`` pulls in none of
 
 - :mod:`lorapro.integrations.trainer`: ``LoRAProTrainer`` and a factory for the stock
   ``transformers.Trainer``;
-- :mod:`lorapro.integrations.fsdp`: LoRA-Pro on FSDP2 (``fully_shard``) sharded LoRA factors,
-  with the closed form's r x r Gram terms all-reduced from local shards;
+- :mod:`lorapro.integrations.fsdp`: helpers for FSDP2 (``fully_shard``): a placement of the
+  LoRA A factors by columns, so that the optimizers communicate only r x r terms, and
+  ``full_state`` (the optimizers themselves handle DTensor factors);
 - :mod:`lorapro.integrations.deepspeed`: which DeepSpeed ZeRO stages can carry a lorapro
   client optimizer, and a clear error for those that cannot.
 

@@ -24,7 +24,7 @@ What to use instead with ZeRO-1/2/3, Offload or the bf16/fp16 sections: :func:`l
 before ``deepspeed.initialize``, with DeepSpeed's own optimizer. The gradient hooks adjust every
 gradient before DeepSpeed accumulates, reduces or partitions it, so its optimizer steps
 LoRA-Pro's gradients (efficient mode). Full mode needs a lorapro optimizer: ZeRO stage 0, torchrun/DDP, or
-FSDP2 with :mod:`lorapro.integrations.fsdp`.
+FSDP2 (the optimizers work on its shards).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ __all__ = ["assert_owns_pairs", "check_deepspeed_config", "initialize"]
 _INSTEAD = (
     "For efficient mode call lorapro.attach(model) before deepspeed.initialize and keep DeepSpeed's own "
     "optimizer (tested with ZeRO stages 1-3, Offload and the bf16 section); for a lorapro optimizer (full "
-    "mode) use ZeRO stage 0, torchrun/DDP, or FSDP2 with lorapro.integrations.fsdp."
+    "mode) use ZeRO stage 0, torchrun/DDP, or FSDP2 (build the lorapro optimizer after fully_shard)."
 )
 
 

@@ -141,24 +141,11 @@ def _optimizer_kwargs(
     return kwargs
 
 
-def _optimizer_class(name: str, model: nn.Module, fsdp: bool | None) -> type[LoRAProOptimizer]:
-    if fsdp is None:  # already sharded by fully_shard?
-        from torch.distributed.tensor import DTensor
-
-        fsdp = any(isinstance(p, DTensor) for p in model.parameters())
-    if fsdp:
-        from .fsdp import FSDPLoRAProAdamW, FSDPLoRAProSGD
-
-        return {"adamw": FSDPLoRAProAdamW, "sgd": FSDPLoRAProSGD}[name]
-    return OPTIMIZERS[name]
-
-
 def create_lorapro_optimizer(
     model: nn.Module,
     args: TrainingArguments,
     optimizer: str = "adamw",
     decay_parameter_names: Iterable[str] | None = None,
-    fsdp: bool | None = None,
     **lorapro_kwargs: Any,
 ) -> LoRAProOptimizer:
     """A lorapro optimizer configured from ``TrainingArguments``.
@@ -167,8 +154,9 @@ def create_lorapro_optimizer(
     ``adam_epsilon``) or ``"sgd"`` (:class:`~lorapro.LoRAProSGD`; pass ``momentum=`` here).
     ``lorapro_kwargs`` (``mode``, ``x_mode``, ``nonfinite``, ``foreach``, ...) are passed on and
     override what ``args`` gives. ``model`` may be the PEFT model or a wrapper of it (DDP,
-    Accelerate's wrappers): pairs are found by module. ``fsdp=True`` (or a model already
-    sharded by ``fully_shard``) gives the FSDP2 variant from :mod:`lorapro.integrations.fsdp`.
+    Accelerate's wrappers): pairs are found by module. A model sharded by FSDP2's
+    ``fully_shard`` (before or after this call) needs nothing more: the optimizers work on
+    DTensor factors.
 
     Like every lorapro optimizer, it checks before every step that it still owns the model's
     active LoRA factors, so a wrapper that swaps them fails loudly.
@@ -177,7 +165,7 @@ def create_lorapro_optimizer(
     weight_decay = kwargs.pop("weight_decay")
     if "params" not in kwargs:
         kwargs["params"] = lorapro_param_groups(model, weight_decay, decay_parameter_names)
-    cls = _optimizer_class(optimizer, model, fsdp)
+    cls = OPTIMIZERS[optimizer]
     return cls(model, weight_decay=weight_decay, **kwargs)
 
 
@@ -188,8 +176,7 @@ class _LoRAProFactory:
     def __call__(self, model: nn.Module, *, optimizer: str = "adamw", weight_decay: float = 0.0, **kwargs):
         if "params" not in kwargs:
             kwargs["params"] = lorapro_param_groups(model, weight_decay)
-        cls = _optimizer_class(optimizer, model, kwargs.pop("fsdp", None))
-        return cls(model, weight_decay=weight_decay, **kwargs)
+        return OPTIMIZERS[optimizer](model, weight_decay=weight_decay, **kwargs)
 
 
 def lorapro_optimizer_cls_and_kwargs(
@@ -268,7 +255,7 @@ class LoRAProTrainer(Trainer):
             raise LoRAProConfigError(
                 "FSDP1 flattens each wrapped module's parameters into one FlatParameter, so the LoRA A and B "
                 "matrices do not reach the optimizer as matrices; use FSDP2 (fsdp_version=2 in the FSDP "
-                "config), which lorapro supports through lorapro.integrations.fsdp"
+                "config), whose DTensor factors the lorapro optimizers handle"
             )
         if self.is_deepspeed_enabled:
             from .deepspeed import check_deepspeed_config
@@ -302,7 +289,6 @@ class LoRAProTrainer(Trainer):
                 self.args,
                 self.lorapro_optimizer,
                 decay_parameter_names=self.get_decay_parameter_names(opt_model),
-                fsdp=True if self.is_fsdp_enabled else None,
                 **self.lorapro_kwargs,
             )
         return self.optimizer

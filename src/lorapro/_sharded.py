@@ -1,0 +1,268 @@
+"""LoRA factors held as DTensor shards (FSDP2's ``fully_shard``): the one place the optimizers meet them.
+
+Under FSDP2 every parameter is a ``DTensor`` holding one shard, and gradients arrive already
+reduce-scattered (averaged over ranks). The closed form needs the whole factors only through
+four r x r products, and each is a sum over the shards of a well-chosen sharding:
+
+- B (m, r) sharded by rows (``Shard(0)``, FSDP2's default): ``B^T B = sum_k B_k^T B_k`` and
+  ``B^T grad_B = sum_k B_k^T grad_B_k``;
+- A (r, n) sharded by columns (``Shard(1)``): ``A A^T = sum_k A_k A_k^T`` and
+  ``grad_A A^T = sum_k grad_A_k A_k^T``.
+
+So the optimizers work on each rank's local shards in that *canonical* layout (A by columns,
+B by rows), one ``all_reduce`` of the (k, 4, r, r) terms per bucket makes them global, every
+rank solves the same r x r problems, and the adjusted gradients are formed shard by shard
+(``grad_A_k`` needs only ``A_k``, ``grad_B_k`` only ``B_k``). FSDP2 shards A by rows (by the
+rank r) unless told otherwise: ``lorapro.integrations.fsdp.lora_shard_placement_fn`` places A by
+columns; with the default placement each step re-shards A and its gradient (an all-to-all of
+A-sized tensors per layer) and says so once in the log.
+
+Full mode keeps its m x n moments sharded by rows like B; its step also gathers A and the
+adjusted grad_A (r x n each) and all-reduces ``B^T D`` (r x n) per layer: O(r n) numbers,
+never an m x n matrix.
+
+Plain tensors (one process, DDP, DeepSpeed stage 0) never reach this module's collectives:
+:meth:`FactorSharding.pair` returns ``None`` for them and every step-level call is the identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import LoRAProConfigError
+from .pairs import LoRAPair
+
+__all__ = ["FactorSharding", "ShardedPair", "local_tensor"]
+
+logger = logging.getLogger(__name__)
+
+
+def _dtensor_class() -> type | None:
+    # No DTensor can exist before torch.distributed.tensor was imported, so a plain model never
+    # pays for importing it (nor needs a torch built with distributed support).
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor; a plain tensor as it is."""
+    cls = _dtensor_class()
+    return t.to_local() if cls is not None and isinstance(t, cls) else t
+
+
+def _shard_mesh_dim(t: Any, what: str) -> int:
+    from torch.distributed.tensor import Replicate, Shard
+
+    dims = [i for i, p in enumerate(t.placements) if isinstance(p, Shard)]
+    if len(dims) != 1 or any(not isinstance(p, Shard | Replicate) for p in t.placements):
+        raise LoRAProConfigError(
+            f"{what} has placements {tuple(t.placements)}: lorapro's optimizers support LoRA factors "
+            "sharded over exactly one mesh dimension (FSDP2, or HSDP's (Replicate, Shard)); keep the LoRA "
+            "layers out of tensor parallelism"
+        )
+    return dims[0]
+
+
+@dataclass(frozen=True)
+class _Factor:
+    """One factor's DTensor and the placement the Gram sums want it in (the canonical one)."""
+
+    param: Any  # DTensor
+    canonical: tuple
+
+    @property
+    def mesh(self) -> Any:
+        return self.param.device_mesh
+
+    @property
+    def resharded(self) -> bool:
+        return tuple(self.param.placements) != self.canonical
+
+    def local(self, t: Any) -> Tensor:
+        """The local shard of ``t`` (the parameter or its gradient) in the canonical placement."""
+        if tuple(t.placements) != self.canonical:
+            t = t.redistribute(self.mesh, self.canonical)
+        return t.to_local()
+
+    def as_param(self, local: Tensor, *, like_param: bool = True) -> Any:
+        """A canonical local shard (any view of it) back into a DTensor, laid out like the
+        parameter (``like_param=True``) or left in the canonical placement."""
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, _ = compute_local_shape_and_global_offset(self.param.shape, self.mesh, self.canonical)
+        dt = DTensor.from_local(
+            local.reshape(shape), self.mesh, self.canonical, run_check=False,
+            shape=self.param.shape, stride=self.param.stride(),
+        )  # fmt: skip
+        if like_param and self.resharded:
+            dt = dt.redistribute(self.mesh, tuple(self.param.placements))
+        return dt
+
+
+class ShardedPair:
+    """One LoRA layer whose factors are DTensor shards: conversions and the collectives its
+    step needs, each counted in :attr:`FactorSharding.comm_numel`."""
+
+    def __init__(self, pair: LoRAPair, a: _Factor, b: _Factor, sharding: FactorSharding) -> None:
+        self.pair = pair
+        self._a, self._b = a, b
+        self._sharding = sharding
+
+    def local_A(self, t: Any) -> Tensor:
+        """(r, n_k) local column shard of A or of a tensor laid out like A."""
+        if self._a.resharded:
+            self._sharding.count("reshard_A", t.to_local().numel())
+        return self.pair.matrix_A(self._a.local(t))
+
+    def local_B(self, t: Any) -> Tensor:
+        """(m_k, r) local row shard of B or of a tensor laid out like B."""
+        return self.pair.matrix_B(self._b.local(t))
+
+    def as_params(self, local_A: Tensor, local_B: Tensor) -> tuple[Any, Any]:
+        """Local canonical shards (adjusted gradients, updated factors) as DTensors laid out like
+        the parameters."""
+        return self._a.as_param(local_A), self._b.as_param(local_B)
+
+    @property
+    def columns(self) -> int:
+        """n, the number of columns of the whole A matrix."""
+        A = self._a.param
+        return A.numel() // A.shape[0]
+
+    def full_columns(self, local: Tensor) -> Tensor:
+        """The whole (r, n) matrix from this rank's column shard (an all-gather of r x n numbers)."""
+        full = self._a.as_param(local, like_param=False).full_tensor()
+        self._sharding.count("full_mode_gather", local.numel())
+        return full.reshape(local.shape[0], -1).to(local.dtype)
+
+    def own_columns(self, full: Tensor) -> Tensor:
+        """This rank's column shard of an (r, n) matrix every rank holds whole (no communication)."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        replicated = tuple(Replicate() for _ in self._a.canonical)
+        dt = DTensor.from_local(full.reshape(self._a.param.shape), self._a.mesh, replicated, run_check=False)
+        return dt.redistribute(self._a.mesh, self._a.canonical).to_local().reshape(full.shape[0], -1)
+
+    def sum_over_rows(self, partial: Tensor) -> Tensor:
+        """Sum, in place, a product over B's rows (such as ``B^T D``) across the row shards."""
+        dist.all_reduce(partial, group=self._sharding.group)
+        self._sharding.count("full_mode_allreduce", partial.numel())
+        return partial
+
+    def row_sharded_zeros(self, n: int, dtype: torch.dtype) -> Any:
+        """An (m, n) zero DTensor sharded by rows like B (full mode's moments)."""
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        b = self._b
+        m = b.param.shape[0]
+        local, _ = compute_local_shape_and_global_offset((m, n), b.mesh, b.canonical)
+        zeros = torch.zeros(local, dtype=dtype, device=b.param.to_local().device)
+        return DTensor.from_local(
+            zeros, b.mesh, b.canonical, run_check=False, shape=torch.Size((m, n)), stride=(n, 1)
+        )
+
+
+class FactorSharding:
+    """An optimizer's view of its LoRA factors' sharding, rebuilt at every step's collect.
+
+    Every LoRA layer's factors are DTensors sharded over one data-parallel process group, or
+    none are: the Gram terms are summed over that one group.
+    """
+
+    def __init__(self) -> None:
+        self.group: Any = None  # the process group the factor shards are summed over
+        self._mesh_groups: list[Any] = []
+        self._warned_reshard = False
+        self._seen_sharded = self._seen_plain = False
+        self._flag_device = torch.device("cpu")  # where the agreement all-reduce runs (NCCL: CUDA)
+        self.comm_numel: dict[str, int] = {}
+
+    @property
+    def active(self) -> bool:
+        """Did this step's collect meet sharded factors?"""
+        return self._seen_sharded
+
+    def count(self, key: str, numel: int) -> None:
+        self.comm_numel[key] = self.comm_numel.get(key, 0) + int(numel)
+
+    def begin_step(self) -> None:
+        self._seen_sharded = self._seen_plain = False
+        self.comm_numel = {}
+
+    def pair(self, pair: LoRAPair) -> ShardedPair | None:
+        """The layer's shards and collectives, or ``None`` when its factors are plain tensors."""
+        cls = _dtensor_class()
+        a_sharded = cls is not None and isinstance(pair.A, cls)
+        b_sharded = cls is not None and isinstance(pair.B, cls)
+        if not a_sharded and not b_sharded:
+            self._seen_plain = True
+            return None
+        if not (a_sharded and b_sharded):
+            raise LoRAProConfigError(
+                f"{pair.name}: only one of lora_A / lora_B is a DTensor; shard the whole LoRA layer with "
+                "fully_shard (both factors) or neither"
+            )
+        from torch.distributed.tensor import Shard
+
+        A, B = pair.A, pair.B
+        da, db = _shard_mesh_dim(A, f"{pair.name} lora_A"), _shard_mesh_dim(B, f"{pair.name} lora_B")
+        if A.device_mesh != B.device_mesh or da != db:
+            raise LoRAProConfigError(f"{pair.name}: lora_A and lora_B are sharded over different meshes")
+
+        def canonical(t: Any, dim: int) -> tuple:
+            return tuple(Shard(dim) if isinstance(p, Shard) else p for p in t.placements)
+
+        a, b = _Factor(A, canonical(A, 1)), _Factor(B, canonical(B, 0))
+        group = A.device_mesh.get_group(da)
+        if self.group is None:
+            self.group = group
+            self._mesh_groups = [A.device_mesh.get_group(i) for i in range(A.device_mesh.ndim)]
+            self._flag_device = A.to_local().device
+        elif group is not self.group:
+            raise LoRAProConfigError(
+                f"{pair.name}: LoRA factors are sharded over different process groups; lorapro's "
+                "optimizers need every LoRA layer sharded over the same data-parallel mesh"
+            )
+        if a.resharded and not self._warned_reshard:
+            self._warned_reshard = True
+            logger.warning(
+                "lorapro: lora_A is sharded by rows (FSDP2's default); each step re-shards A and its "
+                "gradient by columns. Pass shard_placement_fn=lorapro.integrations.fsdp."
+                "lora_shard_placement_fn(model) to fully_shard to communicate only r x r terms."
+            )
+        self._seen_sharded = True
+        return ShardedPair(pair, a, b, self)
+
+    def end_collect(self) -> None:
+        if self._seen_sharded and self._seen_plain:
+            raise LoRAProConfigError(
+                "some LoRA layers are FSDP-sharded and others are not; apply fully_shard to the root module "
+                "too, so that every LoRA factor is sharded over the same mesh"
+            )
+
+    def reduce_terms(self, terms: Tensor) -> Tensor:
+        """Sum the (k, 4, r, r) Gram terms over the shards (the identity for plain tensors)."""
+        if not self._seen_sharded:
+            return terms
+        dist.all_reduce(terms, group=self.group)
+        self.count("gram_allreduce", terms.numel())
+        return terms
+
+    def agree(self, flag: Tensor) -> bool:
+        """``bool(flag)``, made the same on every rank of the mesh when the factors are sharded:
+        a rank that skips a step while another takes it would leave the shards inconsistent."""
+        if not self._seen_sharded:
+            return bool(flag)
+        flag = flag.to(device=self._flag_device, dtype=torch.float32).reshape(1)
+        for group in self._mesh_groups:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
