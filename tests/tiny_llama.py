@@ -24,7 +24,7 @@ def tiny_tokenizer(chat_template: bool = True):
     vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    tok.decoder = decoders.WordPiece(prefix="@@", cleanup=False)  # joins words with spaces
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="[UNK]",
