@@ -627,6 +627,25 @@ def scenario_attach_refusals(rank: int, world: int) -> dict[str, torch.Tensor]:
     raise AssertionError("attach adjusted an FSDP2-sharded LoRA embedding")
 
 
+def scenario_fsdp2_factored_refused(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Factored mode on FSDP2-sharded factors is not supported: the first step raises before it
+    changes any parameter."""
+    from lorapro.integrations.fsdp import full_state
+
+    model = _sharded()
+    before = full_state(model)
+    opt = lorapro.LoRAProAdamW(model, lr=MODE_LR["full"], mode="factored")
+    lm_loss(model, local_rows(rank, world)).backward()
+    try:
+        opt.step()
+    except lorapro.LoRAProConfigError as exc:
+        assert "does not support FSDP2-sharded LoRA factors" in str(exc), str(exc)
+        after = full_state(model)
+        assert all(torch.equal(before[k], after[k]) for k in before), "a parameter changed"
+        return {"refused": torch.tensor(1)}
+    raise AssertionError("factored mode stepped on FSDP2 shards")
+
+
 def scenario_trainer_optimizers_zero2(rank: int, world: int) -> dict[str, torch.Tensor]:
     """A stock Trainer handed a lorapro optimizer (optimizers=) with a ZeRO-2 config: DeepSpeed
     swaps the optimizer's parameters for a flat partition; the first step raises."""

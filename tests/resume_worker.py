@@ -44,7 +44,9 @@ CONFIGS = [
     for dtype in ("float32", "bfloat16")
     for kind, mode in (("sgd", None), ("adamw", "efficient"), ("adamw", "full"))
     for x_mode in lorapro.X_MODES
-] + [Config("adamw", "efficient", "sylvester", "float32", scaler=True)]
+] + [Config("adamw", "efficient", "sylvester", "float32", scaler=True)] + [
+    Config("adamw", "factored", "sylvester", dtype) for dtype in ("float32", "bfloat16")
+]
 
 
 class Net(nn.Module):
@@ -77,7 +79,7 @@ def build_optimizer(config: Config, model: nn.Module):
     else:
         lr = 3e-3 if config.mode == "efficient" else 1e-3
         # full mode refuses weight decay on bf16 base weights (it would round away)
-        wd = 0.0 if (config.mode == "full" and config.dtype != "float32") else 0.01
+        wd = 0.0 if (config.mode in ("full", "factored") and config.dtype != "float32") else 0.01
         opt = lorapro.LoRAProAdamW(model, lr=lr, weight_decay=wd, mode=config.mode, x_mode=config.x_mode)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.8**step)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2, enabled=config.scaler)

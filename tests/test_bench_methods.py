@@ -17,6 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 PAPER_METHODS = [
     "full", "lora", "rslora", "dora", "pissa", "loraplus", "loraga", "adalora",
     "lorapro", "lorapro-zero", "lorapro-symmetric", "lorapro-full", "rslorapro",
+    "lorapro-factored", "lorapro-factored-m",
 ]  # fmt: skip
 
 
@@ -75,7 +76,10 @@ def test_adalora_allocates_ranks_after_steps(prepared):
 def test_lorapro_methods_use_the_library_optimizer(prepared):
     from lorapro import LoRAProAdamW
 
-    for name, mode in [("lorapro", "efficient"), ("lorapro-full", "full"), ("rslorapro", "efficient")]:
+    for name, mode in [
+        ("lorapro", "efficient"), ("lorapro-full", "full"), ("rslorapro", "efficient"),
+        ("lorapro-factored", "factored"), ("lorapro-factored-m", "factored-first-moment"),
+    ]:
         built = _build(name, prepared)
         assert isinstance(built.optimizer, LoRAProAdamW)
         assert built.optimizer.defaults["mode"] == mode

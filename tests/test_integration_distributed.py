@@ -77,7 +77,7 @@ DEEPSPEED_OTHER = [
     "deepspeed_zero0_autocast", "deepspeed_refusals", "trainer_deepspeed_zero2", "trainer_optimizers_zero2",
     "accelerate_deepspeed_plugin", "deepspeed_zero2_bf16_plain", *DEEPSPEED_BF16,
 ]
-SCENARIOS = [*MATCHING, "fsdp2_without_gram_allreduce", "attach_refusals"]
+SCENARIOS = [*MATCHING, "fsdp2_without_gram_allreduce", "attach_refusals", "fsdp2_factored_refused"]
 if HAS_DEEPSPEED:
     SCENARIOS += [*DEEPSPEED_MATCHING, *DEEPSPEED_OTHER]
 
@@ -235,6 +235,10 @@ def test_deepspeed_unsupported_setups_are_refused(runs):
 def test_attach_refuses_a_sharded_lora_embedding(runs):
     """A LoRA embedding in an FSDP2 unit of its own has no lora_A / lora_B module to follow."""
     assert int(result(runs, "attach_refusals", 0)["refused"]) == 1
+
+
+def test_factored_mode_refuses_fsdp2_shards_before_changing_anything(runs):
+    assert int(result(runs, "fsdp2_factored_refused", 0)["refused"]) == 1
 
 
 def relative_distance(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:

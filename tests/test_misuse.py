@@ -216,7 +216,10 @@ def test_unknown_keyword_option():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"mode": "fast"}, "unknown mode 'fast': use one of 'efficient', 'full'"),
+        (
+            {"mode": "fast"},
+            "unknown mode 'fast': use one of 'efficient', 'full', 'factored', 'factored-first-moment'",
+        ),
         ({"x_mode": "eig"}, "unknown x_mode 'eig': use one of 'sylvester', 'zero', 'symmetric'"),
         ({"nonfinite": "ignore"}, "unknown nonfinite policy 'ignore': use one of 'raise', 'skip'"),
         ({"foreach": "yes"}, "foreach must be None, True or False, got 'yes'"),

@@ -124,7 +124,7 @@ def test_low_precision_step_is_the_float32_step_rounded_once(case, dtype):
     """A bf16/fp16 model's step equals the same optimizer on an fp32 copy (same values, same gradients,
     same fp32 state) rounded once to the parameter dtype, bit for bit; the state stays fp32."""
     # Full mode refuses weight decay on low-precision base weights (test below): no decay there.
-    wd = 0.0 if case[1] == "full" else 0.01
+    wd = 0.0 if case[1] in lorapro.adamw.EQUIVALENT_GRADIENT_MODES else 0.01
     model = mlp(dtype)
     opt = build(case, model, weight_decay=wd)
     train(model, opt, 2)  # moments exist
@@ -228,7 +228,7 @@ def test_autocast_training_on_cpu(case, amp_dtype):
     """fp32 parameters, forward under torch.autocast("cpu"): gradients arrive in fp32, the state is fp32,
     and every mode lowers the loss from PEFT's B = 0 initialisation (fp16 with a GradScaler)."""
     model = mlp(random_b=False)
-    lr = {"sgd": 0.2, "efficient": 1e-2, "full": 3e-3}[case[1] or case[0]]
+    lr = {"sgd": 0.2, "efficient": 1e-2}.get(case[1] or case[0], 3e-3)
     opt = build(case, model, lr=lr)
     scaler = torch.amp.GradScaler("cpu", enabled=amp_dtype == torch.float16)
     batch = mlp_batch(5, n=64)

@@ -1,10 +1,11 @@
-"""LoRA-Pro with AdamW: efficient mode (Algorithm 2) and full mode (Algorithm 3)."""
+"""LoRA-Pro with AdamW: efficient mode (Algorithm 2), full mode (Algorithm 3) and factored mode
+(Algorithm 3 with its moments kept in O((m + n) r) numbers per layer)."""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -14,11 +15,20 @@ from ._base import GroupWork, LoRAProOptimizer, PairWork, adjusted_gradients, ch
 from ._sharded import local_tensor
 from .closed_form import XMode, compute_dtype, equivalent_gradient
 from .errors import LoRAProConfigError
-from .functional import adam_direction, adamw_update, fused_kernel_applies
+from .factored import (
+    adafactor_scales,
+    low_rank_square_sums,
+    project_tangent,
+    scaled_tangent_products,
+    tangent_matrix,
+)
+from .functional import adam_direction, adamw_update, bias_corrections, fused_kernel_applies
 
 __all__ = ["MODES", "LoRAProAdamW"]
 
-MODES = ("efficient", "full")
+MODES = ("efficient", "full", "factored", "factored-first-moment")
+#: Modes that run Adam on the equivalent gradient (Algorithm 3), with full fine-tuning's weight decay.
+EQUIVALENT_GRADIENT_MODES = ("full", "factored", "factored-first-moment")
 
 
 def _check_full_mode_decay(lr: float, weight_decay: float) -> None:
@@ -47,10 +57,18 @@ class LoRAProAdamW(LoRAProOptimizer):
     is scaled in place**. Full mode behaves like full fine-tuning and wants a full fine-tuning
     learning rate (about 10x smaller than LoRA's).
 
+    ``mode="factored"`` (experimental): full mode's algorithm at LoRA's optimizer memory. The
+    first moment is kept in the tangent space ``{B X + Y A}`` of the factors (re-projected when
+    they change) and the second as Adafactor-style row and column means, about (m + n)(r + 1)
+    numbers per layer instead of 2 m n (:mod:`lorapro.factored`). Weight decay and learning rate
+    as in full mode. ``mode="factored-first-moment"`` factors only the first moment and keeps
+    full mode's m x n second moment: a diagnostic variant, to tell which factorisation costs
+    quality.
+
     Args:
         model: the model holding PEFT LoRA layers (pairs are found by module).
         lr: learning rate. betas, eps, weight_decay: as ``torch.optim.AdamW``.
-        mode: ``"efficient"`` or ``"full"``.
+        mode: ``"efficient"``, ``"full"``, ``"factored"`` or ``"factored-first-moment"``.
         x_mode: ``"sylvester"`` (Theorem 2.3), ``"zero"`` or ``"symmetric"`` (Eq. 16).
         nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose gradients hold NaN/Inf;
             either way nothing is modified.
@@ -118,16 +136,21 @@ class LoRAProAdamW(LoRAProOptimizer):
                         "fused kernel cannot hold; on CUDA the foreach path is used). Use fused=None to "
                         "fuse wherever it applies."
                     )
-        if group["mode"] == "full":
+        if group["mode"] in EQUIVALENT_GRADIENT_MODES:
             _check_full_mode_decay(group["lr"], group["weight_decay"])
 
     def _expected_state_shapes(self, group, param):
-        if group["mode"] == "full" and id(param) in self._lora_ids:
+        if group["mode"] in EQUIVALENT_GRADIENT_MODES and id(param) in self._lora_ids:
             pair = next(p for p in self._pairs if param is p.A or param is p.B)
-            if param is pair.B:
-                m, n = pair.matrix_B().shape[0], pair.matrix_A().shape[1]
+            if param is not pair.B:
+                return {}
+            (r, n), m = pair.matrix_A().shape, pair.matrix_B().shape[0]
+            if group["mode"] == "full":
                 return {"equiv_exp_avg": (m, n), "equiv_exp_avg_sq": (m, n)}
-            return {}
+            shapes = {"tangent_x": (r, n), "tangent_y": (m, r)}
+            if group["mode"] == "factored":
+                return {**shapes, "row_sq_mean": (m,), "col_sq_mean": (n,)}
+            return {**shapes, "equiv_exp_avg_sq": (m, n)}
         return {"exp_avg": tuple(param.shape), "exp_avg_sq": tuple(param.shape)}
 
     @staticmethod
@@ -166,15 +189,20 @@ class LoRAProAdamW(LoRAProOptimizer):
 
         def x_mode_of(w: PairWork) -> str:
             group = group_of[id(w)]
-            return "zero" if group["mode"] == "full" else group["x_mode"]
+            return "zero" if group["mode"] in EQUIVALENT_GRADIENT_MODES else group["x_mode"]
 
         self._solve([w for g in works for w in g.pairs], x_mode_of)
 
     def _check_before_apply(self, works: list[GroupWork]) -> None:
         for work in works:
             group = work.group
-            if group["mode"] != "full":
+            if group["mode"] not in EQUIVALENT_GRADIENT_MODES:
                 continue
+            if group["mode"] != "full" and any(w.sharded is not None for w in work.pairs):
+                raise LoRAProConfigError(
+                    f"mode={group['mode']!r} does not support FSDP2-sharded LoRA factors yet; use "
+                    "mode='full' (its moments are sharded by rows) or 'efficient' under FSDP2"
+                )
             # A scheduler may have raised lr since construction: check every group first.
             _check_full_mode_decay(group["lr"], group["weight_decay"])
             if group["weight_decay"] == 0.0:
@@ -196,13 +224,14 @@ class LoRAProAdamW(LoRAProOptimizer):
             # is reused by the next: the step never holds all of them.
             for params, grads in self._adjusted_updates(work):
                 self._adamw(group, params, grads)
-        else:
+        elif group["mode"] == "full":
             self._apply_full(work)
+        else:
+            self._apply_factored(work)
         self._adamw(group, work.params, work.grads)
 
     def _apply_full(self, work: GroupWork) -> None:
         group = work.group
-        lr, wd = group["lr"], group["weight_decay"]
         beta1, beta2 = group["betas"]
         # Adam on each layer's m x n equivalent gradient, one layer at a time, in two m x n
         # buffers shared by all layers (the equivalent gradient, which becomes the direction,
@@ -241,8 +270,15 @@ class LoRAProAdamW(LoRAProOptimizer):
             w.grad_A = grad_A if sh is None else sh.own_columns(sh.sum_over_rows(grad_A))
             w.grad_B = w.scaling * (direction @ A.mT)
         del scratch  # the m x n buffers are not needed by the factor updates below
-        self._adjust(work.pairs, lambda w: group["x_mode"])
+        self._update_factors(work)
 
+    def _update_factors(self, work: GroupWork, before_write: Callable[..., None] | None = None) -> None:
+        """Algorithm 3's end: the closed form maps each layer's ``grad_A = s B^T D`` and
+        ``grad_B = s D A^T`` to factor updates, with full fine-tuning's weight decay (Eq. 57-58).
+        ``before_write(w, new_A, new_B)`` runs while ``w.A`` / ``w.B`` still hold the old factors."""
+        group = work.group
+        lr, wd = group["lr"], group["weight_decay"]
+        self._adjust(work.pairs, lambda w: group["x_mode"])
         decay = 1.0 - lr * wd
         factor_decay = math.sqrt(decay)
         decayed_bases: set[int] = set()
@@ -254,6 +290,8 @@ class LoRAProAdamW(LoRAProOptimizer):
                 if wd != 0.0:
                     value.mul_(factor_decay)
                 value.add_(delta, alpha=-lr)
+            if before_write is not None:
+                before_write(w, new_A, new_B)
             A, B = w.pair.A, w.pair.B
             if w.sharded is None:
                 A.copy_(new_A.view_as(A))
@@ -266,3 +304,59 @@ class LoRAProAdamW(LoRAProOptimizer):
             if wd != 0.0 and id(base) not in decayed_bases:
                 decayed_bases.add(id(base))
                 base.mul_(decay)
+
+    def _apply_factored(self, work: GroupWork) -> None:
+        """Algorithm 3 with factored moments (:mod:`lorapro.factored`), layer by layer."""
+        group = work.group
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        dense_second_moment = group["mode"] == "factored-first-moment"
+        for w in work.pairs:
+            s = w.scaling
+            adjusted_A, adjusted_B = adjusted_gradients(w)  # from the coefficients _prepare solved
+            (r, n), m = w.A.shape, w.B.shape[0]
+            state = self.state[w.pair.B]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["tangent_x"] = torch.zeros((r, n), dtype=w.A.dtype, device=w.A.device)
+                state["tangent_y"] = torch.zeros((m, r), dtype=w.A.dtype, device=w.A.device)
+                if dense_second_moment:
+                    state["equiv_exp_avg_sq"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
+                else:
+                    state["row_sq_mean"] = torch.zeros(m, dtype=w.A.dtype, device=w.A.device)
+                    state["col_sq_mean"] = torch.zeros(n, dtype=w.A.dtype, device=w.A.device)
+            step = state["step"]
+            step += 1
+            bc1, bc2 = bias_corrections(step, beta1, beta2)
+            X, Y = state["tangent_x"], state["tangent_y"]
+            # The equivalent gradient is B (s adjusted_A) + (s adjusted_B) A: in the tangent space
+            # of the current factors, where the first moment lives, so its update is exact.
+            X.mul_(beta1).add_(adjusted_A, alpha=(1.0 - beta1) * s)
+            Y.mul_(beta1).add_(adjusted_B, alpha=(1.0 - beta1) * s)
+            if dense_second_moment:
+                g = equivalent_gradient(w.A, w.B, adjusted_A, adjusted_B, s)
+                exp_avg_sq = state["equiv_exp_avg_sq"]
+                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)
+                direction = tangent_matrix(w.A, w.B, X, Y).div_(denom).div_(bc1)
+                del g, denom
+                bt_d, d_at = w.B.mT @ direction, direction @ w.A.mT
+            else:
+                L = torch.cat([w.B, adjusted_B], dim=1)  # g = L R^T
+                R = torch.cat([adjusted_A.mT, w.A.mT], dim=1).mul_(s)
+                rows, cols = low_rank_square_sums(L, R)
+                state["row_sq_mean"].mul_(beta2).add_(rows, alpha=(1.0 - beta2) / n)
+                state["col_sq_mean"].mul_(beta2).add_(cols, alpha=(1.0 - beta2) / m)
+                a, b = adafactor_scales(state["row_sq_mean"] / bc2, state["col_sq_mean"] / bc2, eps)
+                bt_d, d_at = scaled_tangent_products(w.A, w.B, X, Y, a.div_(bc1), b)
+            w.grad_A = s * bt_d
+            w.grad_B = s * d_at
+
+        def reproject(w: PairWork, new_A: Tensor, new_B: Tensor) -> None:
+            # The moment was written in the old factors; the next step reads it in the new ones.
+            state = self.state[w.pair.B]
+            x, y = project_tangent(w.A, w.B, state["tangent_x"], state["tangent_y"], new_A, new_B)
+            state["tangent_x"].copy_(x)
+            state["tangent_y"].copy_(y)
+
+        self._update_factors(work, reproject)

@@ -45,6 +45,7 @@ __all__ = [
     "equivalent_gradient",
     "factor_basis",
     "gram_eigen",
+    "gram_pinv",
     "gram_terms",
     "optimal_gradients",
     "solve_coefficients",
@@ -152,6 +153,11 @@ def gram_eigen(gram: Tensor, rtol: float | None = None) -> GramEigen:
 
 def _pinv(eig: GramEigen) -> Tensor:
     return (eig.vectors * eig.inverse_values[..., None, :]) @ eig.vectors.mT
+
+
+def gram_pinv(gram: Tensor, rtol: float | None = None) -> Tensor:
+    """Pseudo-inverse of a symmetric PSD Gram matrix (batched), with :func:`gram_eigen`'s cut-off."""
+    return _pinv(gram_eigen(gram, rtol))
 
 
 class FactorBasis(NamedTuple):

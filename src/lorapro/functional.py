@@ -17,10 +17,17 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as adamw_functional
 
-__all__ = ["adam_direction", "adamw_update", "any_nonfinite", "fused_kernel_applies", "sgd_update"]
+__all__ = [
+    "adam_direction",
+    "adamw_update",
+    "any_nonfinite",
+    "bias_corrections",
+    "fused_kernel_applies",
+    "sgd_update",
+]
 
 
-def _bias_corrections(step: Tensor, beta1: float, beta2: float) -> tuple[float, float]:
+def bias_corrections(step: Tensor, beta1: float, beta2: float) -> tuple[float, float]:
     # `step` lives on the CPU (as in torch.optim), so reading it is not a device sync.
     t = float(step)
     return 1.0 - beta1**t, 1.0 - beta2**t
@@ -47,7 +54,7 @@ def adam_direction(
     of the moments' size is allocated (full mode's m x n tensors are large).
     """
     step += 1
-    bc1, bc2 = _bias_corrections(step, beta1, beta2)
+    bc1, bc2 = bias_corrections(step, beta1, beta2)
     grad = grad.to(exp_avg.dtype)
     exp_avg.lerp_(grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
@@ -71,7 +78,7 @@ def _adamw_single(
 ) -> None:
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
         step += 1
-        bc1, bc2 = _bias_corrections(step, beta1, beta2)
+        bc1, bc2 = bias_corrections(step, beta1, beta2)
         g = g.to(m.dtype)
         m.lerp_(g, 1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
@@ -129,7 +136,7 @@ def _adamw_foreach(
             )  # fmt: skip
             continue
         torch._foreach_add_(st, 1)
-        corrections = [_bias_corrections(s, beta1, beta2) for s in st]
+        corrections = [bias_corrections(s, beta1, beta2) for s in st]
         torch._foreach_lerp_(ms, gs, 1.0 - beta1)
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, gs, gs, 1.0 - beta2)

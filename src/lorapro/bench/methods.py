@@ -266,6 +266,18 @@ for _spec in (
     ),
     MethodSpec("lorapro-full", _lorapro("full", "sylvester"), "LoRAProAdamW full mode (m x n moments)", 5e-5),
     MethodSpec(
+        "lorapro-factored",
+        _lorapro("factored", "sylvester"),
+        "LoRAProAdamW factored mode (full mode with O((m + n) r) moments; experimental)",
+        5e-5,
+    ),
+    MethodSpec(
+        "lorapro-factored-m",
+        _lorapro("factored-first-moment", "sylvester"),
+        "LoRAProAdamW, factored first moment and full mode's m x n second moment (diagnostic variant)",
+        5e-5,
+    ),
+    MethodSpec(
         "rslorapro",
         _lorapro("efficient", "sylvester", use_rslora=True),
         "rsLoRA scaling + LoRAProAdamW efficient mode",

@@ -1,0 +1,104 @@
+"""Adam moments of the equivalent gradient kept in factored form (``LoRAProAdamW(mode="factored")``).
+
+Full mode (Algorithm 3) runs Adam on each layer's m x n equivalent gradient
+``g = s (B grad_A + grad_B A)`` and needs the Adam direction D only through ``B^T D`` (r x n)
+and ``D A^T`` (m x r). Both moments can then be kept in O((m + n) r) numbers:
+
+- **First moment in the tangent space** ``{B X + Y A}`` of the current factors (X: r x n,
+  Y: m x r). The equivalent gradient lies there (X = s grad_A, Y = s grad_B), so the moment's
+  update is exact within one step. When the factors change, the moment is projected onto the
+  new tangent space (:func:`project_tangent`); it is exact whenever that space is everything
+  (B of full row rank or A of full column rank, e.g. r >= min(m, n)), an approximation otherwise.
+- **Second moment as row and column means** of the squared equivalent gradient (Adafactor's
+  rank-one estimate ``v_ij ~ row_i col_j / mean``), computed from the factors without forming
+  an m x n matrix (:func:`low_rank_square_sums`).
+
+The direction ``D = diag(a) M diag(b)`` is again a sum of two rank-r products, so ``B^T D`` and
+``D A^T`` cost O((m + n) r^2) (:func:`scaled_tangent_products`). Everything here is per layer,
+in the caller's dtype (float32 at least for the optimizer), with the factors as matrices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .closed_form import gram_pinv
+
+__all__ = [
+    "adafactor_scales",
+    "low_rank_square_sums",
+    "project_tangent",
+    "scaled_tangent_products",
+    "tangent_matrix",
+]
+
+
+def tangent_matrix(A: Tensor, B: Tensor, X: Tensor, Y: Tensor) -> Tensor:
+    """The m x n matrix ``B X + Y A`` (for tests, diagnostics and the dense variant)."""
+    return torch.addmm(Y @ A, B, X)
+
+
+def project_tangent(
+    A_old: Tensor, B_old: Tensor, X: Tensor, Y: Tensor, A: Tensor, B: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Orthogonally project ``Z = B_old X + Y A_old`` onto the tangent space ``{B X' + Y' A}``.
+
+    Returns ``(X', Y')``. The projection is ``P(Z) = P_B Z + Z P_A - P_B Z P_A`` with
+    ``P_B = B (B^T B)^+ B^T`` and ``P_A = A^T (A A^T)^+ A`` (Frobenius-orthogonal onto the span of
+    the matrices with columns in col(B) or rows in row(A)); written in the new factors,
+    ``X' = (B^T B)^+ B^T Z (I - A^T (A A^T)^+ A)`` and ``Y' = Z A^T (A A^T)^+``. Nothing of size
+    m x n is formed: O((m + n) r^2). Pseudo-inverses use the closed form's cut-off, so a zero
+    factor (B at initialisation) contributes nothing.
+    """
+    pinv_b = gram_pinv(B.mT @ B)
+    pinv_a = gram_pinv(A @ A.mT)
+    bt_z = torch.addmm((B.mT @ Y) @ A_old, B.mT @ B_old, X)  # B^T Z, r x n
+    z_at = torch.addmm(Y @ (A_old @ A.mT), B_old, X @ A.mT)  # Z A^T, m x r
+    u = pinv_b @ bt_z  # P_B Z = B u
+    y_new = z_at @ pinv_a  # Z P_A = y_new A
+    c = u @ A.mT @ pinv_a  # P_B Z P_A = B c A
+    x_new = u - c @ A
+    return x_new, y_new
+
+
+def low_rank_square_sums(L: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column sums of ``(L R^T) ** 2`` for L (m, k), R (n, k), in O((m + n) k^2).
+
+    Row i of ``G = L R^T`` is ``L_i R^T``, whose squared norm is ``L_i (R^T R) L_i^T``; column j
+    likewise with ``L^T L``. For the equivalent gradient ``k = 2r``: L = [B, grad_B] and
+    R = [s grad_A^T, s A^T].
+    """
+    rows = ((L @ (R.mT @ R)) * L).sum(dim=-1)
+    cols = ((R @ (L.mT @ L)) * R).sum(dim=-1)
+    return rows.clamp_min_(0.0), cols.clamp_min_(0.0)  # >= 0 mathematically; rounding may dip
+
+
+def adafactor_scales(row_mean: Tensor, col_mean: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Row and column scales a (m,), b (n,) with ``a_i b_j = 1 / sqrt(v_ij)`` for the estimate
+    ``v_ij = (row_i + eps^2) (col_j + eps^2) / (mean(row) + eps^2)``.
+
+    ``row_mean`` / ``col_mean`` are the (bias-corrected) row and column means of the squared
+    gradient; ``mean(row)`` is the mean of all of it. Adding ``eps^2`` to each factor keeps the
+    estimate separable: where the gradient has been zero it gives Adam's ``1 / eps``, and where
+    the means are far above ``eps^2`` it is Adafactor's rank-one estimate.
+    """
+    e2 = eps * eps
+    total = row_mean.mean() + e2
+    a = ((row_mean + e2).reciprocal() * total).sqrt()
+    b = (col_mean + e2).rsqrt()
+    return a, b
+
+
+def scaled_tangent_products(
+    A: Tensor, B: Tensor, X: Tensor, Y: Tensor, row_scale: Tensor, col_scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``B^T D`` (r, n) and ``D A^T`` (m, r) for ``D = diag(row_scale) (B X + Y A) diag(col_scale)``,
+    without forming D: O((m + n) r^2)."""
+    aB = row_scale[:, None] * B  # diag(a) B, m x r
+    aY = row_scale[:, None] * Y
+    Xb = X * col_scale  # X diag(b), r x n
+    Ab = A * col_scale
+    bt_d = torch.addmm((B.mT @ aY) @ Ab, B.mT @ aB, Xb)
+    d_at = torch.addmm(aY @ (Ab @ A.mT), aB, Xb @ A.mT)
+    return bt_d, d_at
