@@ -13,13 +13,13 @@ common=(--threads "$threads" --out "results/$task" --no-progress)
 case "$task" in
   mr|trec)
     sizes=(--train-size 1000 --val-size 300 --test-size 1000 --epochs 2 --seeds 3 --lr-grid 1e-4,5e-4,2e-3)
-    all=full,lora,lorapro,lorapro-full,rslora,dora,pissa,loraplus,loraga ;;
+    all=full,lora,lorapro,lorapro-full,rslora,dora,pissa,loraplus,loraga,lorapro-factored,lorapro-factored-m ;;
   fashion)
     sizes=(--seeds 3 --lr-grid 1e-4,5e-4,2e-3)
-    all=full,lora,lorapro,lorapro-full,rslora,dora,pissa,loraplus,loraga ;;
+    all=full,lora,lorapro,lorapro-full,rslora,dora,pissa,loraplus,loraga,lorapro-factored,lorapro-factored-m ;;
   gsm)
     sizes=(--seeds 1 --lr-grid 2e-5,2e-4,1e-3)
-    all=full,lora,lorapro ;;
+    all=full,lora,lorapro,lorapro-factored,lorapro-full ;;
   *) echo "unknown task $task" >&2; exit 2 ;;
 esac
 "$lorapro" bench --task "$task" --methods full,lora,lorapro "${sizes[@]}" "${common[@]}"
