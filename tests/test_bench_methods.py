@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 PAPER_METHODS = [
     "full", "lora", "rslora", "dora", "pissa", "loraplus", "loraga", "adalora",
     "lorapro", "lorapro-zero", "lorapro-symmetric", "lorapro-full", "rslorapro",
-    "lorapro-factored", "lorapro-factored-m",
+    "lorapro-factored", "lorapro-factored-m", "riemannian", "lorafa", "lorarite",
 ]  # fmt: skip
 
 
@@ -91,3 +91,46 @@ def test_same_seed_same_start_for_every_lora_method(prepared):
     b = _build("lorapro", prepared).model.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_preconditioner_baselines_come_from_their_libraries(prepared):
+    riemannian = _build("riemannian", prepared).optimizer
+    assert type(riemannian).__name__ == "RiemannianPreconditionedOptimizer"  # PEFT's own class
+    assert isinstance(riemannian, torch.optim.AdamW)
+    assert type(_build("lorafa", prepared).optimizer).__name__ == "LoraFAOptimizer"
+    rite = _build("lorarite", prepared).optimizer
+    assert [type(o).__name__ for o in rite.children] == ["LoRARite", "AdamW"]
+
+
+def test_lorafa_keeps_a_at_its_initialisation_and_trains_b(prepared):
+    built = _build("lorafa", prepared)
+    model = built.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    for start in (0, 16):
+        prepared.loss(model, prepared.train.batch(list(range(start, start + 16)))).backward()
+        built.optimizer.step()
+        built.optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        if "lora_A" in name:
+            assert torch.equal(p, before[name]), name
+        elif "lora_B" in name:
+            assert not torch.equal(p, before[name]), name
+
+
+def test_lorarite_trains_the_factors_and_the_head_under_one_schedule(prepared):
+    built = _build("lorarite", prepared)
+    model, opt = built.model, built.optimizer
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert {g["lr"] for o in opt.children for g in o.param_groups} == {0.5 * 1e-3}
+    for start in (0, 16):  # A moves from the second step on (B = 0 at the first)
+        prepared.loss(model, prepared.train.batch(list(range(start, start + 16)))).backward()
+        opt.step()
+        scheduler.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    assert any("lora" not in n for n in changed), "the head was not trained"
+    assert all(p.grad is None for p in model.parameters())
+    # The state of both optimizers is visible (the bench records its size).
+    assert len(opt.state) > 0 and set(opt.state) == set(opt.children[0].state) | set(opt.children[1].state)

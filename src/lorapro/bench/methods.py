@@ -222,6 +222,89 @@ def _adalora(model: nn.Module, ctx: BuildContext) -> Built:
     return Built(wrapped, ctx.adamw(_trainable(wrapped)), after_step)
 
 
+def _riemannian(model: nn.Module, ctx: BuildContext) -> Built:
+    """PEFT's scaled-gradient (Riemannian) preconditioner on AdamW: ``(B^T B + reg I)^-1 grad_A``
+    and ``grad_B (A A^T + reg I)^-1``, LoRA-Pro's nearest cousin; PEFT's default ``reg``."""
+    from peft.optimizers import create_riemannian_optimizer
+
+    wrapped = ctx.wrap(model, ctx.lora_config(model))
+    opt = create_riemannian_optimizer(
+        wrapped, torch.optim.AdamW, lr=ctx.cfg.lr, betas=(0.9, 0.999), weight_decay=ctx.cfg.weight_decay
+    )
+    return Built(wrapped, opt)
+
+
+def _lorafa(model: nn.Module, ctx: BuildContext) -> Built:
+    """PEFT's LoRA-FA: A frozen at its initialisation, B's gradient projected (its own AdamW)."""
+    from peft.optimizers import create_lorafa_optimizer
+
+    wrapped = ctx.wrap(model, ctx.lora_config(model))
+    opt = create_lorafa_optimizer(
+        wrapped, r=ctx.cfg.lora_rank, lora_alpha=ctx.cfg.lora_alpha, lr=ctx.cfg.lr,
+        weight_decay=ctx.cfg.weight_decay,
+    )  # fmt: skip
+    return Built(wrapped, opt)
+
+
+class _Together(torch.optim.Optimizer):
+    """Several optimizers stepped as one. Its param groups are the children's own dicts, so a
+    learning-rate schedule reaches all of them; ``state`` shows every child's state."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
+        super().__init__(params, {})
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+        self.children = optimizers
+
+    @property
+    def state(self) -> dict:  # type: ignore[override]
+        return {k: v for o in self.children for k, v in o.state.items()}
+
+    @state.setter
+    def state(self, value: Any) -> None:  # Optimizer.__init__ assigns an empty state
+        pass
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("no closures: each child would evaluate it")
+        for o in self.children:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.children:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+def _check_pytorch_optimizer() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pytorch_optimizer") is None:
+        raise MethodUnavailableError(
+            "LoRA-RITE comes from pytorch-optimizer: pip install 'pytorch-optimizer>=4.1'"
+        )
+
+
+def _lorarite(model: nn.Module, ctx: BuildContext) -> Built:
+    """LoRA-RITE from pytorch-optimizer (its defaults) on the LoRA pairs, AdamW on the rest (the
+    task's head), which LoRA-RITE leaves to the caller."""
+    from pytorch_optimizer import LoRARite
+
+    from lorapro import find_lora_pairs
+
+    wrapped = ctx.wrap(model, ctx.lora_config(model))
+    pairs = find_lora_pairs(wrapped)
+    if any(pair.A.dim() != 2 for pair in pairs):
+        raise MethodUnavailableError("this benchmark runs LoRA-RITE on Linear LoRA layers only")
+    # LoRA-RITE reads a group's parameters two by two: lora_A (rank on dim 0), then its lora_B
+    # (rank on dim -1), which are its default lora_l_dim / lora_r_dim.
+    factors = [p for pair in pairs for p in (pair.A, pair.B)]
+    ids = {id(p) for p in factors}
+    rest = [p for p in _trainable(wrapped) if id(p) not in ids]
+    rite = LoRARite(factors, lr=ctx.cfg.lr, betas=(0.9, 0.999), weight_decay=ctx.cfg.weight_decay)
+    return Built(wrapped, _Together(rite, ctx.adamw(rest)) if rest else rite)
+
+
 def _lorapro(mode: str, x_mode: str, **lora_options: Any) -> Builder:
     def build(model: nn.Module, ctx: BuildContext) -> Built:
         from lorapro import LoRAProAdamW
@@ -276,6 +359,15 @@ for _spec in (
         _lorapro("factored-first-moment", "sylvester"),
         "LoRAProAdamW, factored first moment and full mode's m x n second moment (diagnostic variant)",
         5e-5,
+    ),
+    MethodSpec("riemannian", _riemannian, "PEFT's Riemannian (scaled GD) preconditioner on AdamW", 5e-4),
+    MethodSpec("lorafa", _lorafa, "PEFT LoRA-FA optimizer (A frozen)", 5e-4),
+    MethodSpec(
+        "lorarite",
+        _lorarite,
+        "LoRA-RITE from pytorch-optimizer (AdamW on the head)",
+        5e-4,
+        check=_check_pytorch_optimizer,
     ),
     MethodSpec(
         "rslorapro",
