@@ -84,6 +84,8 @@ def per_model(spec: Spec, r: int) -> dict[str, float]:
         "lora_layers": n_lora, "lora_params": lora, "adapted_params": adapted, "biggest": biggest,
         "gram_numbers": 4 * n_lora * r * r, "full_rn": full_rn,
         "reshard_numbers": spec.layers * sum(2 * r * n for _, n in shapes),
+        # factored mode: X (r x n), Y (m x r), row and column means (m + n) per layer
+        "factored_numbers": spec.layers * sum((m + n) * (r + 1) for m, n in shapes),
     }  # fmt: skip
 
 
@@ -118,6 +120,13 @@ def memory_table() -> str:
             rows.append(
                 f"| {spec.name} | {r} | {q['lora_params'] / 1e6:.1f} M | full | {fmt_bytes(full_state)} "
                 f"| {fmt_bytes(full_state / WORLD)} | {fmt_bytes(full_tmp)} |"
+            )
+            # factored: the adjusted gradients, then per layer (one at a time) a few (m + n) x 2r
+            # temporaries; FSDP2 shards are refused in this mode
+            factored_state = 4 * q["factored_numbers"]
+            rows.append(
+                f"| {spec.name} | {r} | {q['lora_params'] / 1e6:.1f} M | factored | "
+                f"{fmt_bytes(factored_state)} | not supported | {fmt_bytes(eff_tmp)} + O((m + n) r) |"
             )
     return "\n".join(rows)
 
@@ -209,7 +218,10 @@ def measure_state(spec: Spec, r: int, mode: str) -> dict[str, float]:
     peak = _vm_hwm() - before if ok else float("nan")
     state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if v.dim() > 0)
     q = per_model(spec, r)
-    expected = 8 * (q["lora_params"] if mode == "efficient" else q["adapted_params"]) / spec.layers
+    numbers = {
+        "efficient": 2 * q["lora_params"], "full": 2 * q["adapted_params"], "factored": q["factored_numbers"],
+    }  # fmt: skip
+    expected = 4 * numbers[mode] / spec.layers
     return {"state_bytes": state, "expected_bytes": expected, "peak_extra_bytes": peak}
 
 
@@ -293,14 +305,15 @@ def measurements() -> str:
     lines += [
         "Optimizer state of a real `LoRAProAdamW` on one decoder block (meta base weights, real LoRA "
         "factors), after two steps, against the formula (8 bytes per LoRA parameter in efficient mode, "
-        "per adapted weight in full mode); peak extra resident memory of the second step (VmHWM, beyond "
+        "per adapted weight in full mode, 4 (m + n)(r + 1) per layer in factored mode); peak extra "
+        "resident memory of the second step (VmHWM, beyond "
         "what the first step left resident: the allocator reuses freed memory, so small transients "
         "read as ~0).",
         "",
         "| block | r | mode | state measured | formula | match | peak extra RSS of the step |",
         "|---|---|---|---|---|---|---|",
     ]
-    cases = [(MODELS[0], r, mode) for r in RANKS for mode in ("efficient", "full")]
+    cases = [(MODELS[0], r, mode) for r in RANKS for mode in ("efficient", "full", "factored")]
     cases += [(MODELS[1], r, "efficient") for r in RANKS]
     for spec, r, mode in cases:
         m = measure_state(spec, r, mode)
