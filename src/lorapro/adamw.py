@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ._base import GroupWork, LoRAProOptimizer, PairWork, adjusted_gradients, check_choice, check_number
 from ._sharded import local_tensor
-from .closed_form import XMode, compute_dtype, equivalent_gradient
+from .closed_form import XMode, compute_dtype, equivalent_gradient, gram_pinv
 from .errors import LoRAProConfigError
 from .factored import (
     adafactor_scales,
@@ -275,23 +275,27 @@ class LoRAProAdamW(LoRAProOptimizer):
     def _update_factors(self, work: GroupWork, before_write: Callable[..., None] | None = None) -> None:
         """Algorithm 3's end: the closed form maps each layer's ``grad_A = s B^T D`` and
         ``grad_B = s D A^T`` to factor updates, with full fine-tuning's weight decay (Eq. 57-58).
-        ``before_write(w, new_A, new_B)`` runs while ``w.A`` / ``w.B`` still hold the old factors."""
+        ``before_write(works, new_factors)`` sees every layer's new (A, B) while ``w.A`` / ``w.B``
+        still hold the old factors."""
         group = work.group
         lr, wd = group["lr"], group["weight_decay"]
         self._adjust(work.pairs, lambda w: group["x_mode"])
         decay = 1.0 - lr * wd
         factor_decay = math.sqrt(decay)
-        decayed_bases: set[int] = set()
+        # w.A and w.B may be views of the parameters: update copies, then write them.
+        new_factors: list[tuple[Tensor, Tensor]] = []
         for w in work.pairs:
             assert w.adjusted_A is not None and w.adjusted_B is not None
-            # w.A and w.B may be views of the parameters: update copies, then write both.
             new_A, new_B = w.A.clone(), w.B.clone()
             for value, delta in ((new_A, w.adjusted_A), (new_B, w.adjusted_B)):
                 if wd != 0.0:
                     value.mul_(factor_decay)
                 value.add_(delta, alpha=-lr)
-            if before_write is not None:
-                before_write(w, new_A, new_B)
+            new_factors.append((new_A, new_B))
+        if before_write is not None:
+            before_write(work.pairs, new_factors)
+        decayed_bases: set[int] = set()
+        for w, (new_A, new_B) in zip(work.pairs, new_factors, strict=True):
             A, B = w.pair.A, w.pair.B
             if w.sharded is None:
                 A.copy_(new_A.view_as(A))
@@ -352,11 +356,22 @@ class LoRAProAdamW(LoRAProOptimizer):
             w.grad_A = s * bt_d
             w.grad_B = s * d_at
 
-        def reproject(w: PairWork, new_A: Tensor, new_B: Tensor) -> None:
+        def reproject(works: list[PairWork], new_factors: list[tuple[Tensor, Tensor]]) -> None:
             # The moment was written in the old factors; the next step reads it in the new ones.
-            state = self.state[w.pair.B]
-            x, y = project_tangent(w.A, w.B, state["tangent_x"], state["tangent_y"], new_A, new_B)
-            state["tangent_x"].copy_(x)
-            state["tangent_y"].copy_(y)
+            # The pseudo-inverses of the new Gram matrices come from one batched eigh per rank.
+            by_rank: dict[tuple, list[int]] = defaultdict(list)
+            for i, (new_A, _) in enumerate(new_factors):
+                by_rank[(new_A.shape[0], new_A.dtype, new_A.device)].append(i)
+            for indices in by_rank.values():
+                pinv_b = gram_pinv(torch.stack([new_factors[i][1].mT @ new_factors[i][1] for i in indices]))
+                pinv_a = gram_pinv(torch.stack([new_factors[i][0] @ new_factors[i][0].mT for i in indices]))
+                for i, pb, pa in zip(indices, pinv_b.unbind(0), pinv_a.unbind(0), strict=True):
+                    w, (new_A, new_B) = works[i], new_factors[i]
+                    state = self.state[w.pair.B]
+                    x, y = project_tangent(
+                        w.A, w.B, state["tangent_x"], state["tangent_y"], new_A, new_B, pinv_a=pa, pinv_b=pb
+                    )
+                    state["tangent_x"].copy_(x)
+                    state["tangent_y"].copy_(y)
 
         self._update_factors(work, reproject)

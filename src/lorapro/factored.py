@@ -40,7 +40,15 @@ def tangent_matrix(A: Tensor, B: Tensor, X: Tensor, Y: Tensor) -> Tensor:
 
 
 def project_tangent(
-    A_old: Tensor, B_old: Tensor, X: Tensor, Y: Tensor, A: Tensor, B: Tensor
+    A_old: Tensor,
+    B_old: Tensor,
+    X: Tensor,
+    Y: Tensor,
+    A: Tensor,
+    B: Tensor,
+    *,
+    pinv_a: Tensor | None = None,
+    pinv_b: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Orthogonally project ``Z = B_old X + Y A_old`` onto the tangent space ``{B X' + Y' A}``.
 
@@ -48,11 +56,15 @@ def project_tangent(
     ``P_B = B (B^T B)^+ B^T`` and ``P_A = A^T (A A^T)^+ A`` (Frobenius-orthogonal onto the span of
     the matrices with columns in col(B) or rows in row(A)); written in the new factors,
     ``X' = (B^T B)^+ B^T Z (I - A^T (A A^T)^+ A)`` and ``Y' = Z A^T (A A^T)^+``. Nothing of size
-    m x n is formed: O((m + n) r^2). Pseudo-inverses use the closed form's cut-off, so a zero
-    factor (B at initialisation) contributes nothing.
+    m x n is formed: O((m + n) r^2). Pseudo-inverses use the closed form's cut-off
+    (:func:`~lorapro.closed_form.gram_pinv`), so a zero factor (B at initialisation) contributes
+    nothing; pass ``pinv_a`` = ``(A A^T)^+`` and ``pinv_b`` = ``(B^T B)^+`` when they are known
+    (the optimizer computes them for all layers in one batched call).
     """
-    pinv_b = gram_pinv(B.mT @ B)
-    pinv_a = gram_pinv(A @ A.mT)
+    if pinv_b is None:
+        pinv_b = gram_pinv(B.mT @ B)
+    if pinv_a is None:
+        pinv_a = gram_pinv(A @ A.mT)
     bt_z = torch.addmm((B.mT @ Y) @ A_old, B.mT @ B_old, X)  # B^T Z, r x n
     z_at = torch.addmm(Y @ (A_old @ A.mT), B_old, X @ A.mT)  # Z A^T, m x r
     u = pinv_b @ bt_z  # P_B Z = B u
