@@ -4,10 +4,10 @@ Per block: q, k, v, o (4096 x 4096), gate and up (11008 x 4096), down (4096 x 11
 weights live on the meta device (they are never read by the step), so only the LoRA factors
 and their gradients take memory. Timed in one process, interleaved, median of repeats:
 
-- torch.optim.AdamW(foreach=True) on the LoRA factors (the baseline of issue 6), and
+- torch.optim.AdamW(foreach=True) on the LoRA factors (the baseline), and
   torch.optim.AdamW(fused=True), the fastest AdamW torch has on the CPU;
 - lorapro.LoRAProAdamW efficient mode (default: torch's fused kernel for the moments, and
-  with fused=False: the foreach path), full mode, and lorapro.LoRAProSGD;
+  with fused=False: the foreach path), full mode, factored mode, and lorapro.LoRAProSGD;
 - a per-layer reference written from the description of the official code: two pinv, two
   general (complex) eig, one inv and the explicit m x m projector, then AdamW.
 
@@ -219,6 +219,7 @@ def main() -> None:
         "LoRAProAdamW efficient": lambda m, p: lorapro.LoRAProAdamW(m, lr=lr),
         "LoRAProAdamW efficient, foreach Adam": lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, fused=False),
         "LoRAProSGD": lambda m, p: lorapro.LoRAProSGD(m, lr=lr),
+        "LoRAProAdamW factored": lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, mode="factored"),
     })  # fmt: skip
     if not args.skip_full:
         full = lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, mode="full")  # noqa: E731
