@@ -49,7 +49,8 @@ def test_text_csv_on_a_model_folder_end_to_end(tmp_path, llama_dir, csv_file, ca
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task_info"]["model"].startswith(f"{llama_dir.name} (--model {llama_dir})")
-    assert summary["config"]["model"] == str(llama_dir) and summary["environment"]["device"] == "cpu"
+    device = resolve_device("auto")  # the CPU here; a GPU where torch sees one
+    assert summary["config"]["model"] == str(llama_dir) and summary["environment"]["device"] == device
     for row in summary["methods"]:
         assert row["chosen_lr"] in (1e-3, 1e-2) and 0.0 <= row["test_mean"] <= 1.0
         assert all(math.isfinite(x) for x in row["final_train_loss"])
@@ -60,8 +61,10 @@ def test_text_csv_on_a_model_folder_end_to_end(tmp_path, llama_dir, csv_file, ca
     assert len(records) == 4
     for record in records:
         assert record["result"]["steps"] == 3
-        assert record["result"]["extra"] == {"device": "cpu", "dtype": "float32", "grad_accum": 2}
-        assert record["key"]["runtime"] == {"grad_accum": 2, "max_steps": 3}
+        extra = record["result"]["extra"]
+        assert extra["device"].startswith(device) and (extra["dtype"], extra["grad_accum"]) == ("float32", 2)
+        on_gpu = {"device": "cuda"} if device == "cuda" else {}
+        assert record["key"]["runtime"] == {"grad_accum": 2, "max_steps": 3, **on_gpu}
         assert record["key"]["task"]["model"]["path"] == str(llama_dir.resolve())
     assert "| lorapro |" in capsys.readouterr().out
 

@@ -106,15 +106,14 @@ class Task(ABC):
     default_epochs: int = 2
     default_batch_size: int = 32
     model_name: str = ""
-    #: Options of ``lorapro bench`` beyond :class:`TaskOptions` that this task takes
-    #: (``"model"``, ``"eval_file"``, ``"answer_regex"``), set through :meth:`configure`.
-    extra_options: frozenset[str] = frozenset()
     #: The dtype a task that reads a model folder loads its weights in (the harness sets it
     #: from ``--dtype``). Not part of the task's identity: the run's precision is hashed apart.
     load_dtype: torch.dtype = torch.float32
 
     def configure(self, **options: Any) -> None:
-        """Take the options named in :attr:`extra_options`; raise ValueError naming the fix.
+        """Take options of ``lorapro bench`` beyond :class:`TaskOptions` (``model``,
+        ``eval_file``, ``answer_regex``); a task refuses those it does not take, and raises
+        ValueError naming the fix. This base class takes none.
 
         Called once, before :meth:`check`. Whatever changes the data or the model must
         enter :meth:`identity`.

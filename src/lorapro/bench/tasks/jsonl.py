@@ -326,7 +326,6 @@ class JsonlTask(Task):
     default_batch_size = 4
     #: Prompts decoded together for exact match.
     generation_batch_size = 16
-    extra_options = frozenset({"model", "eval_file", "answer_regex"})
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)

