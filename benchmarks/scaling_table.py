@@ -109,10 +109,10 @@ def memory_table() -> str:
             eff_state = 8 * q["lora_params"]
             full_state = 8 * q["adapted_params"]
             # efficient: the adjusted gradients of every layer exist at once (4 B per LoRA param);
-            # full: the same plus ~4 fp32 m x n buffers of the largest layer (equivalent gradient,
-            # Adam direction, two temporaries inside the Adam update)
+            # full: the same plus two fp32 m x n buffers of the largest layer, shared by all layers
+            # (the equivalent gradient, which becomes the Adam direction, and the denominator)
             eff_tmp = 4 * q["lora_params"]
-            full_tmp = eff_tmp + 4 * 4 * q["biggest"]
+            full_tmp = eff_tmp + 2 * 4 * q["biggest"]
             rows.append(
                 f"| {spec.name} | {r} | {q['lora_params'] / 1e6:.1f} M | efficient | {fmt_bytes(eff_state)} "
                 f"| {fmt_bytes(eff_state / WORLD)} | {fmt_bytes(eff_tmp)} |"
