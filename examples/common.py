@@ -24,8 +24,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="local Hugging Face model folder (default: a tiny Llama)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-2 (efficient) or 2e-3 (full)")
-    p.add_argument("--mode", choices=["efficient", "full"], default="efficient")
+    p.add_argument(
+        "--lr", type=float, default=None,
+        help="default: 1e-2 in efficient mode (a LoRA rate for the tiny model), 2e-3 in full and factored "
+        "mode (a full fine-tuning rate): docs/choosing.md",
+    )  # fmt: skip
+    p.add_argument("--mode", choices=["efficient", "full", "factored"], default="efficient")
     p.add_argument("--seed", type=int, default=0)
     return p
 
