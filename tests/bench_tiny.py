@@ -1,6 +1,7 @@
 """A tiny benchmark task for harness tests: a 2-layer BERT built from a config (no download)
 on synthetic token sequences whose label is whether token 7 occurs, which LoRA can learn
-in a few dozen steps."""
+in a few dozen steps. It records per-example test outcomes unless made with
+``per_example=False`` (as tasks of earlier versions, whose stored runs lack them)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from lorapro.bench.models import encoder_linear_names
 from lorapro.bench.tasks import PreparedTask, Task, TaskOptions
-from lorapro.bench.text import Encoded, evaluate_accuracy
+from lorapro.bench.text import Encoded, accuracy_scores, evaluate_accuracy
 
 VOCAB = 32
 
@@ -46,8 +47,9 @@ class TinyTask(Task):
     default_epochs = 2
     default_batch_size = 16
 
-    def __init__(self) -> None:
+    def __init__(self, per_example: bool = True) -> None:
         self.prepared_count = 0
+        self.per_example = per_example
 
     def prepare(self, options: TaskOptions) -> PreparedTask:
         self.prepared_count += 1
@@ -59,6 +61,8 @@ class TinyTask(Task):
         }
 
         def evaluate(model: nn.Module, split: str) -> dict[str, float]:
+            if self.per_example:
+                return accuracy_scores(model, data[split])
             return {"accuracy": evaluate_accuracy(model, data[split])}
 
         return PreparedTask(

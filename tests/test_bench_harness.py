@@ -53,9 +53,23 @@ def test_benchmark_tunes_on_validation_runs_seeds_and_writes_reports(tmp_path):
     assert "| lorapro |" in md and "val accuracy @ 0.01" in md
     for name in ("loss_curves.png", "test_bars.png", "lr_sweep.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every run keeps its per-example test outcomes; their mean is the test accuracy.
+    for outcome in result.outcomes:
+        for run in outcome.runs:
+            values = run.test_examples["accuracy"]["values"]
+            assert len(values) == 32 and sum(values) / 32 == run.test["accuracy"]
     # One JSON file per run, named by method, lr, seed and config hash.
     files = sorted(p.name for p in (tmp_path / "runs" / "lora").glob("*.json"))
     assert len(files) == 3 and all(f.startswith("lr") for f in files)
+
+
+def test_run_records_load_with_and_without_per_example_outcomes():
+    from lorapro.bench.train import RunResult
+
+    old = _fake_run(1e-3, 0.5).to_dict()  # as stored before per-example outcomes: extra {}
+    assert RunResult.from_dict(old).test_examples == {}
+    new = {**old, "extra": {"test_examples": {"accuracy": {"values": [1, 0]}}}, "later_field": 1}
+    assert RunResult.from_dict(new).test_examples == {"accuracy": {"values": [1, 0]}}
 
 
 def test_finished_runs_are_reused_and_a_changed_config_is_not(tmp_path):

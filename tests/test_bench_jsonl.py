@@ -93,6 +93,15 @@ def test_bench_on_a_model_folder_and_a_jsonl_file(tmp_path, llama_dir, data, cap
     runs = list((out / "runs").rglob("*.json"))
     assert len(runs) == 4 and all(json.loads(p.read_text())["result"]["steps"] == 2 for p in runs)
     assert "| lora |" in (out / "results.md").read_text()
+    # Per test example: the loss per response token weighted by its tokens (their weighted mean is
+    # the test loss) and the exact match, for the verdict's paired bootstrap.
+    result = json.loads(runs[0].read_text())["result"]
+    examples = result["extra"]["test_examples"]
+    loss, weights = examples["loss"]["values"], examples["loss"]["weights"]
+    assert len(loss) == 3 and all(w >= 1 for w in weights)
+    weighted = sum(v * w for v, w in zip(loss, weights, strict=True)) / sum(weights)
+    assert weighted == pytest.approx(result["test"]["loss"], rel=1e-5)
+    assert sum(examples["exact_match"]["values"]) / 3 == result["test"]["exact_match"]
     # Rerunning reuses every run.
     assert main(argv) == 0
     assert json.loads((out / "summary.json").read_text())["runs_executed"] == 0

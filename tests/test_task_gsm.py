@@ -324,3 +324,9 @@ def test_tiny_lorapro_run_trains_and_decodes(tiny_gsm: Any) -> None:
     assert set(result.validation) == {"loss"} and set(result.test) == {"loss", "exact_match"}
     assert 0.0 < result.validation["loss"] < 10.0 and 0.0 < result.test["loss"] < 10.0
     assert result.test["exact_match"] in (0.0, 0.5, 1.0)
+    # Per test example, for the verdict: the loss per solution token and its token count, whose
+    # weighted mean is the test loss, and the exact match.
+    loss = result.test_examples["loss"]
+    weighted = sum(v * w for v, w in zip(loss["values"], loss["weights"], strict=True)) / sum(loss["weights"])
+    assert weighted == pytest.approx(result.test["loss"], rel=1e-5)
+    assert sum(result.test_examples["exact_match"]["values"]) / 2 == result.test["exact_match"]

@@ -1,4 +1,4 @@
-"""Tokenised text splits with per-batch padding, and classification accuracy."""
+"""Tokenised text splits with per-batch padding, and classification accuracy (per example too)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from .data import Split
+from .records import Scores, example_outcomes
 
-__all__ = ["Encoded", "encode", "evaluate_accuracy"]
+__all__ = ["Encoded", "accuracy_scores", "correct_predictions", "encode", "evaluate_accuracy"]
 
 
 @dataclass
@@ -49,21 +50,40 @@ def encode(tokenizer: Any, split: Split, max_length: int = 64) -> Encoded:
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, data: Encoded, batch_size: int = 128) -> float:
-    """Accuracy of argmax predictions. Batches are formed from length-sorted examples so
-    dynamic padding wastes little; the order does not change the result."""
+def correct_predictions(model: nn.Module, data: Encoded, batch_size: int = 128) -> list[int]:
+    """1 where the argmax prediction equals the label, else 0, in the split's order. Batches are
+    formed from length-sorted examples so dynamic padding wastes little."""
     if len(data) == 0:
-        return float("nan")
+        return []
     was_training = model.training
     model.eval()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
-    correct = 0
-    for start in range(0, len(order), batch_size):
-        batch = {k: v.to(device) for k, v in data.batch(order[start : start + batch_size]).items()}
-        labels = batch.pop("labels")
-        logits = model(**batch).logits
-        correct += int((logits.argmax(dim=-1) == labels).sum())
-    model.train(was_training)
-    return correct / len(data)
+    correct = [0] * len(data)
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in data.batch(chunk).items()}
+            labels = batch.pop("labels")
+            hits = (model(**batch).logits.argmax(dim=-1) == labels).tolist()
+            for i, hit in zip(chunk, hits, strict=True):
+                correct[i] = int(hit)
+    finally:
+        model.train(was_training)
+    return correct
+
+
+def evaluate_accuracy(model: nn.Module, data: Encoded, batch_size: int = 128) -> float:
+    """Accuracy of argmax predictions (the order of the batches does not change it)."""
+    if len(data) == 0:
+        return float("nan")
+    return sum(correct_predictions(model, data, batch_size)) / len(data)
+
+
+def accuracy_scores(model: nn.Module, data: Encoded, batch_size: int = 128) -> Scores:
+    """``{"accuracy": ...}`` with each example's correctness, for the verdict's paired bootstrap."""
+    if len(data) == 0:
+        return Scores({"accuracy": float("nan")})
+    correct = correct_predictions(model, data, batch_size)
+    return Scores({"accuracy": sum(correct) / len(data)}, {"accuracy": example_outcomes(correct)})

@@ -15,7 +15,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from .memory import PeakMemory
 from .methods import BuildContext, MethodSpec, get_method
+from .records import EXAMPLES_KEY, RunResult, TrainConfig
 from .tasks.base import PreparedTask
 
 __all__ = [
@@ -32,52 +32,6 @@ __all__ = [
     "optimizer_state_bytes",
     "train_and_evaluate",
 ]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run needs besides the method and the task; identical across methods."""
-
-    lr: float
-    epochs: int = 2
-    batch_size: int = 32
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = None  # None: no clipping (the default for every method)
-    seed: int = 0
-    lora_rank: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class RunResult:
-    method: str
-    lr: float
-    seed: int
-    validation: dict[str, float]
-    test: dict[str, float]
-    final_train_loss: float  # mean of the last 10% of steps: a single step is too noisy
-    loss_curve: list[float]
-    steps: int
-    trainable_params: int
-    optimizer_state_bytes: int
-    train_seconds: float
-    seconds: float  # training plus evaluation, excluding model loading
-    peak_memory_bytes: int | None = None
-    peak_memory_kind: str = ""
-    diverged: bool = False  # a non-finite training loss was seen
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunResult:
-        return cls(**data)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -259,6 +213,8 @@ def train_and_evaluate(
         train_seconds = time.perf_counter() - start
         with autocast(run_device, precision):
             metrics = {split: task.evaluate(model, split) for split in evaluate_on}
+        # Per-example test outcomes, where the task records them (Scores), for paired comparisons.
+        examples = getattr(metrics.get("test"), "examples", None)
         if run_device.type == "cuda":
             torch.cuda.synchronize(run_device)
         seconds = time.perf_counter() - start
@@ -270,8 +226,8 @@ def train_and_evaluate(
         method=spec.name,
         lr=cfg.lr,
         seed=cfg.seed,
-        validation=metrics.get("validation", {}),
-        test=metrics.get("test", {}),
+        validation=dict(metrics.get("validation", {})),
+        test=dict(metrics.get("test", {})),
         final_train_loss=sum(finite[-tail:]) / len(finite[-tail:]) if not diverged else math.nan,
         loss_curve=losses,
         steps=len(losses),
@@ -287,5 +243,6 @@ def train_and_evaluate(
             "dtype": "float32" if precision is None else str(precision).removeprefix("torch."),
             "grad_accum": grad_accum,
             **({"cuda_device": torch.cuda.get_device_name(run_device)} if run_device.type == "cuda" else {}),
+            **({EXAMPLES_KEY: examples} if examples else {}),
         },
     )

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data import MissingAssetError
+from ..records import Scores, example_outcomes
 from ..smollm2 import decoder_linear_names, load_smollm2, load_smollm2_tokenizer, smollm2_gguf_path
 from .base import Metric, PreparedTask, Task, TaskOptions
 from .registry import register_task
@@ -43,12 +45,15 @@ __all__ = [
     "answers_match",
     "encode_problems",
     "exact_match",
+    "exact_match_hits",
     "format_solution",
     "generate_splits",
     "greedy_answers",
+    "loss_scores",
     "parse_final_number",
     "prompt_text",
     "solution_loss",
+    "solution_losses",
 ]
 
 REASONING_GYM_INSTALL = "pip install reasoning-gym==0.1.25"
@@ -290,27 +295,57 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def solution_loss(model: nn.Module, split: GSMSplit, batch_size: int = 4) -> float:
+def solution_losses(
+    model: nn.Module, split: GSMSplit, batch_size: int = 4
+) -> tuple[float, list[float], list[int]]:
     """Mean cross-entropy per solution token over the whole split (not a mean of batch means,
-    which would weight short solutions more).
+    which would weight short solutions more), and per example (in the split's order) its mean
+    loss per solution token and its number of solution tokens, whose weighted mean is the first.
 
     Batches of 4, like training's default: the logits (batch x length x 49k vocabulary, fp32)
     dominate memory, and a larger evaluation batch would set the run's peak, not training.
     """
     if len(split) == 0:
-        return float("nan")
+        return float("nan"), [], []
     device = _device_of(model)
     # Length-sorted batches waste little on padding; the order does not change the sum.
     order = sorted(range(len(split)), key=lambda i: len(split.prompts[i]) + len(split.targets[i]))
     total, tokens = 0.0, 0
+    losses, counts = [0.0] * len(split), [0] * len(split)
     for start in range(0, len(order), batch_size):
-        batch = {k: v.to(device) for k, v in split.batch(order[start : start + batch_size]).items()}
+        chunk = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in split.batch(chunk).items()}
         # The model's loss is the mean over the tokens it predicts, which are exactly the
         # labelled ones (every label follows at least one prompt token).
-        n = int((batch["labels"] != -100).sum())
-        total += float(model(**batch).loss) * n
+        labels = batch["labels"]
+        n = int((labels != -100).sum())
+        output = model(**batch)
+        total += float(output.loss) * n
         tokens += n
-    return total / tokens
+        # Per example: position t's logits predict label t + 1, as in the model's own loss.
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        logits = output.logits
+        per_token = F.cross_entropy(
+            logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100, reduction="none"
+        ).view(shifted.shape)
+        del output, logits
+        row_n = (shifted != -100).sum(dim=1)
+        row_sum = per_token.sum(dim=1)
+        for i, m, loss_sum in zip(chunk, row_n.tolist(), row_sum.tolist(), strict=True):
+            counts[i] = int(m)
+            losses[i] = loss_sum / m if m else 0.0
+    return total / tokens, losses, counts
+
+
+def solution_loss(model: nn.Module, split: GSMSplit, batch_size: int = 4) -> float:
+    """Mean cross-entropy per solution token over the whole split (see :func:`solution_losses`)."""
+    return solution_losses(model, split, batch_size)[0]
+
+
+def loss_scores(model: nn.Module, split: GSMSplit, batch_size: int = 4) -> Scores:
+    """``{"loss": ...}`` with each example's loss per token and token count (its weight)."""
+    loss, losses, counts = solution_losses(model, split, batch_size)
+    return Scores({"loss": loss}, {"loss": example_outcomes(losses, counts)} if counts else {})
 
 
 @torch.no_grad()
@@ -339,15 +374,23 @@ def greedy_answers(
     return texts
 
 
+def exact_match_hits(
+    model: nn.Module, split: GSMSplit, tokenizer: Any, max_new_tokens: int, batch_size: int = 16
+) -> list[int]:
+    """1 where the decoded final number equals the reference answer, else 0, in split order."""
+    if len(split) == 0:
+        return []
+    texts = greedy_answers(model, split, tokenizer, max_new_tokens, batch_size)
+    return [int(answers_match(parse_final_number(t), a)) for t, a in zip(texts, split.answers, strict=True)]
+
+
 def exact_match(
     model: nn.Module, split: GSMSplit, tokenizer: Any, max_new_tokens: int, batch_size: int = 16
 ) -> float:
     """Share of the split whose decoded final number equals the reference answer."""
     if len(split) == 0:
         return float("nan")
-    texts = greedy_answers(model, split, tokenizer, max_new_tokens, batch_size)
-    hits = sum(answers_match(parse_final_number(t), a) for t, a in zip(texts, split.answers, strict=True))
-    return hits / len(split)
+    return sum(exact_match_hits(model, split, tokenizer, max_new_tokens, batch_size)) / len(split)
 
 
 # --------------------------------------------------------------------------- the task
@@ -430,19 +473,21 @@ class GSMSymbolicTask(Task):
         def load_model() -> nn.Module:
             return load_smollm2()[0]
 
-        def evaluate(model: nn.Module, split: str) -> dict[str, float]:
+        def evaluate(model: nn.Module, split: str) -> Scores:
             data = encoded[split]
             was_training = model.training
             model.eval()
             try:
-                metrics = {"loss": solution_loss(model, data)}
-                if split == "test":
-                    metrics["exact_match"] = exact_match(
-                        model, data, tokenizer, max_new_tokens, generation_batch
-                    )
+                scores = loss_scores(model, data)
+                if split == "test" and len(data):
+                    hits = exact_match_hits(model, data, tokenizer, max_new_tokens, generation_batch)
+                    scores["exact_match"] = sum(hits) / len(data)
+                    scores.examples["exact_match"] = example_outcomes(hits)
+                elif split == "test":
+                    scores["exact_match"] = float("nan")
             finally:
                 model.train(was_training)
-            return metrics
+            return scores
 
         return PreparedTask(
             train=encoded["train"],

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import MissingAssetError, split_dataset
+from ..records import Scores, example_outcomes
 from .base import Metric, PreparedTask, Task, TaskOptions
 
 __all__ = [
@@ -42,6 +43,8 @@ __all__ = [
     "draw_splits",
     "efficientnet_lite0_weights",
     "image_accuracy",
+    "image_correct",
+    "image_scores",
     "load_efficientnet_lite0",
     "pointwise_conv_names",
     "read_idx",
@@ -439,23 +442,39 @@ def _cross_entropy(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
 
 @torch.no_grad()
-def image_accuracy(model: nn.Module, split: ImageSplit, batch_size: int = 128) -> float:
-    """Accuracy of argmax predictions in eval mode (BatchNorm running statistics, no
-    dropout); the model's previous mode is restored even if a batch fails."""
+def image_correct(model: nn.Module, split: ImageSplit, batch_size: int = 128) -> list[int]:
+    """1 where the argmax prediction in eval mode (BatchNorm running statistics, no dropout)
+    equals the label, else 0, in the split's order; the model's previous mode is restored even
+    if a batch fails."""
     if len(split) == 0:
-        return float("nan")
+        return []
     was_training = model.training
     model.eval()
     device = _device_of(model)
-    correct = 0
+    correct: list[int] = []
     try:
         for start in range(0, len(split), batch_size):
             batch = split.batch(range(start, min(start + batch_size, len(split))))
             logits = model(batch["pixel_values"].to(device))
-            correct += int((logits.argmax(dim=-1).cpu() == batch["labels"]).sum())
+            correct += [int(x) for x in (logits.argmax(dim=-1).cpu() == batch["labels"]).tolist()]
     finally:
         model.train(was_training)
-    return correct / len(split)
+    return correct
+
+
+def image_accuracy(model: nn.Module, split: ImageSplit, batch_size: int = 128) -> float:
+    """Accuracy of argmax predictions in eval mode (see :func:`image_correct`)."""
+    if len(split) == 0:
+        return float("nan")
+    return sum(image_correct(model, split, batch_size)) / len(split)
+
+
+def image_scores(model: nn.Module, split: ImageSplit, batch_size: int = 128) -> Scores:
+    """``{"accuracy": ...}`` with each image's correctness, for the verdict's paired bootstrap."""
+    if len(split) == 0:
+        return Scores({"accuracy": float("nan")})
+    correct = image_correct(model, split, batch_size)
+    return Scores({"accuracy": sum(correct) / len(split)}, {"accuracy": example_outcomes(correct)})
 
 
 # --------------------------------------------------------------------------- the task family
@@ -511,8 +530,8 @@ class ImageClassificationTask(Task):
         def load_model() -> nn.Module:
             return load_efficientnet_lite0(num_classes, resolution, state_dict)
 
-        def evaluate(model: nn.Module, split: str) -> dict[str, float]:
-            return {"accuracy": image_accuracy(model, splits[split])}
+        def evaluate(model: nn.Module, split: str) -> Scores:
+            return image_scores(model, splits[split])
 
         pool_size = len(pools.train) + (len(pools.test) if pools.test is not None else 0)
         return PreparedTask(

@@ -40,9 +40,10 @@ from typing import Any
 from torch import nn
 
 from ..model_folder import ModelFolder
+from ..records import Scores, example_outcomes
 from ..targets import body_linear_names
 from .base import Metric, PreparedTask, Task, TaskOptions
-from .gsm import GSMSplit, greedy_answers, solution_loss
+from .gsm import GSMSplit, greedy_answers, loss_scores
 from .registry import register_task
 
 __all__ = [
@@ -489,23 +490,26 @@ class JsonlTask(Task):
         def load_model() -> nn.Module:
             return folder.load("causal-lm", dtype)
 
-        def evaluate(model: nn.Module, split: str) -> dict[str, float]:
+        def evaluate(model: nn.Module, split: str) -> Scores:
             data = splits[split]
             was_training = model.training
             model.eval()
             try:
-                metrics = {"loss": solution_loss(model, data)}
+                scores = loss_scores(model, data)
                 if split == "test" and regex is not None:
                     texts = greedy_answers(model, data, tokenizer, max_new_tokens, generation_batch)
-                    hits = sum(
-                        (answer := final_answer(regex, text)) is not None
-                        and answer == final_answer(regex, ref)
+                    hits = [
+                        int(
+                            (answer := final_answer(regex, text)) is not None
+                            and answer == final_answer(regex, ref)
+                        )
                         for text, ref in zip(texts, data.references, strict=True)
-                    )
-                    metrics["exact_match"] = hits / len(data)
+                    ]
+                    scores["exact_match"] = sum(hits) / len(data)
+                    scores.examples["exact_match"] = example_outcomes(hits)
             finally:
                 model.train(was_training)
-            return metrics
+            return scores
 
         formats = sum(r.messages is not None for r in [*records, *eval_records])
         notes = [

@@ -16,8 +16,9 @@ from torch import nn
 from ..data import LabelledTexts, split_dataset
 from ..model_folder import ModelFolder
 from ..models import encoder_linear_names, load_minilm, load_minilm_tokenizer, minilm_path
+from ..records import Scores
 from ..targets import body_linear_names
-from ..text import Encoded, encode, evaluate_accuracy
+from ..text import Encoded, accuracy_scores, encode
 from .base import Metric, PreparedTask, Task, TaskOptions
 
 __all__ = ["TextClassificationTask"]
@@ -118,8 +119,8 @@ class TextClassificationTask(Task):
 
             body_linear_names(skeleton())  # refuses a model with no blocks before anything trains
 
-        def evaluate(model: nn.Module, split: str) -> dict[str, float]:
-            return {"accuracy": evaluate_accuracy(model, encoded[split])}
+        def evaluate(model: nn.Module, split: str) -> Scores:
+            return accuracy_scores(model, encoded[split])
 
         return PreparedTask(
             train=encoded["train"],
