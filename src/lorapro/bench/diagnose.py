@@ -32,11 +32,12 @@ import torch
 
 from lorapro.diagnostics import GradientMonitor, LayerRecord, parse_steps, read_jsonl, summarize, write_csv
 
-from .data import MissingAssetError
-from .methods import MethodUnavailableError, get_method
-from .options import parse_lrs, require_writable_folder
+from .errors import SetupError, run_command
+from .methods import METHODS
+from .opening import check_methods, check_task, opening_checks
+from .options import parse_lrs
 from .options import positive_int as _positive_int
-from .tasks import TaskOptions, get_task, task_names
+from .tasks import TaskOptions, task_names
 from .train import TrainConfig, train_and_evaluate
 
 __all__ = ["DiagnoseConfigError", "DiagnoseReport", "add_arguments", "diagnose", "replot", "run"]
@@ -45,7 +46,7 @@ DEFAULT_STEPS = "0,1,2,5:300:5"
 DEFAULT_VAL_SIZE = 500
 
 
-class DiagnoseConfigError(ValueError):
+class DiagnoseConfigError(SetupError):
     """Inconsistent options (unknown task or method, bad step list, ...)."""
 
 
@@ -145,20 +146,15 @@ def diagnose(
     :func:`lorapro.diagnostics_plot.write_figures` (with both lora and lorapro, also
     ``distances_paper.png``, the paper's Figure 4 view).
     """
-    try:
-        task_obj = get_task(task)
-    except ValueError as exc:
-        raise DiagnoseConfigError(str(exc)) from None
-    methods = list(dict.fromkeys(methods))
-    if not methods:
-        raise DiagnoseConfigError("no method given")
-    try:
-        specs = [get_method(m) for m in methods]
-    except ValueError as exc:
-        raise DiagnoseConfigError(str(exc)) from None
-    for spec in specs:
-        if spec.check is not None:
-            spec.check()
+    specs = check_methods(methods, DiagnoseConfigError)
+    methods = [spec.name for spec in specs]
+    refused = [spec.name for spec in specs if not spec.diagnosable]
+    if refused:
+        able = ", ".join(name for name, spec in METHODS.items() if spec.diagnosable)
+        raise DiagnoseConfigError(
+            f"{', '.join(refused)}: no plain LoRA pairs (W0 + s*B*A) for the gradient monitor to measure; "
+            f"methods it measures: {able}"
+        )
     lrs = dict(lrs or {})
     if set(lrs) - set(methods):
         raise DiagnoseConfigError(
@@ -177,12 +173,12 @@ def diagnose(
     if max(step_list) >= max_steps:
         log(f"note: steps >= {max_steps} are never reached (--max-steps {max_steps})")
 
+    task_obj = check_task(task, DiagnoseConfigError)
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "records.jsonl"
     jsonl.unlink(missing_ok=True)
-    task_obj.check()
     # The training pool is everything the task does not hold out, unless --train-size says less.
     options = TaskOptions(
         train_size=train_size, val_size=val_size, test_size=test_size, max_length=max_length
@@ -426,40 +422,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``lorapro diagnose``; returns the exit status."""
-    require_writable_folder(args.out)  # before anything is loaded or trained
+    return run_command("diagnose", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.from_records:
+        opening_checks(out=args.out)  # before anything is read
         try:
             replot(args.from_records, args.out, layers=args.layers)
         except (OSError, ValueError) as exc:
-            print(f"lorapro diagnose: error: {exc}", file=sys.stderr)
-            return 2
+            raise DiagnoseConfigError(str(exc)) from None
         return 0
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    try:
-        diagnose(
-            task=args.task,
-            methods=methods,
-            steps=args.steps,
-            max_steps=args.max_steps,
-            train_size=args.train_size,
-            val_size=args.val_size,
-            test_size=args.test_size,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            lrs=_diagnose_lrs(args.lr, methods),
-            rank=args.rank,
-            alpha=args.alpha,
-            dropout=args.dropout,
-            seed=args.seed,
-            select=args.select,
-            layers=args.layers,
-            out=args.out,
-            progress=not args.no_progress,
-        )
-    except (DiagnoseConfigError, MissingAssetError, MethodUnavailableError) as exc:
-        # Set-up problems and bad options: show the fix, not a traceback.
-        print(f"lorapro diagnose: error: {exc}", file=sys.stderr)
-        return 2
+    # Before anything is loaded or trained.
+    opening_checks(out=args.out, methods=methods, task=args.task, error=DiagnoseConfigError)
+    diagnose(
+        task=args.task,
+        methods=methods,
+        steps=args.steps,
+        max_steps=args.max_steps,
+        train_size=args.train_size,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        lrs=_diagnose_lrs(args.lr, methods),
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        seed=args.seed,
+        select=args.select,
+        layers=args.layers,
+        out=args.out,
+        progress=not args.no_progress,
+    )
     return 0
 
 

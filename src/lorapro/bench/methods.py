@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .errors import MethodUnavailableError
+
 if TYPE_CHECKING:
+    from .records import TrainConfig
     from .tasks.base import PreparedTask
-    from .train import TrainConfig
 
 __all__ = [
     "METHODS",
@@ -34,10 +36,6 @@ __all__ = [
     "method_names",
     "register_method",
 ]
-
-
-class MethodUnavailableError(RuntimeError):
-    """A method cannot run here (missing package, or PEFT does not support it on this model)."""
 
 
 @dataclass
@@ -104,6 +102,9 @@ class MethodSpec:
     default_lr: float
     #: Raises MethodUnavailableError when the method cannot run in this environment.
     check: Callable[[], None] | None = None
+    #: Its model holds plain LoRA pairs (W0 + s*B*A) that the gradient monitor can measure
+    #: (not full fine-tuning, DoRA or AdaLoRA); ``lorapro diagnose`` and ``bench --diagnose``.
+    diagnosable: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -330,37 +331,81 @@ def _lorapro(mode: str, x_mode: str, **lora_options: Any) -> Builder:
 # ~5e-5; methods that normalise A and B separately want ~5e-4 or more.
 for _spec in (
     MethodSpec("full", _full, "full fine-tuning, torch AdamW", 5e-5),
-    MethodSpec("lora", _peft_adamw(), "PEFT LoRA, torch AdamW", 5e-4),
-    MethodSpec("rslora", _peft_adamw(use_rslora=True), "PEFT rsLoRA (scaling alpha/sqrt(r)), AdamW", 5e-4),
+    MethodSpec("lora", _peft_adamw(), "PEFT LoRA, torch AdamW", 5e-4, diagnosable=True),
+    MethodSpec(
+        "rslora",
+        _peft_adamw(use_rslora=True),
+        "PEFT rsLoRA (scaling alpha/sqrt(r)), AdamW",
+        5e-4,
+        diagnosable=True,
+    ),
     MethodSpec("dora", _peft_adamw(use_dora=True), "PEFT DoRA, AdamW", 5e-4),
-    MethodSpec("pissa", _peft_adamw(init_lora_weights="pissa"), "PEFT PiSSA initialisation, AdamW", 5e-4),
-    MethodSpec("loraplus", _loraplus, f"PEFT LoRA+ optimizer (B lr = {LORAPLUS_LR_RATIO:g} x A lr)", 5e-4),
-    MethodSpec("loraga", _loraga, "PEFT LoRA-GA initialisation, AdamW", 5e-4),
+    MethodSpec(
+        "pissa",
+        _peft_adamw(init_lora_weights="pissa"),
+        "PEFT PiSSA initialisation, AdamW",
+        5e-4,
+        diagnosable=True,
+    ),
+    MethodSpec(
+        "loraplus",
+        _loraplus,
+        f"PEFT LoRA+ optimizer (B lr = {LORAPLUS_LR_RATIO:g} x A lr)",
+        5e-4,
+        diagnosable=True,
+    ),
+    MethodSpec("loraga", _loraga, "PEFT LoRA-GA initialisation, AdamW", 5e-4, diagnosable=True),
     MethodSpec("adalora", _adalora, "PEFT AdaLoRA (rank 12 -> 8 budget), AdamW", 5e-4),
     MethodSpec(
-        "lorapro", _lorapro("efficient", "sylvester"), "LoRAProAdamW efficient mode, X by Sylvester", 5e-4
+        "lorapro",
+        _lorapro("efficient", "sylvester"),
+        "LoRAProAdamW efficient mode, X by Sylvester",
+        5e-4,
+        diagnosable=True,
     ),
-    MethodSpec("lorapro-zero", _lorapro("efficient", "zero"), "LoRAProAdamW efficient mode, X = 0", 5e-4),
+    MethodSpec(
+        "lorapro-zero",
+        _lorapro("efficient", "zero"),
+        "LoRAProAdamW efficient mode, X = 0",
+        5e-4,
+        diagnosable=True,
+    ),
     MethodSpec(
         "lorapro-symmetric",
         _lorapro("efficient", "symmetric"),
         "LoRAProAdamW efficient mode, symmetric X",
         5e-4,
+        diagnosable=True,
     ),
-    MethodSpec("lorapro-full", _lorapro("full", "sylvester"), "LoRAProAdamW full mode (m x n moments)", 5e-5),
+    MethodSpec(
+        "lorapro-full",
+        _lorapro("full", "sylvester"),
+        "LoRAProAdamW full mode (m x n moments)",
+        5e-5,
+        diagnosable=True,
+    ),
     MethodSpec(
         "lorapro-factored",
         _lorapro("factored", "sylvester"),
         "LoRAProAdamW factored mode (full mode with O((m + n) r) moments; experimental)",
         5e-5,
+        diagnosable=True,
     ),
     MethodSpec(
         "lorapro-factored-m",
         _lorapro("factored-first-moment", "sylvester"),
         "LoRAProAdamW, factored first moment and full mode's m x n second moment (diagnostic variant)",
         5e-5,
+        diagnosable=True,
     ),
-    MethodSpec("riemannian", _riemannian, "PEFT's Riemannian (scaled GD) preconditioner on AdamW", 5e-4),
+    MethodSpec(
+        "riemannian",
+        _riemannian,
+        "PEFT's Riemannian (scaled GD) preconditioner on AdamW",
+        5e-4,
+        diagnosable=True,
+    ),
+    # LoRA-FA freezes A: the monitor (LoRA-Pro's closed form) needs both factors trainable.
     MethodSpec("lorafa", _lorafa, "PEFT LoRA-FA optimizer (A frozen)", 5e-4),
     MethodSpec(
         "lorarite",
@@ -368,12 +413,14 @@ for _spec in (
         "LoRA-RITE from pytorch-optimizer (AdamW on the head)",
         5e-4,
         check=_check_pytorch_optimizer,
+        diagnosable=True,
     ),
     MethodSpec(
         "rslorapro",
         _lorapro("efficient", "sylvester", use_rslora=True),
         "rsLoRA scaling + LoRAProAdamW efficient mode",
         5e-4,
+        diagnosable=True,
     ),
 ):
     register_method(_spec)

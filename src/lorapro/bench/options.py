@@ -7,11 +7,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import OutputFolderError
+
 __all__ = ["OutputFolderError", "parse_lrs", "positive_int", "require_writable_folder"]
-
-
-class OutputFolderError(ValueError):
-    """``--out`` cannot be written: raised before anything is loaded or trained."""
 
 
 def require_writable_folder(path: str | Path) -> Path:

@@ -13,10 +13,10 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .harness import BenchResult, MethodOutcome
+from .outcomes import BenchResult, MethodOutcome
+from .stats import mean, std
 
 __all__ = [
     "combined_table",
@@ -44,8 +44,6 @@ def gap_closed(value: float, lora: float, full: float, higher_is_better: bool = 
 
 
 def summarize(result: BenchResult) -> dict[str, Any]:
-    from .harness import mean, std
-
     metric = result.task.report_metric.name
     means = {o.method: mean(o.test_values(metric)) for o in result.outcomes if o.runs}
     lora, full = means.get("lora", math.nan), means.get("full", math.nan)
