@@ -72,6 +72,42 @@ def test_run_records_load_with_and_without_per_example_outcomes():
     assert RunResult.from_dict(new).test_examples == {"accuracy": {"values": [1, 0]}}
 
 
+def test_refinement_adds_half_steps_around_each_best_rate(tmp_path):
+    cfg = _config(tmp_path, methods=("lora",), seeds=1, lr_grid=(1e-3, 1e-2), refine=1)
+    logs: list[str] = []
+    result = run_benchmark(cfg, task=TinyTask(), progress=False, log=logs.append)
+    (outcome,) = result.outcomes
+    refined = sorted(lr for lr, origin in outcome.origins.items() if origin == "refinement")
+    assert len(outcome.grid) == 4 and result.runs_executed == 4 and len(refined) == 2
+    assert any("one round of half-steps in log space" in line for line in logs)
+    # The same command line finds every run (refinement included) and trains nothing.
+    again = run_benchmark(cfg, task=TinyTask(), progress=False, log=lambda _: None, report_only=True)
+    assert again.runs_reused == 4 and not again.outcomes[0].pending
+    assert "(x" in (tmp_path / "results.md").read_text()  # the chosen rate's resolution
+
+
+def test_stored_run_hashes_do_not_change():
+    """A run stored under results/trec (lora, lr 1e-4, seed 0) keeps its hash: the key's layout,
+    TrainConfig's fields and the default options' absence from it are what every stored run relies on."""
+    from dataclasses import asdict
+
+    from lorapro.bench.harness import HARNESS_VERSION, _runtime_key, run_hash
+    from lorapro.bench.tasks import TaskOptions
+    from lorapro.bench.train import TrainConfig
+
+    cfg = BenchConfig(task="trec", train_size=1000, val_size=300, test_size=1000, epochs=2, refine=1)
+    key = {
+        "harness_version": HARNESS_VERSION,
+        "task": {"task": "trec"},
+        "options": asdict(TaskOptions(train_size=1000, val_size=300, test_size=1000)),
+        "sizes": {"train": 1000, "validation": 300, "test": 1000, "pool": 5381},
+        **_runtime_key(cfg, "cpu"),
+        "method": "lora",
+        "train": TrainConfig(lr=1e-4, epochs=2, batch_size=32, seed=0, lora_alpha=16.0).to_dict(),
+    }
+    assert run_hash(key) == "7d782b9fc22f4b50"
+
+
 def test_finished_runs_are_reused_and_a_changed_config_is_not(tmp_path):
     run_benchmark(_config(tmp_path, methods=("lora",)), task=TinyTask(), progress=False, log=lambda _: None)
     again = run_benchmark(
@@ -158,6 +194,7 @@ def test_divergence_is_recorded_and_loses_the_tuning(tmp_path):
         ({"lr_grid": (1e-3, 1e-3)}, "twice"),
         ({"train_size": 0}, "--train-size"),
         ({"rank": 0}, "--rank"),
+        ({"refine": -1}, "--refine"),
     ],
 )
 def test_bad_options_name_the_option(tmp_path, kw, message):

@@ -101,6 +101,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="when a method's best rate is at an end of the grid, try up to N more points beyond it, "
         "continuing the grid's spacing (default 2; 0 keeps the grid fixed)",
     )
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the grid and its extension, N rounds of refinement: try the geometric midpoints "
+        "between each method's best rate and its tried neighbours (half the spacing in log space, "
+        "2 more runs per method and round; default 0)",
+    )
     p.add_argument("--train-size", type=_positive_int, help="training examples (default: the task's)")
     p.add_argument("--val-size", type=_positive_int, help="validation examples (default: the task's)")
     p.add_argument("--test-size", type=_positive_int, help="test examples (default: the task's)")
@@ -196,6 +205,7 @@ def _run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         data_seed=args.data_seed,
         extend_grid=args.extend_grid,
+        refine=args.refine,
         out=out,
         model=args.model,
         target_modules=args.target_modules,

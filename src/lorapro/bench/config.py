@@ -73,6 +73,10 @@ class BenchConfig:
     data_seed: int = 0
     #: Extra grid points a method may get beyond an end of the grid where its best rate lies.
     extend_grid: int = 2
+    #: Rounds of refinement after the grid and its extension: each tries the geometric
+    #: midpoints between a method's best rate and its tried neighbours (half the log-spacing).
+    #: 0 by default, so that a stored benchmark's command line finds all its runs.
+    refine: int = 0
     out: str = "bench-output"
     #: A Hugging Face model folder in place of the task's bundled model (text tasks, jsonl).
     model: str | None = None
@@ -113,6 +117,8 @@ class BenchConfig:
                 raise BenchConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.extend_grid < 0:
             raise BenchConfigError(f"--extend-grid must be >= 0, got {self.extend_grid}")
+        if self.refine < 0:
+            raise BenchConfigError(f"--refine must be >= 0, got {self.refine}")
         if self.rank < 1:
             raise BenchConfigError(f"--rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:

@@ -31,12 +31,23 @@ import torch
 
 from .config import DEFAULT_LR_GRID, DEVICES, DTYPES, BenchConfig, BenchConfigError, resolve_device
 from .errors import MethodUnavailableError
+from .grid import (
+    COARSE,
+    EDGE,
+    REFINED,
+    best_lr,
+    choice_rule,
+    extend_at_edges,
+    grid_plan,
+    refine_around_best,
+    round_rate,
+)
 from .methods import get_method
 from .opening import check_methods, check_task
 from .outcomes import BenchResult, MethodOutcome
 from .report import write_reports
 from .stats import mean, std
-from .tasks import Metric, Task, TaskOptions, get_task
+from .tasks import Task, TaskOptions, get_task
 from .train import RunResult, TrainConfig, train_and_evaluate
 
 __all__ = [
@@ -229,7 +240,8 @@ def run_benchmark(
         f"Task {task.name}: {task.description}\n"
         f"Data: {prepared.info.get('sizes')}; methods: {', '.join(cfg.methods)}; lr grid: "
         f"{', '.join(f'{x:g}' for x in grid)}; seeds: {cfg.seeds}; results under {out}\n"
-        f"Device: {env.get('cuda_device', device)}, {cfg.dtype}{accumulate}{steps}"
+        f"Device: {env.get('cuda_device', device)}, {cfg.dtype}{accumulate}{steps}\n"
+        f"{grid_plan(cfg.lr_grid, cfg.extend_grid, cfg.refine)}"
     )
     counters = {"executed": 0, "reused": 0}
     all_runs: list[RunResult] = []
@@ -276,25 +288,33 @@ def run_benchmark(
     tuning: dict[str, dict[float, RunResult]] = {m: {} for m in cfg.methods}
     try:
         for outcome in outcomes:
+            runs = tuning[outcome.method]
             try:
                 for lr in grid:
-                    tuning[outcome.method][lr] = run(outcome.method, lr, seeds[0])
-                _extend_at_edges(tuning[outcome.method], cfg.extend_grid, selection, bar,
-                                 lambda lr, m=outcome.method: run(m, lr, seeds[0]))  # fmt: skip
+                    runs[lr] = run(outcome.method, lr, seeds[0])
+                    outcome.origins[lr] = COARSE
+                at_seed0 = lambda lr, m=outcome.method: run(m, lr, seeds[0])  # noqa: E731
+                for lr in extend_at_edges(runs, cfg.extend_grid, selection, bar, at_seed0):
+                    outcome.origins[lr] = EDGE
+                for lr in refine_around_best(runs, cfg.refine, selection, bar, at_seed0):
+                    outcome.origins[lr] = REFINED
             except _NotRunYet as missing:
                 outcome.pending = f"tuning not finished ({missing} not run yet)"
             except MethodUnavailableError as exc:
                 outcome.unavailable = str(exc)
                 log(f"{outcome.method}: not run: {exc}")
                 if bar is not None:
-                    bar.update(len(grid) + len(seeds) - 1 - len(tuning[outcome.method]))
+                    bar.update(len(grid) + len(seeds) - 1 - len(runs))
         for outcome in outcomes:
             runs = tuning[outcome.method]
             outcome.grid = {lr: runs[lr].validation for lr in sorted(runs)}
+            outcome.diverged = [lr for lr in sorted(runs) if runs[lr].diverged]
             if outcome.unavailable or outcome.pending:
                 continue
-            best = _best_lr(runs, selection)
+            best = best_lr(runs, selection)
             outcome.chosen_lr = best
+            scores = {lr: runs[lr].validation.get(selection.name, math.nan) for lr in runs}
+            outcome.rule = choice_rule(scores, best, selection, outcome.origins, outcome.diverged)
             outcome.runs = [runs[best]]
             for seed in seeds[1:]:
                 with contextlib.suppress(_NotRunYet):  # report_only: show the seeds run so far
@@ -303,10 +323,8 @@ def run_benchmark(
                 outcome.pending = f"{len(outcome.runs)} of {len(seeds)} seeds run so far"
             values = outcome.test_values(task.report_metric.name)
             log(
-                f"{outcome.method}: lr {best:g} (validation {selection.name} "
-                f"{runs[best].validation.get(selection.name, math.nan):.4f}); test "
-                f"{task.report_metric.name} {mean(values):.4f} +- {std(values):.4f} "
-                f"over {len(values)} seed(s)"
+                f"{outcome.method}: {outcome.rule}; test {task.report_metric.name} "
+                f"{mean(values):.4f} +- {std(values):.4f} over {len(values)} seed(s)"
             )
     finally:
         if bar is not None:
@@ -360,52 +378,10 @@ def _with_targets(prepared: Any, patterns: Sequence[str]) -> Any:
     return dataclasses.replace(prepared, lora_targets=lambda _model: list(names))
 
 
-def _score(run: RunResult, selection: Metric) -> float:
-    return run.validation.get(selection.name, math.nan)
-
-
-def _best_lr(runs: dict[float, RunResult], selection: Metric) -> float:
-    """The rate with the best validation score; ties keep the smaller rate."""
-    lrs = sorted(runs)
-    best = lrs[0]
-    for lr in lrs[1:]:
-        if selection.better(_score(runs[lr], selection), _score(runs[best], selection)):
-            best = lr
-    return best
-
-
-def _extend_at_edges(
-    runs: dict[float, RunResult],
-    max_extensions: int,
-    selection: Metric,
-    bar: Any,
-    run: Callable[[float], RunResult],
-) -> None:
-    """While a method's best rate sits at an end of the grid, try one more point beyond it.
-
-    The same rule for every method, so the grid stays common: it only grows where the
-    optimum is not bracketed (LoRA on TREC still improved at the top of a grid that suits
-    full fine-tuning). New points continue the grid's spacing at that end.
-    """
-    for _ in range(max_extensions):
-        lrs = sorted(runs)
-        if len(lrs) < 2:
-            return
-        best = _best_lr(runs, selection)
-        if best == lrs[-1] and not runs[best].diverged:
-            new = _round_rate(lrs[-1] * lrs[-1] / lrs[-2])
-        elif best == lrs[0]:
-            new = _round_rate(lrs[0] * lrs[0] / lrs[1])
-        else:
-            return
-        if bar is not None:
-            bar.total += 1
-        runs[new] = run(new)
-
-
-def _round_rate(lr: float) -> float:
-    """Two significant digits, so the extended points print cleanly (8e-3, not 8.0000001e-3)."""
-    return float(f"{lr:.2g}")
+# Kept for callers of the earlier private names.
+_best_lr = best_lr
+_extend_at_edges = extend_at_edges
+_round_rate = round_rate
 
 
 def _get_task(spec: str) -> Task:

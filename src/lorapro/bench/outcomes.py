@@ -31,6 +31,12 @@ class MethodOutcome:
     runs: list[RunResult] = field(default_factory=list)  # the chosen lr, one per seed
     unavailable: str | None = None  # why the method could not run here
     pending: str | None = None  # report_only: what is not run yet
+    #: lr -> where it came from: "grid", "edge" (extension) or "refinement".
+    origins: dict[float, str] = field(default_factory=dict)
+    #: Rates whose tuning run diverged.
+    diverged: list[float] = field(default_factory=list)
+    #: Why the chosen rate won, in words (the score, the runner-up, ties).
+    rule: str = ""
 
     def test_values(self, metric: str) -> list[float]:
         return [r.test.get(metric, math.nan) for r in self.runs]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .grid import grid_plan, resolution, selection_rule
 from .outcomes import BenchResult, MethodOutcome
 from .stats import mean, std
 
@@ -58,6 +59,10 @@ def summarize(result: BenchResult) -> dict[str, Any]:
             "pending": o.pending,
             "chosen_lr": o.chosen_lr,
             "grid_validation": {f"{lr:g}": m for lr, m in o.grid.items()},
+            "grid_origin": {f"{lr:g}": origin for lr, origin in sorted(o.origins.items())},
+            "diverged_lrs": list(o.diverged),
+            "choice_rule": o.rule or None,
+            "lr_resolution": resolution(list(o.grid), o.chosen_lr) if o.chosen_lr is not None else None,
             "test_values": values,
             "test_mean": mean(values) if values else None,
             "test_std": std(values) if values else None,
@@ -84,6 +89,8 @@ def summarize(result: BenchResult) -> dict[str, Any]:
             "higher_is_better": result.task.selection_metric.higher_is_better,
             "split": "validation",
         },
+        "selection_rule": selection_rule(result.task.selection_metric),
+        "grid_plan": grid_plan(result.config.lr_grid, result.config.extend_grid, result.config.refine),
         "task_info": result.task_info,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(result.config).items()},
         "environment": result.environment,
@@ -98,13 +105,23 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
+def _chosen(row: dict[str, Any]) -> str:
+    """The chosen rate and the largest ratio to a tried neighbour (how finely it is located)."""
+    res = row.get("lr_resolution") or {}
+    factor = res.get("factor")
+    if factor is None:
+        return f"{row['chosen_lr']:g}"
+    edge = "" if res.get("bracketed") else ", edge"
+    return f"{row['chosen_lr']:g} (x{factor:.2g}{edge})"
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
     metric = summary["report_metric"]
     sel = summary["selection_metric"]["name"]
-    # Every rate any method tried: the common grid plus edge extensions.
+    # Every rate any method tried: the common grid plus edge extensions and refinements.
     grid = sorted({float(lr) for row in summary["methods"] for lr in row["grid_validation"]})
     head = (
-        f"| method | chosen lr | test {metric} (mean ± std, n) | gap closed | "
+        f"| method | chosen lr (resolution) | test {metric} (mean ± std, n) | gap closed | "
         + " | ".join(f"val {sel} @ {lr:g}" for lr in grid)
         + " | other test metrics (mean) | train s/run | peak MB |"
     )
@@ -135,7 +152,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
         peak = _fmt(row["peak_memory_mb_max"], 0)
         others = _other_means(row["test_metrics_per_seed"], metric)
         lines.append(
-            f"| {row['method']} | {row['chosen_lr']:g} | {score} | {gap} | "
+            f"| {row['method']} | {_chosen(row)} | {score} | {gap} | "
             + " | ".join(vals)
             + f" | {others} | {_fmt(row['train_seconds_mean'], 1)} | {peak} |"
         )
@@ -167,11 +184,10 @@ def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
         f"{env['torch_threads']} torch threads{where}{precision}).",
         "",
         f"Data: {info.get('sizes')}; {info.get('data_notes', '')}",
-        "Each method's learning rate is the grid point with the best validation "
-        f"{summary['selection_metric']['name']} (seed 0); that rate then runs on {cfg['seeds']} seed(s) "
-        "and is scored on the test split. A method whose best rate lay at an end of the grid got up to "
-        f"{cfg['extend_grid']} more points beyond it (same spacing), so every optimum is bracketed where "
-        "possible. "
+        f"Each method's learning rate: {summary['selection_rule']}; that rate then runs on "
+        f"{cfg['seeds']} seed(s) and is scored on the test split. {summary['grid_plan']} "
+        "Resolution (next to the chosen rate): the largest ratio between the chosen rate and a tried "
+        "neighbour (edge: not bracketed on one side). "
         "Gap closed = (method - LoRA) / (full - LoRA) on the test mean; n/a when full fine-tuning "
         "does not beat LoRA (there is no gap to close).",
         "",
@@ -182,6 +198,11 @@ def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
         "on CPU (the allocator's peak on CUDA).",
         "",
     ]
+    choices = [
+        f"- {row['method']}: {row['choice_rule']}" for row in summary["methods"] if row.get("choice_rule")
+    ]
+    if choices:
+        lines += ["## How each rate was chosen", "", *choices, ""]
     lines += [f"![{p.stem}]({p.name})" for p in figures]
     return "\n".join(lines) + "\n"
 
@@ -280,6 +301,7 @@ def write_reports(result: BenchResult, *, log: Callable[[str], None] = print) ->
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
     (out / "results.md").write_text(_markdown(summary, figures), encoding="utf-8")
     log("")
+    log(summary["grid_plan"])
     log(markdown_table(summary))
     log("")
     log(f"Table: {out / 'results.md'}; summary: {out / 'summary.json'}")
