@@ -51,25 +51,50 @@ def test_benchmark_tunes_on_validation_runs_seeds_and_writes_reports(tmp_path):
     assert rows["full"]["trainable_params"] > rows["lora"]["trainable_params"]
     md = (tmp_path / "results.md").read_text()
     assert "| lorapro |" in md and "val accuracy @ 0.01" in md
-    for name in ("loss_curves.png", "test_bars.png", "lr_sweep.png"):
+    for name in ("loss_curves.png", "test_bars.png", "lr_sweep.png", "diff_vs_lora.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Every run keeps its per-example test outcomes; their mean is the test accuracy.
     for outcome in result.outcomes:
         for run in outcome.runs:
             values = run.test_examples["accuracy"]["values"]
             assert len(values) == 32 and sum(values) / 32 == run.test["accuracy"]
+    # The verdict: every method against LoRA, and against full fine-tuning, by a paired bootstrap
+    # over test examples (2 seeds: not over seeds), with the rule that chose each rate.
+    verdict = summary["verdict"]
+    pairs = [(c["method"], c["reference"]) for c in verdict["comparisons"]]
+    assert pairs == [("full", "lora"), ("lorapro", "lora"), ("lorapro", "full")]
+    for c in verdict["comparisons"]:
+        assert c["kind"] == "examples" and c["low"] <= c["high"]
+        assert c["verdict"] in ("better", "within noise", "worse")
+    assert "## Verdict" in md and "paired bootstrap over 32 test examples" in md
+    assert "## How each rate was chosen" in md and "highest validation accuracy" in md
+    assert any("\n| lorapro | lora |" in entry for entry in logs)  # the verdict table is printed
+    assert rows["lora"]["choice_rule"].startswith(f"lr {rows['lora']['chosen_lr']:g}: highest validation")
     # One JSON file per run, named by method, lr, seed and config hash.
     files = sorted(p.name for p in (tmp_path / "runs" / "lora").glob("*.json"))
     assert len(files) == 3 and all(f.startswith("lr") for f in files)
 
 
-def test_run_records_load_with_and_without_per_example_outcomes():
-    from lorapro.bench.train import RunResult
+def test_verdict_of_runs_without_per_example_outcomes_is_over_seeds(tmp_path):
+    # Runs stored by earlier versions have no per-example outcomes: an interval over seeds, said so.
+    cfg = _config(tmp_path, methods=("lora", "lorapro"), lr_grid=(1e-2,), seeds=2)
+    logs: list[str] = []
+    run_benchmark(cfg, task=TinyTask(per_example=False), progress=False, log=logs.append)
+    (c,) = json.loads((tmp_path / "summary.json").read_text())["verdict"]["comparisons"]
+    assert c["kind"] == "seeds" and "t-interval over 2 seeds" in c["basis"]
+    assert any("intervals over seeds only" in line for line in logs)
 
-    old = _fake_run(1e-3, 0.5).to_dict()  # as stored before per-example outcomes: extra {}
-    assert RunResult.from_dict(old).test_examples == {}
-    new = {**old, "extra": {"test_examples": {"accuracy": {"values": [1, 0]}}}, "later_field": 1}
-    assert RunResult.from_dict(new).test_examples == {"accuracy": {"values": [1, 0]}}
+
+def test_one_seed_and_an_unseparable_test_set_are_warned_about(tmp_path):
+    cfg = _config(tmp_path, methods=("lora", "lorapro"), lr_grid=(1e-6,), seeds=1)
+    logs: list[str] = []
+    run_benchmark(cfg, task=TinyTask(), progress=False, log=logs.append)
+    warnings = [line for line in logs if line.startswith("warning: ")]
+    assert any("one seed" in w for w in warnings)
+    # At lr 1e-6 neither method learns anything: their 32 test predictions agree, within noise.
+    assert any("too small to separate the methods" in w for w in warnings), warnings
+    md = (tmp_path / "results.md").read_text()
+    assert "Warnings:" in md and "one seed" in md
 
 
 def test_refinement_adds_half_steps_around_each_best_rate(tmp_path):
@@ -84,6 +109,22 @@ def test_refinement_adds_half_steps_around_each_best_rate(tmp_path):
     again = run_benchmark(cfg, task=TinyTask(), progress=False, log=lambda _: None, report_only=True)
     assert again.runs_reused == 4 and not again.outcomes[0].pending
     assert "(x" in (tmp_path / "results.md").read_text()  # the chosen rate's resolution
+
+
+def test_test_classes_never_seen_in_training_are_warned_about():
+    from types import SimpleNamespace
+
+    from lorapro.bench.harness import unseen_test_classes
+
+    prepared = SimpleNamespace(
+        train=SimpleNamespace(labels=[0, 0, 1]), test=SimpleNamespace(labels=[0, 2, 2, 1]),
+        info={"classes": ["a", "b", "c"]},
+    )  # fmt: skip
+    (warning,) = unseen_test_classes(prepared)
+    assert warning.startswith("test class(es) never seen in training: 'c' (2 test examples), 50.0% of")
+    prepared.test.labels = [0, 1]
+    assert unseen_test_classes(prepared) == []
+    assert unseen_test_classes(SimpleNamespace(train=[], test=[], info={})) == []
 
 
 def test_stored_run_hashes_do_not_change():

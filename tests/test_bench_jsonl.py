@@ -102,6 +102,8 @@ def test_bench_on_a_model_folder_and_a_jsonl_file(tmp_path, llama_dir, data, cap
     weighted = sum(v * w for v, w in zip(loss, weights, strict=True)) / sum(weights)
     assert weighted == pytest.approx(result["test"]["loss"], rel=1e-5)
     assert sum(examples["exact_match"]["values"]) / 3 == result["test"]["exact_match"]
+    (c,) = summary["verdict"]["comparisons"]
+    assert (c["method"], c["reference"], c["metric"], c["kind"]) == ("lorapro", "lora", "loss", "examples")
     # Rerunning reuses every run.
     assert main(argv) == 0
     assert json.loads((out / "summary.json").read_text())["runs_executed"] == 0

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from .errors import SetupError
+from .figures import smooth
 from .harness import environment
 from .opening import opening_checks
-from .report import smooth
 from .tasks import TaskOptions
 from .train import RunResult, TrainConfig, train_and_evaluate
 

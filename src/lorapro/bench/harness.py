@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -243,6 +244,9 @@ def run_benchmark(
         f"Device: {env.get('cuda_device', device)}, {cfg.dtype}{accumulate}{steps}\n"
         f"{grid_plan(cfg.lr_grid, cfg.extend_grid, cfg.refine)}"
     )
+    data_warnings = unseen_test_classes(prepared)
+    for warning in data_warnings:
+        log(f"warning: {warning}")
     counters = {"executed": 0, "reused": 0}
     all_runs: list[RunResult] = []
 
@@ -340,9 +344,33 @@ def run_benchmark(
         environment=env,
         runs_executed=counters["executed"],
         runs_reused=counters["reused"],
+        data_warnings=data_warnings,
     )
     write_reports(result, log=log)
     return result
+
+
+def unseen_test_classes(prepared: Any) -> list[str]:
+    """A warning for each class of the test split that never occurs in training (classification
+    splits with ``labels``); empty for tasks without classes."""
+    train = getattr(prepared.train, "labels", None)
+    test = getattr(prepared.test, "labels", None)
+    if train is None or test is None:
+        return []
+    seen = Counter(int(x) for x in train)
+    unseen = Counter(int(x) for x in test if int(x) not in seen)
+    if not unseen:
+        return []
+    names = prepared.info.get("classes") or []
+    label = lambda c: f"{names[c]!r}" if 0 <= c < len(names) else str(c)  # noqa: E731
+    listed = ", ".join(
+        f"{label(c)} ({n} test example{'s' if n > 1 else ''})" for c, n in sorted(unseen.items())
+    )
+    share = sum(unseen.values()) / max(1, len(test))
+    return [
+        f"test class(es) never seen in training: {listed}, {share:.1%} of the test set; no method can learn "
+        "them from this training data (a larger --train-size or another --data-seed may include them)"
+    ]
 
 
 def _runtime_key(cfg: BenchConfig, device: str) -> dict[str, Any]:

@@ -53,3 +53,5 @@ class BenchResult:
     environment: dict[str, Any]
     runs_executed: int
     runs_reused: int
+    #: Facts about the data the verdict must warn about (a test class never seen in training).
+    data_warnings: list[str] = field(default_factory=list)

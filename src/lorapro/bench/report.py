@@ -1,9 +1,11 @@
-"""The benchmark's outputs: ``summary.json``, ``results.md`` and three PNG figures.
+"""The benchmark's outputs: ``summary.json``, ``results.md`` and its PNG figures.
 
 The table follows the paper's layout (one row per method, the task's test metric as
 mean +- std over seeds) and adds what a fair comparison needs next to it: the chosen
-learning rate, the validation score of every grid point, and the share of the
-LoRA-to-full-fine-tuning gap each method closes, (method - LoRA) / (full - LoRA).
+learning rate and how finely it was located, the validation score of every grid point, and
+the share of the LoRA-to-full-fine-tuning gap each method closes, (method - LoRA) / (full -
+LoRA). The verdict follows it: each method's difference from LoRA (and full fine-tuning) on
+the selection metric with a 95% interval and one word, and what the verdict cannot tell.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .figures import smooth, write_figures
 from .grid import grid_plan, resolution, selection_rule
-from .outcomes import BenchResult, MethodOutcome
+from .outcomes import BenchResult
 from .stats import mean, std
+from .verdict import comparisons, verdict_warnings
 
 __all__ = [
     "combined_table",
@@ -26,6 +30,7 @@ __all__ = [
     "markdown_table",
     "smooth",
     "summarize",
+    "verdict_table",
     "write_reports",
 ]
 
@@ -44,14 +49,20 @@ def gap_closed(value: float, lora: float, full: float, higher_is_better: bool = 
     return (value - lora) / (full - lora)
 
 
-def summarize(result: BenchResult) -> dict[str, Any]:
+def summarize(result: BenchResult, found: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Everything the reports show, as JSON-ready data (``summary.json``). ``found``: the
+    verdict's comparisons when already computed (else they are computed here)."""
     metric = result.task.report_metric.name
+    selection = result.task.selection_metric
     means = {o.method: mean(o.test_values(metric)) for o in result.outcomes if o.runs}
     lora, full = means.get("lora", math.nan), means.get("full", math.nan)
     higher = result.task.report_metric.higher_is_better
+    found = comparisons(result) if found is None else found
+    cfg = result.config
     methods = []
     for o in result.outcomes:
         values = o.test_values(metric)
+        selected = o.test_values(selection.name)
         row: dict[str, Any] = {
             "method": o.method,
             "description": o.description,
@@ -66,6 +77,10 @@ def summarize(result: BenchResult) -> dict[str, Any]:
             "test_values": values,
             "test_mean": mean(values) if values else None,
             "test_std": std(values) if values else None,
+            "selection_test_values": selected,
+            "selection_test_mean": mean(selected) if selected else None,
+            "selection_test_std": std(selected) if selected else None,
+            "per_example_outcomes": bool(o.runs) and all(selection.name in r.test_examples for r in o.runs),
             "seeds": [r.seed for r in o.runs],
             "gap_closed": gap_closed(mean(values), lora, full, higher) if values else None,
             "test_metrics_per_seed": [r.test for r in o.runs],
@@ -84,13 +99,14 @@ def summarize(result: BenchResult) -> dict[str, Any]:
         "task": result.task.name,
         "task_description": result.task.description,
         "report_metric": metric,
+        "report_metric_higher_is_better": higher,
         "selection_metric": {
-            "name": result.task.selection_metric.name,
-            "higher_is_better": result.task.selection_metric.higher_is_better,
+            "name": selection.name,
+            "higher_is_better": selection.higher_is_better,
             "split": "validation",
         },
-        "selection_rule": selection_rule(result.task.selection_metric),
-        "grid_plan": grid_plan(result.config.lr_grid, result.config.extend_grid, result.config.refine),
+        "selection_rule": selection_rule(selection),
+        "grid_plan": grid_plan(cfg.lr_grid, cfg.extend_grid, cfg.refine),
         "task_info": result.task_info,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(result.config).items()},
         "environment": result.environment,
@@ -98,6 +114,13 @@ def summarize(result: BenchResult) -> dict[str, Any]:
         "runs_executed": result.runs_executed,
         "runs_reused": result.runs_reused,
         "methods": methods,
+        "verdict": {
+            "metric": selection.name,
+            "split": "test",
+            "level": 0.95,
+            "comparisons": [c.to_dict() for c in found],
+            "warnings": verdict_warnings(result, found),
+        },
     }
 
 
@@ -127,24 +150,18 @@ def markdown_table(summary: dict[str, Any]) -> str:
     )
     lines = [head, "| " + " | ".join(["---"] + ["---:"] * (len(grid) + 6)) + " |"]
     for row in summary["methods"]:
+        vals = [
+            _fmt(row["grid_validation"][f"{lr:g}"].get(sel)) if f"{lr:g}" in row["grid_validation"] else "—"
+            for lr in grid
+        ]
         if row["unavailable"] or (row.get("pending") and not row["test_values"]):
             why = f"not run: {row['unavailable']}" if row["unavailable"] else f"pending: {row['pending']}"
-            vals = [
-                _fmt(row["grid_validation"][f"{lr:g}"].get(sel))
-                if f"{lr:g}" in row["grid_validation"]
-                else "—"
-                for lr in grid
-            ]
             cells = ["—", why.replace("|", "/"), "—", *vals, "", "", ""]
             lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
             continue
         n = len(row["test_values"])
         score = f"{_fmt(row['test_mean'])} ± {_fmt(row['test_std'])} ({n})"
         gap = "—" if row["method"] in ("lora", "full") else _fmt(row["gap_closed"], 2)
-        vals = [
-            _fmt(row["grid_validation"][f"{lr:g}"].get(sel)) if f"{lr:g}" in row["grid_validation"] else "—"
-            for lr in grid
-        ]
         if row["diverged_runs"]:
             score += f" ⚠ {row['diverged_runs']} diverged"
         if row.get("pending"):
@@ -157,6 +174,39 @@ def markdown_table(summary: dict[str, Any]) -> str:
             + f" | {others} | {_fmt(row['train_seconds_mean'], 1)} | {peak} |"
         )
     return "\n".join(lines)
+
+
+def _signed(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:+.{digits}f}"
+
+
+def verdict_table(summary: dict[str, Any]) -> str:
+    """Each method against LoRA (and full fine-tuning): the difference on the test split's
+    selection metric, its 95% interval, the word, and what the interval is over."""
+    verdict = summary.get("verdict") or {}
+    rows = verdict.get("comparisons") or []
+    if not rows:
+        return ""
+    metric = verdict["metric"]
+    direction = "higher" if summary["selection_metric"]["higher_is_better"] else "lower"
+    lines = [
+        f"| method | vs | test {metric}: method - reference ({direction} is better) | 95% interval | "
+        "verdict | interval over |",
+        "| --- | --- | ---: | :---: | --- | --- |",
+    ]
+    for c in rows:
+        interval = "—" if c["low"] is None else f"[{_signed(c['low'])}, {_signed(c['high'])}]"
+        lines.append(
+            f"| {c['method']} | {c['reference']} | {_signed(c['difference'])} | {interval} | "
+            f"**{c['verdict']}** | {c['basis']} |"
+        )
+    return "\n".join(lines)
+
+
+def _choice_lines(summary: dict[str, Any]) -> list[str]:
+    return [
+        f"- {row['method']}: {row['choice_rule']}" for row in summary["methods"] if row.get("choice_rule")
+    ]
 
 
 def _other_means(per_seed: Sequence[dict[str, float]], skip: str) -> str:
@@ -173,6 +223,7 @@ def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
     info = summary["task_info"]
     env = summary["environment"]
     cfg = summary["config"]
+    sel = summary["selection_metric"]["name"]
     # Runs on a GPU name it; summaries written before the device was recorded ran on the CPU.
     where = f", on {env['cuda_device']}" if env.get("cuda_device") else ""
     precision = f"; {cfg['dtype']}" if cfg.get("dtype", "float32") != "float32" else ""
@@ -198,111 +249,46 @@ def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
         "on CPU (the allocator's peak on CUDA).",
         "",
     ]
-    choices = [
-        f"- {row['method']}: {row['choice_rule']}" for row in summary["methods"] if row.get("choice_rule")
-    ]
+    choices = _choice_lines(summary)
     if choices:
         lines += ["## How each rate was chosen", "", *choices, ""]
+    table = verdict_table(summary)
+    if table:
+        lines += [
+            "## Verdict",
+            "",
+            f"Each method against LoRA (and full fine-tuning) on test {sel}, the metric the rates were "
+            "chosen on: the difference of the means over the seeds both ran, a 95% interval, and "
+            "**better** or **worse** when the interval excludes 0, else **within noise**.",
+            "",
+            table,
+            "",
+        ]
+    warnings = (summary.get("verdict") or {}).get("warnings") or []
+    if warnings:
+        lines += ["Warnings:", "", *[f"- ⚠ {w}" for w in warnings], ""]
     lines += [f"![{p.stem}]({p.name})" for p in figures]
     return "\n".join(lines) + "\n"
-
-
-def smooth(values: Sequence[float], window: int) -> list[float]:
-    """Trailing moving average: per-step losses at batch 32 are too noisy to compare by eye."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
-
-
-def _plots(result: BenchResult, summary: dict[str, Any], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers or CI; must precede pyplot's import
-    import matplotlib.pyplot as plt
-
-    done: list[MethodOutcome] = [o for o in result.outcomes if o.runs]
-    if not done:
-        return []
-    metric = summary["report_metric"]
-    sel = summary["selection_metric"]["name"]
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for i, o in enumerate(done):
-        curve = o.runs[0].loss_curve
-        window = max(1, len(curve) // 15)
-        ax.plot(
-            range(1, len(curve) + 1),
-            smooth(curve, window),
-            color=f"C{i % 10}",
-            label=f"{o.method} (lr {o.chosen_lr:g})",
-        )
-    ax.set_xlabel("training step")
-    ax.set_ylabel(
-        f"training loss (moving average over {max(1, len(done[0].runs[0].loss_curve) // 15)} steps)"
-    )
-    ax.set_title(f"{summary['task']}: training loss at each method's chosen lr, seed 0")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "loss_curves.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(done) + 2), 4.5), dpi=120)
-    rows = {r["method"]: r for r in summary["methods"]}
-    means = [rows[o.method]["test_mean"] for o in done]
-    stds = [rows[o.method]["test_std"] for o in done]
-    ax.bar(range(len(done)), means, yerr=stds, capsize=4, color=[f"C{i % 10}" for i in range(len(done))])
-    for i, o in enumerate(done):
-        ax.scatter([i] * len(o.runs), o.test_values(metric), color="black", s=8, zorder=3)
-    ax.set_xticks(range(len(done)), [o.method for o in done], rotation=30, ha="right")
-    finite = [m for m in means if m is not None and math.isfinite(m)]
-    if finite:
-        spread = max(finite) - min(finite)
-        lo = min(finite) - max(0.05, 1.5 * spread) - max((s or 0) for s in stds)
-        ax.set_ylim(bottom=max(0.0, lo) if result.task.report_metric.higher_is_better else None)
-    ax.set_ylabel(f"test {metric} (mean ± std; dots: seeds)")
-    ax.set_title(f"{summary['task']}: test {metric}, tuned lr, {summary['config']['seeds']} seed(s)")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "test_bars.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for i, o in enumerate(done):
-        lrs = sorted(o.grid)
-        ax.plot(
-            lrs, [o.grid[lr].get(sel, math.nan) for lr in lrs], marker="o", color=f"C{i % 10}", label=o.method
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"validation {sel} (seed 0)")
-    ax.set_title(f"{summary['task']}: learning-rate sweep")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "lr_sweep.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
-    return paths
 
 
 def write_reports(result: BenchResult, *, log: Callable[[str], None] = print) -> dict[str, Path]:
     out = result.out
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(result)
-    figures = _plots(result, summary, out)
+    found = comparisons(result)
+    summary = summarize(result, found)
+    figures = write_figures(result, summary, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
     (out / "results.md").write_text(_markdown(summary, figures), encoding="utf-8")
     log("")
     log(summary["grid_plan"])
     log(markdown_table(summary))
+    table = verdict_table(summary)
+    if table:
+        log("")
+        log(f"Verdict on test {summary['verdict']['metric']} (95% intervals):")
+        log(table)
+    for warning in summary["verdict"]["warnings"]:
+        log(f"warning: {warning}")
     log("")
     log(f"Table: {out / 'results.md'}; summary: {out / 'summary.json'}")
     log(f"Figures: {', '.join(str(p) for p in figures)}")
