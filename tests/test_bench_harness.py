@@ -85,6 +85,22 @@ def test_verdict_of_runs_without_per_example_outcomes_is_over_seeds(tmp_path):
     assert any("intervals over seeds only" in line for line in logs)
 
 
+def test_reports_of_a_result_from_an_earlier_harness(tmp_path):
+    # A long benchmark started on an older checkout imports the report module only at its end:
+    # its outcomes lack the newer fields, its runs the per-example outcomes.
+    from lorapro.bench.report import write_reports
+
+    cfg = _config(tmp_path, methods=("lora",), lr_grid=(1e-3, 1e-2), seeds=1)
+    result = run_benchmark(cfg, task=TinyTask(per_example=False), progress=False, log=lambda _: None)
+    (outcome,) = result.outcomes
+    for name in ("origins", "diverged", "rule"):
+        delattr(outcome, name)
+    del result.data_warnings
+    write_reports(result, log=lambda _: None)
+    md = (tmp_path / "results.md").read_text()
+    assert f"- lora: lr {outcome.chosen_lr:g}: highest validation accuracy" in md
+
+
 def test_one_seed_and_an_unseparable_test_set_are_warned_about(tmp_path):
     cfg = _config(tmp_path, methods=("lora", "lorapro"), lr_grid=(1e-6,), seeds=1)
     logs: list[str] = []

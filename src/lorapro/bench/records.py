@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["EXAMPLES_KEY", "RunResult", "Scores", "TrainConfig", "example_outcomes"]
+__all__ = ["EXAMPLES_KEY", "RunResult", "Scores", "TrainConfig", "example_outcomes", "examples_of"]
 
 #: Where a run record keeps its per-example test outcomes: under ``extra``, so that records
 #: written before they existed load unchanged, and records with them load in older versions.
@@ -92,7 +92,7 @@ class RunResult:
     def test_examples(self) -> dict[str, dict]:
         """Per-example test outcomes by metric (see :func:`example_outcomes`); empty for runs
         stored before they were recorded."""
-        return self.extra.get(EXAMPLES_KEY) or {}
+        return examples_of(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,3 +101,9 @@ class RunResult:
     def from_dict(cls, data: dict[str, Any]) -> RunResult:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def examples_of(run: Any) -> dict[str, dict]:
+    """``run.test_examples`` for any run result with an ``extra`` dict, including one built by an
+    earlier version of this class (a long benchmark started on an older checkout)."""
+    return (getattr(run, "extra", None) or {}).get(EXAMPLES_KEY) or {}

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .figures import smooth, write_figures
-from .grid import grid_plan, resolution, selection_rule
+from .grid import choice_rule, grid_plan, resolution, selection_rule
 from .outcomes import BenchResult
+from .records import examples_of
 from .stats import mean, std
 from .verdict import comparisons, verdict_warnings
 
@@ -80,7 +81,7 @@ def summarize(result: BenchResult, found: Sequence[Any] | None = None) -> dict[s
             "selection_test_values": selected,
             "selection_test_mean": mean(selected) if selected else None,
             "selection_test_std": std(selected) if selected else None,
-            "per_example_outcomes": bool(o.runs) and all(selection.name in r.test_examples for r in o.runs),
+            "per_example_outcomes": bool(o.runs) and all(selection.name in examples_of(r) for r in o.runs),
             "seeds": [r.seed for r in o.runs],
             "gap_closed": gap_closed(mean(values), lora, full, higher) if values else None,
             "test_metrics_per_seed": [r.test for r in o.runs],
@@ -106,7 +107,7 @@ def summarize(result: BenchResult, found: Sequence[Any] | None = None) -> dict[s
             "split": "validation",
         },
         "selection_rule": selection_rule(selection),
-        "grid_plan": grid_plan(cfg.lr_grid, cfg.extend_grid, cfg.refine),
+        "grid_plan": grid_plan(cfg.lr_grid, cfg.extend_grid, getattr(cfg, "refine", 0)),
         "task_info": result.task_info,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(result.config).items()},
         "environment": result.environment,
@@ -271,7 +272,24 @@ def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _complete(result: BenchResult) -> None:
+    """Give a result the fields an earlier harness did not set: a benchmark process started on an
+    older checkout imports this module only when it writes its reports, at its end."""
+    selection = result.task.selection_metric
+    for o in result.outcomes:
+        if not hasattr(o, "origins"):
+            o.origins = {}
+        if not hasattr(o, "diverged"):
+            o.diverged = []
+        if not getattr(o, "rule", ""):
+            scores = {lr: m.get(selection.name, math.nan) for lr, m in o.grid.items()}
+            o.rule = choice_rule(scores, o.chosen_lr, selection) if o.chosen_lr is not None else ""
+    if not hasattr(result, "data_warnings"):
+        result.data_warnings = []
+
+
 def write_reports(result: BenchResult, *, log: Callable[[str], None] = print) -> dict[str, Path]:
+    _complete(result)
     out = result.out
     out.mkdir(parents=True, exist_ok=True)
     found = comparisons(result)

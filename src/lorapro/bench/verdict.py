@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 from .outcomes import BenchResult, MethodOutcome
+from .records import examples_of
 from .stats import NOT_DECIDED, RESAMPLES, WITHIN_NOISE, Comparison, SeedOutcome, compare, examples_needed
 
 __all__ = ["REFERENCES", "comparisons", "verdict_warnings"]
@@ -23,7 +24,7 @@ REFERENCES = ("lora", "full")
 def _seed_outcomes(outcome: MethodOutcome, metric: str) -> list[SeedOutcome]:
     out = []
     for run in outcome.runs:
-        examples = run.test_examples.get(metric) or {}
+        examples = examples_of(run).get(metric) or {}
         out.append(
             SeedOutcome(
                 run.seed, run.test.get(metric, math.nan), examples.get("values"), examples.get("weights")
@@ -67,16 +68,22 @@ def verdict_warnings(result: BenchResult, found: Sequence[Comparison]) -> list[s
         n = next((c.n_examples for c in decided if c.n_examples), None)
         widths = [c.half_width for c in decided if c.half_width is not None]
         largest = max(decided, key=lambda c: abs(c.difference) if math.isfinite(c.difference) else -1)
-        text = (
-            f"the test set is too small to separate the methods: every difference from LoRA on test "
-            f"{metric} is within noise (95% interval half-widths {min(widths):.3g} to {max(widths):.3g}"
-        )
-        text += f" on {n} test examples)" if n else ")"
-        need = examples_needed(n, max(widths), largest.difference) if n else None
-        if need is not None and n is not None and need > n:
-            text += (
-                f"; telling apart the largest difference ({largest.method}, {largest.difference:+.3g}) "
-                f"would take about {need} test examples"
+        spread = f"95% interval half-widths {min(widths):.3g} to {max(widths):.3g}"
+        if n:
+            text = (
+                "the test set is too small to separate the methods: every difference from LoRA on test "
+                f"{metric} is within noise ({spread} on {n} test examples)"
+            )
+            need = examples_needed(n, max(widths), largest.difference)
+            if need is not None and need > n:
+                text += (
+                    f"; telling apart the largest difference ({largest.method}, {largest.difference:+.3g}) "
+                    f"would take about {need} test examples"
+                )
+        else:  # intervals over seeds only
+            text = (
+                f"the seeds cannot separate the methods: every difference from LoRA on test {metric} is "
+                f"within noise ({spread}, over seeds); more seeds narrow these intervals"
             )
         warnings.append(text)
     seed_only = sorted({name for c in found if c.kind == "seeds" for name in (c.method, c.reference)})
@@ -91,5 +98,5 @@ def verdict_warnings(result: BenchResult, found: Sequence[Comparison]) -> list[s
         warnings.append(
             f"no interval for {', '.join(undecided)}: one seed and no per-example test outcomes stored"
         )
-    warnings += result.data_warnings
+    warnings += getattr(result, "data_warnings", [])
     return warnings
