@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 from . import __version__
 from ._extras import BENCH_MODULES, MissingExtraError, require
-from .bench.options import OutputFolderError, require_writable_folder
 from .bench.options import positive_int as _positive_int
+from .bench.options import require_writable_folder
 
 
 def _lrs_or_exit(values: Sequence[str] | None, methods: Sequence[str]) -> dict[str, float]:
@@ -162,24 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lorapro: error: {exc}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
-    from .bench.data import MissingAssetError
-    from .bench.demo import DemoConfigError
-    from .bench.harness import BenchConfigError
-    from .bench.methods import MethodUnavailableError
+    from .bench.errors import run_command
 
-    setup_errors = (
-        MissingAssetError, MethodUnavailableError, DemoConfigError, BenchConfigError, OutputFolderError,
-    )  # fmt: skip
-    try:
-        return int(args.run(args) or 0)
-    except setup_errors as exc:
-        # Set-up problems and bad option values, not bugs: show the fix, not a traceback.
-        # Anything else keeps its traceback, which is what a bug report needs.
-        print(f"lorapro {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
+    # The one mapping from errors to exit statuses (shared with the bench's own entry points):
+    # set-up problems and bad option values print one line and exit 2, Ctrl-C exits 130, and
+    # anything else keeps its traceback, which is what a bug report needs.
+    return run_command(args.command, lambda: args.run(args))
 
 if __name__ == "__main__":
     sys.exit(main())
