@@ -13,7 +13,8 @@ common=(--threads "$threads" --out "results/$task" --no-progress)
 case "$task" in
   mr|trec)
     sizes=(--train-size 1000 --val-size 300 --test-size 1000 --epochs 2 --seeds 3 --lr-grid 1e-4,5e-4,2e-3)
-    all=full,lora,lorapro,lorapro-full,rslora,dora,pissa,loraplus,loraga,lorapro-factored,lorapro-factored-m ;;
+    all=full,lora,lorapro,lorapro-full,rslora,dora,pissa,loraplus,loraga,lorapro-factored,lorapro-factored-m
+    all+=,riemannian,lorafa,lorarite ;;
   fashion)
     sizes=(--seeds 3 --lr-grid 1e-4,5e-4,2e-3)
     all=full,lora,lorapro,lorapro-full,rslora,dora,pissa,loraplus,loraga,lorapro-factored,lorapro-factored-m ;;
