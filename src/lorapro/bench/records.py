@@ -11,7 +11,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["EXAMPLES_KEY", "RunResult", "Scores", "TrainConfig", "example_outcomes", "examples_of"]
+__all__ = [
+    "EXAMPLES_KEY",
+    "RunResult",
+    "Scores",
+    "TrainConfig",
+    "accuracy_scores_of",
+    "example_outcomes",
+    "examples_of",
+]
 
 #: Where a run record keeps its per-example test outcomes: under ``extra``, so that records
 #: written before they existed load unchanged, and records with them load in older versions.
@@ -67,6 +75,13 @@ class Scores(dict):
     def __init__(self, metrics: Mapping[str, float], examples: Mapping[str, dict] | None = None) -> None:
         super().__init__(metrics)
         self.examples: dict[str, dict] = dict(examples or {})
+
+
+def accuracy_scores_of(correct: Sequence[int]) -> Scores:
+    """``{"accuracy": ...}`` from each example's 0/1 correctness, kept for the paired bootstrap."""
+    if not correct:
+        return Scores({"accuracy": float("nan")})
+    return Scores({"accuracy": sum(correct) / len(correct)}, {"accuracy": example_outcomes(correct)})
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .data import Split
-from .records import Scores, example_outcomes
+from .records import Scores, accuracy_scores_of
 
 __all__ = ["Encoded", "accuracy_scores", "correct_predictions", "encode", "evaluate_accuracy"]
 
@@ -83,7 +83,4 @@ def evaluate_accuracy(model: nn.Module, data: Encoded, batch_size: int = 128) ->
 
 def accuracy_scores(model: nn.Module, data: Encoded, batch_size: int = 128) -> Scores:
     """``{"accuracy": ...}`` with each example's correctness, for the verdict's paired bootstrap."""
-    if len(data) == 0:
-        return Scores({"accuracy": float("nan")})
-    correct = correct_predictions(model, data, batch_size)
-    return Scores({"accuracy": sum(correct) / len(data)}, {"accuracy": example_outcomes(correct)})
+    return accuracy_scores_of(correct_predictions(model, data, batch_size) if len(data) else [])

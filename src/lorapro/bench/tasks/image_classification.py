@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import MissingAssetError, split_dataset
-from ..records import Scores, example_outcomes
+from ..records import Scores, accuracy_scores_of
 from .base import Metric, PreparedTask, Task, TaskOptions
 
 __all__ = [
@@ -471,10 +471,7 @@ def image_accuracy(model: nn.Module, split: ImageSplit, batch_size: int = 128) -
 
 def image_scores(model: nn.Module, split: ImageSplit, batch_size: int = 128) -> Scores:
     """``{"accuracy": ...}`` with each image's correctness, for the verdict's paired bootstrap."""
-    if len(split) == 0:
-        return Scores({"accuracy": float("nan")})
-    correct = image_correct(model, split, batch_size)
-    return Scores({"accuracy": sum(correct) / len(split)}, {"accuracy": example_outcomes(correct)})
+    return accuracy_scores_of(image_correct(model, split, batch_size) if len(split) else [])
 
 
 # --------------------------------------------------------------------------- the task family
