@@ -104,11 +104,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--refine",
         type=int,
-        default=0,
+        default=1,
         metavar="N",
         help="after the grid and its extension, N rounds of refinement: try the geometric midpoints "
         "between each method's best rate and its tried neighbours (half the spacing in log space, "
-        "2 more runs per method and round; default 0)",
+        "2 more runs per method and round; default 1, 0 keeps the grid's resolution)",
     )
     p.add_argument("--train-size", type=_positive_int, help="training examples (default: the task's)")
     p.add_argument("--val-size", type=_positive_int, help="validation examples (default: the task's)")
