@@ -151,6 +151,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="optimizer steps per run, in place of --epochs (the schedule spans them)",
     )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score the validation split every N optimizer steps (and at the end), drawn beside the "
+        "training loss in loss_curves.png (default 0: only after training; N > 0 changes the run hashes)",
+    )
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output folder (default: bench-output/TASK)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -215,6 +223,7 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         grad_accum=args.grad_accum,
         max_steps=args.max_steps,
+        eval_every=args.eval_every,
     )
     result = run_benchmark(
         cfg, progress=not args.no_progress and not args.report_only, report_only=args.report_only

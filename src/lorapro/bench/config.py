@@ -94,6 +94,9 @@ class BenchConfig:
     grad_accum: int = 1
     #: Optimizer steps per run; when set it replaces the epochs (the schedule spans it).
     max_steps: int | None = None
+    #: Score the validation split every N optimizer steps (and at the end) for the loss-curve
+    #: figure's validation curve; 0: only after training.
+    eval_every: int = 0
 
     def validate(self) -> None:
         if not self.methods:
@@ -129,6 +132,8 @@ class BenchConfig:
             raise BenchConfigError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         if self.max_steps is not None and self.max_steps < 1:
             raise BenchConfigError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.eval_every < 0:
+            raise BenchConfigError(f"--eval-every must be >= 0, got {self.eval_every}")
         if self.target_modules is not None and not [t for t in self.target_modules if t.strip()]:
             raise BenchConfigError("--target-modules is empty; name modules such as q_proj,v_proj")
         resolve_device(self.device)

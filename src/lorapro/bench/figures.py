@@ -8,8 +8,9 @@
 - ``diff_vs_lora.png``: each method minus LoRA (and minus full fine-tuning) with its 95%
   interval, coloured by the verdict.
 - ``loss_curves.png``: the training loss at each chosen rate (seed 0), log axis when it spans
-  more than a factor of 5, the final validation score in the legend (validation is scored once,
-  after training, so there is no validation curve to draw beside it).
+  more than a factor of 5, the final validation score in the legend; beside it, the validation
+  selection metric by step where the runs recorded it (``--eval-every N``), else a note saying
+  how to record it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .outcomes import BenchResult
+from .records import validation_curve_of
 
 __all__ = ["LINESTYLES", "MARKERS", "clip_top", "smooth", "style", "write_figures"]
 
@@ -94,7 +96,12 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
 
 def _loss_curves(plt: Any, result: BenchResult, summary: dict, done: list, index: dict, path: Path) -> Path:
     sel = summary["selection_metric"]["name"]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    curves = {o.method: validation_curve_of(o.runs[0]) for o in done}
+    curves = {m: c for m, c in curves.items() if sel in (c.get("metrics") or {})}
+    if curves:
+        fig, (ax, vax) = plt.subplots(1, 2, figsize=(13, 4.5), dpi=120)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     window = max(1, len(done[0].runs[0].loss_curve) // 15)
     shown: list[float] = []
     for o in done:
@@ -111,9 +118,32 @@ def _loss_curves(plt: Any, result: BenchResult, summary: dict, done: list, index
         ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel(f"training loss (moving average over {window} steps)")
-    ax.set_title(f"{summary['task']}: training loss at each method's chosen lr, seed 0")
+    title = f"{summary['task']}: training loss at each method's chosen lr, seed 0"
+    if not curves:
+        title += "\n(no validation curve recorded: run with --eval-every N to record it)"
+    ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    if curves:
+        for o in done:
+            if o.method not in curves:
+                continue
+            c, s = curves[o.method], style(index[o.method])
+            vax.plot(c["steps"], c["metrics"][sel], color=s["color"], linestyle=s["linestyle"],
+                     marker=s["marker"], markersize=4, label=f"{o.method} (lr {o.chosen_lr:g})")  # fmt: skip
+        missing = [o.method for o in done if o.method not in curves]
+        every = sorted({c.get("every") for c in curves.values()} - {None})
+        note = f"every {', '.join(map(str, every))} steps and at the end" if every else "during training"
+        vax.set_xlabel("training step")
+        vax.set_ylabel(f"validation {sel}")
+        vax.set_title(
+            f"validation {sel} ({note})"
+            + (f"\nnot recorded for {', '.join(missing)} (run with --eval-every N)" if missing else ""),
+            fontsize=10,
+        )
+        vax.set_xlim(ax.get_xlim())
+        vax.grid(True, alpha=0.3)
+        vax.legend(fontsize=8)
     return _save(plt, fig, path)
 
 

@@ -273,6 +273,7 @@ def run_benchmark(
                     device=device,
                     dtype=DTYPES[cfg.dtype],
                     grad_accum=cfg.grad_accum,
+                    eval_every=cfg.eval_every,
                 )
             except MethodUnavailableError as exc:
                 store.save_refusal(path, digest, str(exc), env)
@@ -389,6 +390,10 @@ def _runtime_key(cfg: BenchConfig, device: str) -> dict[str, Any]:
         runtime["grad_accum"] = cfg.grad_accum
     if cfg.max_steps is not None:
         runtime["max_steps"] = cfg.max_steps
+    if cfg.eval_every:
+        # Training is unchanged, but the record then holds a validation curve: a stored run
+        # without one must not stand in for it.
+        runtime["eval_every"] = cfg.eval_every
     key: dict[str, Any] = {"runtime": runtime} if runtime else {}
     if cfg.target_modules is not None:
         key["target_modules"] = [t.strip() for t in cfg.target_modules if t.strip()]

@@ -13,17 +13,23 @@ from typing import Any
 
 __all__ = [
     "EXAMPLES_KEY",
+    "VALIDATION_CURVE_KEY",
     "RunResult",
     "Scores",
     "TrainConfig",
     "accuracy_scores_of",
     "example_outcomes",
     "examples_of",
+    "validation_curve_of",
 ]
 
 #: Where a run record keeps its per-example test outcomes: under ``extra``, so that records
 #: written before they existed load unchanged, and records with them load in older versions.
 EXAMPLES_KEY = "test_examples"
+#: Where a run record keeps its validation curve (``--eval-every``), under ``extra`` for the same
+#: reason: ``{"split": "validation", "every": N, "steps": [...], "metrics": {name: [...]}}``, one
+#: value per step in ``steps`` (every N optimizer steps, and the last step).
+VALIDATION_CURVE_KEY = "validation_curve"
 
 
 @dataclass(frozen=True)
@@ -122,3 +128,8 @@ def examples_of(run: Any) -> dict[str, dict]:
     """``run.test_examples`` for any run result with an ``extra`` dict, including one built by an
     earlier version of this class (a long benchmark started on an older checkout)."""
     return (getattr(run, "extra", None) or {}).get(EXAMPLES_KEY) or {}
+
+
+def validation_curve_of(run: Any) -> dict[str, Any]:
+    """The run's validation curve (see :data:`VALIDATION_CURVE_KEY`); empty when none was recorded."""
+    return (getattr(run, "extra", None) or {}).get(VALIDATION_CURVE_KEY) or {}

@@ -22,7 +22,7 @@ from torch import nn
 
 from .memory import PeakMemory
 from .methods import BuildContext, MethodSpec, get_method
-from .records import EXAMPLES_KEY, RunResult, TrainConfig
+from .records import EXAMPLES_KEY, VALIDATION_CURVE_KEY, RunResult, TrainConfig
 from .tasks.base import PreparedTask
 
 __all__ = [
@@ -94,6 +94,7 @@ def train_and_evaluate(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     grad_accum: int = 1,
+    eval_every: int = 0,
 ) -> RunResult:
     """Fine-tune one freshly loaded model with one method, then evaluate it.
 
@@ -107,6 +108,11 @@ def train_and_evaluate(
     method gets the same mixed precision. ``grad_accum`` micro-batches of ``batch_size`` are
     accumulated (each loss divided by their count) into one optimizer step.
 
+    ``eval_every`` > 0 scores the validation split every that many optimizer steps and at the
+    end, recorded under ``extra[VALIDATION_CURVE_KEY]``. Training is unchanged by it: the model
+    goes back to train mode and the global RNG state is restored after each evaluation, and its
+    time is left out of ``train_seconds``.
+
     A non-finite loss, or LoRA-Pro refusing a non-finite gradient, ends training early and
     marks the run ``diverged``; the model is still evaluated, so a too-large learning rate
     shows up in the grid as the poor score it is rather than as a crash.
@@ -119,6 +125,8 @@ def train_and_evaluate(
         raise ValueError("empty training set")
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    if eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0, got {eval_every}")
     steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.batch_size) / grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     if max_steps is not None:
@@ -162,6 +170,23 @@ def train_and_evaluate(
                 position=progress_position,
                 dynamic_ncols=True,
             )
+        curve_steps: list[int] = []
+        curve_scores: list[dict] = []
+        eval_seconds = 0.0
+
+        def score_validation(at: int) -> None:
+            nonlocal eval_seconds
+            began = time.perf_counter()
+            # Evaluation must not change training: no dropout mask or other draw may consume the
+            # global generator, and the model returns to train mode.
+            devices = [run_device] if run_device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast(run_device, precision):
+                scores = task.evaluate(model, "validation")
+            model.train()
+            curve_steps.append(at)
+            curve_scores.append(dict(scores))
+            eval_seconds += time.perf_counter() - began
+
         start = time.perf_counter()
         model.train()
         step = 0
@@ -200,6 +225,8 @@ def train_and_evaluate(
                         built.after_step(step)
                     scheduler.step()
                     step += 1
+                    if eval_every and step % eval_every == 0 and step < total_steps:
+                        score_validation(step)  # the last step's score is the final evaluation's
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
@@ -210,9 +237,15 @@ def train_and_evaluate(
                 monitor.close()
         if run_device.type == "cuda":
             torch.cuda.synchronize(run_device)
-        train_seconds = time.perf_counter() - start
+        train_seconds = time.perf_counter() - start - eval_seconds
         with autocast(run_device, precision):
             metrics = {split: task.evaluate(model, split) for split in evaluate_on}
+        if eval_every:
+            if "validation" in metrics:
+                curve_steps.append(step)
+                curve_scores.append(dict(metrics["validation"]))
+            else:
+                score_validation(step)
         # Per-example test outcomes, where the task records them (Scores), for paired comparisons.
         examples = getattr(metrics.get("test"), "examples", None)
         if run_device.type == "cuda":
@@ -220,6 +253,16 @@ def train_and_evaluate(
         seconds = time.perf_counter() - start
         state_bytes = optimizer_state_bytes(optimizer)
 
+    curve = None
+    if eval_every:
+        names = list(dict.fromkeys(k for scores in curve_scores for k in scores))
+        curve = {
+            "split": "validation",
+            "every": eval_every,
+            "steps": curve_steps,
+            "metrics": {k: [float(s.get(k, math.nan)) for s in curve_scores] for k in names},
+            "seconds": eval_seconds,
+        }
     tail = max(1, math.ceil(0.1 * len(losses)))
     finite = [x for x in losses if math.isfinite(x)] or [math.nan]
     return RunResult(
@@ -244,5 +287,6 @@ def train_and_evaluate(
             "grad_accum": grad_accum,
             **({"cuda_device": torch.cuda.get_device_name(run_device)} if run_device.type == "cuda" else {}),
             **({EXAMPLES_KEY: examples} if examples else {}),
+            **({VALIDATION_CURVE_KEY: curve} if curve is not None else {}),
         },
     )
