@@ -60,7 +60,10 @@ def data(tmp_path) -> Path:
 
 
 def _bench(*args: str) -> list[str]:
-    return ["bench", "--no-progress", "--seeds", "1", "--extend-grid", "0", "--refine", "0", "--threads", "1", *args]
+    return [
+        "bench", "--no-progress", "--seeds", "1", "--extend-grid", "0", "--refine", "0",
+        "--threads", "1", *args,
+    ]  # fmt: skip
 
 
 def _task(path: Path, **options):

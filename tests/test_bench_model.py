@@ -35,7 +35,10 @@ def csv_file(tmp_path):
 
 
 def _bench(*args: str) -> list[str]:
-    return ["bench", "--no-progress", "--seeds", "1", "--extend-grid", "0", "--refine", "0", "--threads", "1", *args]
+    return [
+        "bench", "--no-progress", "--seeds", "1", "--extend-grid", "0", "--refine", "0",
+        "--threads", "1", *args,
+    ]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- --model
