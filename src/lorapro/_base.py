@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._sharded import FactorSharding, ShardedPair, local_tensor
+from ._sharded import FactorSharding, ShardedPair, local_tensors
 from .backward_hooks import attached_handle
 from .closed_form import X_MODES, adjust_grad_A, adjust_grad_B, compute_dtype, solve_coefficients
 from .errors import LoRAProConfigError, NonFiniteGradientError
@@ -541,7 +541,7 @@ class LoRAProOptimizer(Optimizer):
         """
         tensors: list[Tensor] = list(self._checked)
         for work in works:
-            tensors += [local_tensor(g) for g in work.grads]
+            tensors += local_tensors(work.grads)
         # The one sync per step (GradScaler pays the same). With sharded factors the r x r terms
         # are already summed over ranks, so a NaN in any rank's shard is in every rank's terms;
         # agree() makes the verdict on the other parameters' local shards the same on every rank.

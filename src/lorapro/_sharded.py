@@ -39,7 +39,7 @@ from torch import Tensor
 from .errors import LoRAProConfigError
 from .pairs import LoRAPair
 
-__all__ = ["FactorSharding", "ShardedPair", "local_tensor"]
+__all__ = ["FactorSharding", "ShardedPair", "local_tensor", "local_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,14 @@ def local_tensor(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor; a plain tensor as it is."""
     cls = _dtensor_class()
     return t.to_local() if cls is not None and isinstance(t, cls) else t
+
+
+def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
+    """:func:`local_tensor` of each (the list itself when no DTensor can exist)."""
+    cls = _dtensor_class()
+    if cls is None:
+        return tensors
+    return [t.to_local() if isinstance(t, cls) else t for t in tensors]
 
 
 def _shard_mesh_dim(t: Any, what: str) -> int:
@@ -183,6 +191,7 @@ class FactorSharding:
         self._mesh_groups: list[Any] = []
         self._warned_reshard = False
         self._seen_sharded = self._seen_plain = False
+        self._dtensor: type | None = None  # DTensor's class, looked up once per step
         self._flag_device = torch.device("cpu")  # where the agreement all-reduce runs (NCCL: CUDA)
         self.comm_numel: dict[str, int] = {}
 
@@ -196,11 +205,12 @@ class FactorSharding:
 
     def begin_step(self) -> None:
         self._seen_sharded = self._seen_plain = False
+        self._dtensor = _dtensor_class()
         self.comm_numel = {}
 
     def pair(self, pair: LoRAPair) -> ShardedPair | None:
         """The layer's shards and collectives, or ``None`` when its factors are plain tensors."""
-        cls = _dtensor_class()
+        cls = self._dtensor
         a_sharded = cls is not None and isinstance(pair.A, cls)
         b_sharded = cls is not None and isinstance(pair.B, cls)
         if not a_sharded and not b_sharded:

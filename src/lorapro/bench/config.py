@@ -75,7 +75,7 @@ class BenchConfig:
     extend_grid: int = 2
     #: Rounds of refinement after the grid and its extension: each tries the geometric
     #: midpoints between a method's best rate and its tried neighbours (half the log-spacing).
-    #: 0 by default, so that a stored benchmark's command line finds all its runs.
+    #: 0 here (the library default); the ``lorapro bench`` command refines once by default.
     refine: int = 0
     out: str = "bench-output"
     #: A Hugging Face model folder in place of the task's bundled model (text tasks, jsonl).
