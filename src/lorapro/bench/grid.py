@@ -53,6 +53,16 @@ def round_rate(lr: float) -> float:
     return float(f"{lr:.2g}")
 
 
+def _try_rate(
+    lr: float, runs: dict[float, RunResult], bar: Any, run: Callable[[float], RunResult], added: list[float]
+) -> None:
+    """Run one more rate, counted in the progress bar and in ``added``."""
+    if bar is not None:
+        bar.total += 1
+    runs[lr] = run(lr)
+    added.append(lr)
+
+
 def extend_at_edges(
     runs: dict[float, RunResult],
     max_extensions: int,
@@ -78,10 +88,7 @@ def extend_at_edges(
             new = round_rate(lrs[0] * lrs[0] / lrs[1])
         else:
             break
-        if bar is not None:
-            bar.total += 1
-        runs[new] = run(new)
-        added.append(new)
+        _try_rate(new, runs, bar, run, added)
     return added
 
 
@@ -111,10 +118,7 @@ def refine_around_best(
         if not new:
             break
         for lr in new:
-            if bar is not None:
-                bar.total += 1
-            runs[lr] = run(lr)
-            added.append(lr)
+            _try_rate(lr, runs, bar, run, added)
     return added
 
 
