@@ -3,6 +3,8 @@ it does not use ``optim=``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lorapro import cli
@@ -41,11 +43,53 @@ def test_an_unwritable_out_fails_before_any_work(tmp_path, capsys, nothing_may_r
     assert err.startswith(f"lorapro {command[0]}: error: --out {out}") and "give" in err, err
 
 
-def test_a_writable_out_is_created_and_left_clean(tmp_path, capsys, nothing_may_run):
+@pytest.fixture
+def failing_work(monkeypatch):
+    """Every command's work fails after recording what its --out held when it began; ``write``
+    makes it write a file first."""
+    import lorapro.bench.bench_cli as bench_cli
+    import lorapro.bench.demo as demo
+    import lorapro.bench.diagnose as diagnose
+
+    seen: dict = {"write": False, "held": []}
+
+    def work(*args, **kwargs):
+        out = kwargs.get("out") or args[0].out
+        seen["held"].append(sorted(p.name for p in Path(out).iterdir()))
+        if seen["write"]:
+            (Path(out) / "runs.json").write_text("{}")
+        raise RuntimeError("the work failed")
+
+    monkeypatch.setattr(demo, "run_demo", work)
+    monkeypatch.setattr(bench_cli, "run_benchmark", work)
+    monkeypatch.setattr(diagnose, "diagnose", work)
+    return seen
+
+
+COMMANDS = [["demo"], ["bench", "--task", "mr"], ["diagnose"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_failed_command_leaves_no_empty_out_behind(tmp_path, failing_work, command):
     out = tmp_path / "new" / "folder"
-    with pytest.raises(AssertionError, match="before checking --out"):  # the check passed, work began
-        cli.main(["demo", "--out", str(out)])
-    assert out.is_dir() and list(out.iterdir()) == []  # the probe file is gone
+    with pytest.raises(RuntimeError, match="the work failed"):
+        cli.main([*command, "--out", str(out)])
+    assert failing_work["held"] == [[]]  # the folder was there when work began, the probe file gone
+    assert not (tmp_path / "new").exists()  # created by the command, left empty: removed
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_failed_command_keeps_an_out_that_holds_files_or_existed(tmp_path, failing_work, command):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(RuntimeError):
+        cli.main([*command, "--out", str(existing)])
+    assert existing.is_dir()
+    failing_work["write"] = True
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        cli.main([*command, "--out", str(out)])
+    assert (out / "runs.json").is_file()
 
 
 def test_lorapro_trainer_warns_that_it_does_not_use_optim(tmp_path):

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 from . import __version__
 from ._extras import BENCH_MODULES, MissingExtraError, require
+from .bench.options import DefaultsHelpFormatter, removed_if_left_empty, require_writable_folder
 from .bench.options import positive_int as _positive_int
-from .bench.options import require_writable_folder
 
 
 def _lrs_or_exit(values: Sequence[str] | None, methods: Sequence[str]) -> dict[str, float]:
@@ -39,7 +39,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             "the ones `lorapro bench --task mr` chose (full 5e-4, lora 2e-3, lorapro 2e-3); other "
             "methods use their registered default."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods to run")
     p.add_argument(
@@ -51,14 +51,19 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-size", type=_positive_int, default=DEFAULT_TRAIN_SIZE, help="training sentences")
     p.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE, help="validation sentences")
     p.add_argument("--test-size", type=_positive_int, default=DEFAULT_TEST_SIZE, help="test sentences")
-    p.add_argument("--epochs", type=_positive_int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=_positive_int, default=1, help="epochs over the training sentences")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order")
     p.add_argument("--out", default="demo-output", help="folder for results.json and loss_curves.png")
     p.add_argument("--no-progress", action="store_true", help="hide the per-run progress bars")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    with removed_if_left_empty(args.out):  # a failed demo leaves no empty --out behind
+        return _demo(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
     from .bench.demo import run_demo
 
     require_writable_folder(args.out)
@@ -88,7 +93,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
             "and cosine of LoRA's and LoRA-Pro's equivalent gradients to the full gradient, and the "
             "ranks and singular values of A and B; writes JSONL/CSV records and PNG figures."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     diagnose.add_arguments(p)
     p.set_defaults(run=diagnose.run)
@@ -162,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lorapro: error: {exc}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # the command's own arguments: the bench names them in its resume hint
     from .bench.errors import run_command
 
     # The one mapping from errors to exit statuses (shared with the bench's own entry points):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from .config import DEFAULT_LR_GRID, DEVICES, DTYPES, BenchConfig, BenchConfigError
@@ -10,6 +11,7 @@ from .errors import run_command
 from .harness import run_benchmark
 from .opening import opening_checks
 from .options import positive_int as _positive_int
+from .options import removed_if_left_empty
 from .outcomes import BenchResult
 
 __all__ = ["add_arguments", "diagnose_benchmark", "diagnose_steps", "run"]
@@ -42,6 +44,29 @@ def _grid(text: str) -> tuple[float, ...]:
     if not values:
         raise argparse.ArgumentTypeError("the learning-rate grid is empty")
     return tuple(sorted(values))
+
+
+#: Other spellings of --dtype's values (Hugging Face's and torch's short names).
+DTYPE_ALIASES = {
+    "bf16": "bfloat16", "fp32": "float32", "torch.bfloat16": "bfloat16", "torch.float32": "float32",
+}  # fmt: skip
+
+
+def _max_length_defaults() -> str:
+    """Each text task's default --max-length, read from the task classes."""
+    from .tasks import gsm, jsonl, mr, text_csv, trec
+
+    classes = (mr.MovieReviews, trec.TrecQuestions, text_csv.TextCsv, gsm.GSMSymbolicTask, jsonl.JsonlTask)
+    return ", ".join(f"{c.name} {c.default_max_length}" for c in classes)
+
+
+def _dtype(text: str) -> str:
+    name = DTYPE_ALIASES.get(text.strip().lower(), text.strip().lower())
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"expected float32 or bfloat16 (also written fp32, bf16), got {text!r}"
+        )
+    return name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,7 +138,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-size", type=_positive_int, help="training examples (default: the task's)")
     p.add_argument("--val-size", type=_positive_int, help="validation examples (default: the task's)")
     p.add_argument("--test-size", type=_positive_int, help="test examples (default: the task's)")
-    p.add_argument("--max-length", type=_positive_int, help="maximum tokens per example (text tasks)")
+    p.add_argument(
+        "--max-length",
+        type=_positive_int,
+        help=f"maximum tokens per example (default: the task's: {_max_length_defaults()})",
+    )
     p.add_argument("--epochs", type=_positive_int, help="epochs (default: the task's)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default: the task's)")
     p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r (default 8)")
@@ -123,8 +152,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=16.0,
         help="LoRA alpha (default 16; scaling alpha/r, alpha/sqrt(r) for rs*)",
     )
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the train/validation/test split")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="AdamW weight decay, the same for every method (default 0; in LoRA-Pro's full mode it also "
+        "decays the frozen base weights, as the paper's Eq. 57-58 do)",
+    )
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="seed of the train/validation/test split; it stays fixed while --seeds vary the training "
+        "(default 0)",
+    )
     p.add_argument(
         "--device",
         choices=DEVICES,
@@ -133,10 +174,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=tuple(DTYPES),
+        type=_dtype,
         default="float32",
-        help="float32, or bfloat16: frozen weights stored and the forward computed in bfloat16 (autocast), "
-        "trained parameters and optimizer state kept in float32 (default float32)",
+        metavar="{float32,bfloat16}",
+        help="float32, or bfloat16 (also bf16): frozen weights stored and the forward computed in bfloat16 "
+        "(autocast), trained parameters and optimizer state kept in float32 (default float32)",
     )
     p.add_argument(
         "--grad-accum",
@@ -182,10 +224,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    out = args.out or f"bench-output/{args.task.split(':', 1)[0]}"
+    with removed_if_left_empty(out):  # a failed benchmark leaves no empty --out behind
+        return _bench(args, out)
+
+
+def _bench(args: argparse.Namespace, out: str) -> int:
     import torch
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    out = args.out or f"bench-output/{args.task.split(':', 1)[0]}"
     # Before anything is loaded or trained; the task is checked with its options by the harness.
     opening_checks(out=out, methods=methods, error=BenchConfigError)
     if args.threads:
@@ -225,8 +272,12 @@ def _run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         eval_every=args.eval_every,
     )
+    argv = getattr(args, "argv", None)
     result = run_benchmark(
-        cfg, progress=not args.no_progress and not args.report_only, report_only=args.report_only
+        cfg,
+        progress=not args.no_progress and not args.report_only,
+        report_only=args.report_only,
+        resume_command=shlex.join(["lorapro", "bench", *argv]) if argv is not None else None,
     )
     if args.diagnose:
         diagnose_benchmark(result, progress=not args.no_progress)

@@ -35,7 +35,7 @@ from lorapro.diagnostics import GradientMonitor, LayerRecord, parse_steps, read_
 from .errors import SetupError, run_command
 from .methods import METHODS
 from .opening import check_methods, check_task, opening_checks
-from .options import parse_lrs
+from .options import DefaultsHelpFormatter, parse_lrs, removed_if_left_empty
 from .options import positive_int as _positive_int
 from .tasks import TaskOptions, task_names
 from .train import TrainConfig, train_and_evaluate
@@ -138,6 +138,7 @@ def diagnose(
     out: str | Path = "diagnose-output",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    model: str | None = None,
 ) -> DiagnoseReport:
     """Train each method on ``task`` and write records and figures into ``out``.
 
@@ -173,7 +174,7 @@ def diagnose(
     if max(step_list) >= max_steps:
         log(f"note: steps >= {max_steps} are never reached (--max-steps {max_steps})")
 
-    task_obj = check_task(task, DiagnoseConfigError)
+    task_obj = check_task(task, DiagnoseConfigError, model=model)
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,6 +263,7 @@ def diagnose(
     figures = _figures(records, out, layers, log)
     config = {
         "task": task,
+        "model": model,
         "task_description": task_obj.description,
         "methods": methods,
         "lrs": {r.method: r.lr for r in runs},
@@ -368,14 +370,21 @@ def _diagnose_lrs(values: Sequence[str] | None, methods: Sequence[str]) -> dict[
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lorapro diagnose``."""
     parser.description = (
-        "Fine-tune all-MiniLM-L6-v2 with LoRA on a task and record, on chosen steps, each LoRA layer's "
+        "Fine-tune the task's model (all-MiniLM-L6-v2 for mr and trec, or --model) with LoRA and record, "
+        "on chosen steps, each LoRA layer's "
         "full gradient g against LoRA's and LoRA-Pro's equivalent gradients (relative distance, cosine) "
         "and the singular values of A and B. Writes records (JSONL, CSV) and figures in the paper's "
         "layout (rows: module kind, columns: shallow/middle/deep layer)."
     )
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = DefaultsHelpFormatter
     parser.add_argument(
         "--task", default="mr", help=f"task ({', '.join(task_names())}); LoRA on Linear or Conv layers"
+    )
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a Hugging Face model folder (read offline) in place of the task's model, as `lorapro bench "
+        "--model` takes it: a new sequence-classification head for mr, trec, text-csv; a causal LM for jsonl",
     )
     parser.add_argument(
         "--method", default="lora", help="training method(s), comma-separated: lora, lorapro, lorapro-full"
@@ -426,6 +435,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    with removed_if_left_empty(args.out):  # a failed command leaves no empty --out behind
+        return _diagnose(args)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
     if args.from_records:
         opening_checks(out=args.out)  # before anything is read
         try:
@@ -435,9 +449,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     # Before anything is loaded or trained.
-    opening_checks(out=args.out, methods=methods, task=args.task, error=DiagnoseConfigError)
+    opening_checks(out=args.out, methods=methods, task=args.task, error=DiagnoseConfigError, model=args.model)
     diagnose(
         task=args.task,
+        model=args.model,
         methods=methods,
         steps=args.steps,
         max_steps=args.max_steps,

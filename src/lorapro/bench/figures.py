@@ -152,20 +152,22 @@ def _test_bars(plt: Any, summary: dict, done: list, index: dict, path: Path) -> 
     rows = {r["method"]: r for r in summary["methods"]}
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(done) + 2), 4.8), dpi=120)
     means = [rows[o.method]["selection_test_mean"] for o in done]
-    stds = [rows[o.method]["selection_test_std"] or 0.0 for o in done]
+    stds = [(rows[o.method]["selection_test_std"] or 0.0) if len(o.runs) > 1 else 0.0 for o in done]
     heights = [m if m is not None and math.isfinite(m) else 0.0 for m in means]
     colours = [style(index[o.method])["color"] for o in done]
-    ax.bar(range(len(done)), heights, yerr=stds, capsize=4, color=colours, alpha=0.85)
+    several = any(len(o.runs) > 1 for o in done)
+    ax.bar(range(len(done)), heights, yerr=stds if several else None, capsize=4, color=colours, alpha=0.85)
     for i, o in enumerate(done):
         ax.scatter([i] * len(o.runs), o.test_values(sel), color="black", s=8, zorder=3)
-        label = (
-            "n/a" if means[i] is None or not math.isfinite(means[i]) else f"{means[i]:.4f}\n± {stds[i]:.4f}"
-        )
+        label = "n/a" if means[i] is None or not math.isfinite(means[i]) else f"{means[i]:.4f}"
+        if label != "n/a" and len(o.runs) > 1:  # one seed has no spread to show
+            label += f"\n± {stds[i]:.4f}"
         ax.annotate(label, (i, heights[i] + stds[i]), textcoords="offset points", xytext=(0, 3),
                     ha="center", va="bottom", fontsize=7)  # fmt: skip
     ax.set_xticks(range(len(done)), [o.method for o in done], rotation=30, ha="right")
     ax.set_ylim(bottom=0, top=max(h + s for h, s in zip(heights, stds, strict=True)) * 1.18 or 1)
-    ax.set_ylabel(f"test {sel} (bars from 0: mean ± std; dots: seeds)")
+    what = "bars from 0: mean ± std; dots: seeds" if several else "one seed"
+    ax.set_ylabel(f"test {sel} ({what})")
     note = ""
     if summary["report_metric"] != sel:
         note = f"\n(the rates were chosen on {sel}; {summary['report_metric']} is in results.md's table)"
@@ -185,7 +187,7 @@ def _lr_sweep(plt: Any, result: BenchResult, summary: dict, index: dict, path: P
     fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=120)
     scores = [m.get(sel, math.nan) for o in tried for m in o.grid.values()]
     top = clip_top(scores, higher)
-    clipped = False
+    clipped = at_edge = False
     for k, o in enumerate(tried):
         s = style(index[o.method])
         shift = (k - (len(tried) - 1) / 2) * OFFSET_POINTS / 72
@@ -201,9 +203,11 @@ def _lr_sweep(plt: Any, result: BenchResult, summary: dict, index: dict, path: P
         for lr, y in over:
             clipped = True
             ax.plot([lr], [top], transform=trans, marker="^", color=s["color"], markersize=8, clip_on=False)
-            # Staggered by method, so that two clipped points at one rate keep readable values.
+            # Right of the marker, clear of it and of the line, staggered by method so that two
+            # clipped points at one rate keep readable values.
             ax.annotate(f"{y:.3g}", (lr, top), xycoords=trans, textcoords="offset points",
-                        xytext=(0, -12 - 8 * (k % 4)), ha="center", fontsize=6, color=s["color"])  # fmt: skip
+                        xytext=(7, -4 - 8 * (k % 4)), ha="left", va="top", fontsize=6,
+                        color=s["color"])  # fmt: skip
         for lr in o.diverged:
             y = o.grid[lr].get(sel, math.nan)
             if math.isfinite(y):
@@ -219,6 +223,11 @@ def _lr_sweep(plt: Any, result: BenchResult, summary: dict, index: dict, path: P
             y = o.grid[o.chosen_lr].get(sel, math.nan)
             ax.plot([o.chosen_lr], [min(y, top) if top else y], transform=trans, marker="o", markersize=13,
                     markerfacecolor="none", markeredgecolor=s["color"], markeredgewidth=2)  # fmt: skip
+            if len(lrs) > 1 and o.chosen_lr in (lrs[0], lrs[-1]):
+                at_edge = True
+                ax.annotate("edge", (o.chosen_lr, min(y, top) if top else y), xycoords=trans,
+                            textcoords="offset points", xytext=(0, 9), ha="center", fontsize=7,
+                            fontweight="bold", color=s["color"])  # fmt: skip
     # Lines drawn with an offset transform do not widen the data limits by themselves.
     points = [(lr, min(y, top) if top is not None else y) for o in tried for lr, m in o.grid.items()
               if math.isfinite(y := m.get(sel, math.nan)) and (higher or y > 0)]  # fmt: skip
@@ -241,10 +250,12 @@ def _lr_sweep(plt: Any, result: BenchResult, summary: dict, index: dict, path: P
     if any(o.diverged for o in tried):
         notes.append("x: diverged")
     if clipped:
-        notes.append(f"▲: above {LOSS_CLIP:g}x the best, value written below")
+        notes.append(f"▲: above {LOSS_CLIP:g}x the best, value written beside it")
+    if at_edge:
+        notes.append("edge: chosen at the end of the rates tried, a better rate may lie beyond")
     scale = ", log scale" if not higher else ""
     ax.set_ylabel(f"validation {sel} (seed 0{scale})")
-    ax.set_title(f"{summary['task']}: learning-rate sweep; {'; '.join(notes)}", fontsize=9)
+    ax.set_title(f"{summary['task']}: learning-rate sweep\n{'; '.join(notes)}", fontsize=9)
     ax.grid(True, alpha=0.3, which="both" if not higher else "major")
     ax.legend(fontsize=8)
     return _save(plt, fig, path)

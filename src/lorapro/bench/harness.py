@@ -22,7 +22,7 @@ import json
 import math
 import os
 import platform
-from collections import Counter
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .config import DEFAULT_LR_GRID, DEVICES, DTYPES, BenchConfig, BenchConfigError, resolve_device
+from .data_checks import check_labels, overlap_warnings, split_overlap, unseen_test_classes
 from .errors import MethodUnavailableError
 from .grid import (
     COARSE,
@@ -47,7 +48,7 @@ from .methods import get_method
 from .opening import check_methods, check_task
 from .outcomes import BenchResult, MethodOutcome
 from .report import write_reports
-from .stats import mean, std
+from .stats import spread
 from .tasks import Task, TaskOptions, get_task
 from .train import RunResult, TrainConfig, train_and_evaluate
 
@@ -62,6 +63,8 @@ __all__ = [
     "resolve_device",
     "run_benchmark",
     "run_hash",
+    "run_plan",
+    "unseen_test_classes",
 ]
 
 #: Bump when a change to the loop or a method would change results: stored runs with an
@@ -179,12 +182,14 @@ def run_benchmark(
     log: Callable[[str], None] = print,
     task: Task | None = None,
     report_only: bool = False,
+    resume_command: str | None = None,
 ) -> BenchResult:
     """Run (or resume) the benchmark described by ``cfg`` and write its reports.
 
     ``task`` overrides ``cfg.task``'s registry lookup (tests pass a tiny task object).
     With ``report_only`` nothing is trained: the reports show the stored runs, and methods
-    whose tuning or seeds are unfinished are marked pending.
+    whose tuning or seeds are unfinished are marked pending. ``resume_command``: the command
+    line that resumes this benchmark, named when it is interrupted (Ctrl-C).
     """
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -206,6 +211,8 @@ def run_benchmark(
             prepared = _with_targets(prepared, cfg.target_modules)
     except ValueError as exc:
         raise BenchConfigError(str(exc)) from None
+    check_labels(prepared, BenchConfigError)  # classes the training split cannot teach: refused
+    overlap = split_overlap(prepared)
     out = Path(cfg.out)
     store = _RunStore(out / "runs")
     env = environment()
@@ -239,14 +246,17 @@ def run_benchmark(
     steps = f", {cfg.max_steps} steps per run" if cfg.max_steps is not None else ""
     log(
         f"Task {task.name}: {task.description}\n"
-        f"Data: {prepared.info.get('sizes')}; methods: {', '.join(cfg.methods)}; lr grid: "
+        f"Data: {describe_sizes(prepared.info.get('sizes'))}; methods: {', '.join(cfg.methods)}; lr grid: "
         f"{', '.join(f'{x:g}' for x in grid)}; seeds: {cfg.seeds}; results under {out}\n"
         f"Device: {env.get('cuda_device', device)}, {cfg.dtype}{accumulate}{steps}\n"
         f"{grid_plan(cfg.lr_grid, cfg.extend_grid, cfg.refine)}"
     )
-    data_warnings = unseen_test_classes(prepared)
+    data_warnings = unseen_test_classes(prepared) + overlap_warnings(overlap)
     for warning in data_warnings:
         log(f"warning: {warning}")
+    planned, at_most = run_plan(cfg)
+    if not report_only:
+        log(_plan_text(cfg, len(grid), planned, at_most, out))
     counters = {"executed": 0, "reused": 0}
     all_runs: list[RunResult] = []
 
@@ -262,6 +272,7 @@ def run_benchmark(
         if result is None and report_only:
             raise _NotRunYet(f"lr {lr:g} seed {seed}")
         if result is None:
+            started = time.perf_counter()
             try:
                 result = train_and_evaluate(
                     method,
@@ -280,6 +291,11 @@ def run_benchmark(
                 raise
             store.save(path, digest, key, result, env)
             counters["executed"] += 1
+            if counters["executed"] == 1:
+                seconds = time.perf_counter() - started
+                left = (bar.total - bar.n - 1) if bar is not None else planned - len(all_runs) - 1
+                note = _estimate(seconds, max(0, left), max(0, at_most - planned))
+                (bar.write if bar is not None else log)(note)
         else:
             counters["reused"] += 1
         if bar is not None:
@@ -327,10 +343,12 @@ def run_benchmark(
             if len(outcome.runs) < len(seeds):
                 outcome.pending = f"{len(outcome.runs)} of {len(seeds)} seeds run so far"
             values = outcome.test_values(task.report_metric.name)
-            log(
-                f"{outcome.method}: {outcome.rule}; test {task.report_metric.name} "
-                f"{mean(values):.4f} +- {std(values):.4f} over {len(values)} seed(s)"
-            )
+            log(f"{outcome.method}: {outcome.rule}; test {task.report_metric.name} {spread(values)}")
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()  # before the message, so that it is not drawn over
+        log(_interrupted(out, counters["executed"], resume_command))
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -346,32 +364,74 @@ def run_benchmark(
         runs_executed=counters["executed"],
         runs_reused=counters["reused"],
         data_warnings=data_warnings,
+        overlap=overlap,
     )
     write_reports(result, log=log)
     return result
 
 
-def unseen_test_classes(prepared: Any) -> list[str]:
-    """A warning for each class of the test split that never occurs in training (classification
-    splits with ``labels``); empty for tasks without classes."""
-    train = getattr(prepared.train, "labels", None)
-    test = getattr(prepared.test, "labels", None)
-    if train is None or test is None:
-        return []
-    seen = Counter(int(x) for x in train)
-    unseen = Counter(int(x) for x in test if int(x) not in seen)
-    if not unseen:
-        return []
-    names = prepared.info.get("classes") or []
-    label = lambda c: f"{names[c]!r}" if 0 <= c < len(names) else str(c)  # noqa: E731
-    listed = ", ".join(
-        f"{label(c)} ({n} test example{'s' if n > 1 else ''})" for c, n in sorted(unseen.items())
+def describe_sizes(sizes: dict[str, int] | None) -> str:
+    """``1000 train / 300 validation / 1000 test examples (of 5000)``; the sizes as a task gives them."""
+    if not sizes:
+        return "sizes not given"
+    text = " / ".join(f"{sizes[k]} {k}" for k in ("train", "validation", "test") if k in sizes) + " examples"
+    return text + (f" (of {sizes['pool']})" if "pool" in sizes else "")
+
+
+def run_plan(cfg: BenchConfig) -> tuple[int, int]:
+    """The runs the benchmark plans (every method: the grid on seed 0, then its chosen rate on the
+    other seeds), and the most it can take when every method's grid extends and refines."""
+    per_method = len(cfg.lr_grid) + cfg.seeds - 1
+    extra = cfg.extend_grid + 2 * cfg.refine
+    return len(cfg.methods) * per_method, len(cfg.methods) * (per_method + extra)
+
+
+def _plan_text(cfg: BenchConfig, n_rates: int, planned: int, at_most: int, out: Path) -> str:
+    seeds = cfg.seeds - 1
+    then = f", then each method's chosen rate on {seeds} more seed{'s' if seeds > 1 else ''}" if seeds else ""
+    text = f"Plan: {len(cfg.methods)} methods x {n_rates} rates on seed 0{then}: {planned} runs"
+    more = []
+    if cfg.extend_grid:
+        more.append(f"up to {cfg.extend_grid} per method where a best rate sits at the grid's edge")
+    if cfg.refine:
+        more.append(f"{2 * cfg.refine} per method for refinement")
+    if at_most > planned:
+        text += f", and up to {at_most - planned} more ({'; '.join(more)})"
+    return text + f". Runs stored under {out / 'runs'} are reused, not repeated."
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _estimate(first: float, left: int, extra: int) -> str:
+    """The time the remaining runs take at the first run's pace (methods differ in speed)."""
+    text = f"First run: {_duration(first)}; at that pace the {left} remaining planned runs take about "
+    text += _duration(first * left)
+    if extra:
+        text += f" ({_duration(first * (left + extra))} if every grid extends and refines)"
+    return text + "."
+
+
+def _stored_runs(out: Path) -> int:
+    root = out / "runs"
+    if not root.is_dir():
+        return 0
+    return sum(1 for p in root.glob("*/*.json") if not p.name.endswith(".unavailable.json"))
+
+
+def _interrupted(out: Path, executed: int, resume_command: str | None) -> str:
+    stored = _stored_runs(out)
+    again = f"rerun `{resume_command}`" if resume_command else "rerun the same command"
+    return (
+        f"\nInterrupted: {stored} finished run{'s' if stored != 1 else ''} stored under {out / 'runs'} "
+        f"({executed} of them trained in this invocation; the run in progress is lost). To resume, {again}: "
+        "stored runs are reused, not repeated."
     )
-    share = sum(unseen.values()) / max(1, len(test))
-    return [
-        f"test class(es) never seen in training: {listed}, {share:.1%} of the test set; no method can learn "
-        "them from this training data (a larger --train-size or another --data-seed may include them)"
-    ]
 
 
 def _runtime_key(cfg: BenchConfig, device: str) -> dict[str, Any]:

@@ -3,13 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import OutputFolderError
 
-__all__ = ["OutputFolderError", "parse_lrs", "positive_int", "require_writable_folder"]
+__all__ = [
+    "DefaultsHelpFormatter",
+    "OutputFolderError",
+    "parse_lrs",
+    "positive_int",
+    "removed_if_left_empty",
+    "require_writable_folder",
+]
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to an option's help where it has a default to show and its help does not
+    state one already (argparse's ArgumentDefaultsHelpFormatter writes ``(default: None)`` too)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.default in (None, False, argparse.SUPPRESS)
+            or "default" in text.lower()
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(path: str | Path | None) -> Iterator[None]:
+    """Around a command that writes into ``path``: if the command fails and the folder (or any of
+    its parents) did not exist before and is still empty, remove it, so that a failed command does
+    not leave an empty output folder behind."""
+    if path is None:
+        yield
+        return
+    folder = Path(path).absolute()
+    new = [folder, *folder.parents]
+    new = [p for p in new if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for created in new:  # deepest first
+            with contextlib.suppress(OSError):  # not empty, or gone: leave it
+                created.rmdir()
+        raise
 
 
 def require_writable_folder(path: str | Path) -> Path:

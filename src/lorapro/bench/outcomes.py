@@ -55,3 +55,6 @@ class BenchResult:
     runs_reused: int
     #: Facts about the data the verdict must warn about (a test class never seen in training).
     data_warnings: list[str] = field(default_factory=list)
+    #: Validation and test examples whose input also occurs in training, per split
+    #: (``{"test": {"in_training": n, "examples": m}}``; empty when the task's splits cannot be compared).
+    overlap: dict[str, dict[str, int]] = field(default_factory=dict)

@@ -17,20 +17,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .data_checks import contaminated_test_set
 from .figures import smooth, write_figures
 from .grid import choice_rule, grid_plan, resolution, selection_rule
 from .outcomes import BenchResult
 from .records import examples_of
-from .stats import mean, std
+from .stats import mean, spread, std
 from .verdict import comparisons, verdict_warnings
 
 __all__ = [
+    "column_labels",
     "combined_table",
+    "describe_data",
     "gap_closed",
     "load_summary",
     "markdown_table",
     "smooth",
     "summarize",
+    "verdict_heading",
     "verdict_table",
     "write_reports",
 ]
@@ -115,11 +119,14 @@ def summarize(result: BenchResult, found: Sequence[Any] | None = None) -> dict[s
         "runs_executed": result.runs_executed,
         "runs_reused": result.runs_reused,
         "methods": methods,
+        "overlap": getattr(result, "overlap", {}),
         "verdict": {
             "metric": selection.name,
             "split": "test",
             "level": 0.95,
             "comparisons": [c.to_dict() for c in found],
+            # None, or why the verdict does not measure generalisation (test examples seen in training).
+            "test_set_contaminated": contaminated_test_set(getattr(result, "overlap", {})),
             "warnings": verdict_warnings(result, found),
         },
     }
@@ -145,7 +152,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
     # Every rate any method tried: the common grid plus edge extensions and refinements.
     grid = sorted({float(lr) for row in summary["methods"] for lr in row["grid_validation"]})
     head = (
-        f"| method | chosen lr (resolution) | test {metric} (mean ± std, n) | gap closed | "
+        f"| method | chosen lr (resolution) | test {metric} (mean ± std over seeds) | gap closed | "
         + " | ".join(f"val {sel} @ {lr:g}" for lr in grid)
         + " | other test metrics (mean) | train s/run | peak MB |"
     )
@@ -160,8 +167,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
             cells = ["—", why.replace("|", "/"), "—", *vals, "", "", ""]
             lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
             continue
-        n = len(row["test_values"])
-        score = f"{_fmt(row['test_mean'])} ± {_fmt(row['test_std'])} ({n})"
+        score = spread(row["test_values"])
         gap = "—" if row["method"] in ("lora", "full") else _fmt(row["gap_closed"], 2)
         if row["diverged_runs"]:
             score += f" ⚠ {row['diverged_runs']} diverged"
@@ -195,13 +201,37 @@ def verdict_table(summary: dict[str, Any]) -> str:
         "verdict | interval over |",
         "| --- | --- | ---: | :---: | --- | --- |",
     ]
+    tainted = " (contaminated test set)" if verdict.get("test_set_contaminated") else ""
     for c in rows:
         interval = "—" if c["low"] is None else f"[{_signed(c['low'])}, {_signed(c['high'])}]"
         lines.append(
             f"| {c['method']} | {c['reference']} | {_signed(c['difference'])} | {interval} | "
-            f"**{c['verdict']}** | {c['basis']} |"
+            f"**{c['verdict']}**{tainted} | {c['basis']} |"
         )
     return "\n".join(lines)
+
+
+def verdict_heading(summary: dict[str, Any]) -> str:
+    """The line above the verdict table; it says so when the test set is contaminated."""
+    verdict = summary.get("verdict") or {}
+    text = f"Verdict on test {verdict.get('metric')} (95% intervals)"
+    tainted = verdict.get("test_set_contaminated")
+    if tainted:
+        return f"{text}. NOT A MEASURE OF GENERALISATION: {tainted}:"
+    return text + ":"
+
+
+def describe_data(info: dict[str, Any]) -> str:
+    """The Data line: sizes in words, then the task's notes."""
+    sizes = info.get("sizes") or {}
+    text = " / ".join(f"{sizes[k]} {k}" for k in ("train", "validation", "test") if k in sizes)
+    text = f"{text} examples" if text else "sizes not recorded"
+    if "pool" in sizes:
+        text += f" (of {sizes['pool']})"
+    notes = info.get("data_notes") or []
+    if isinstance(notes, str):
+        notes = [notes]
+    return "; ".join([text, *notes])
 
 
 def _choice_lines(summary: dict[str, Any]) -> list[str]:
@@ -235,7 +265,7 @@ def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
         f"(torch {env['torch']}, peft {env['peft']}, {env['cpu_count']} CPUs, "
         f"{env['torch_threads']} torch threads{where}{precision}).",
         "",
-        f"Data: {info.get('sizes')}; {info.get('data_notes', '')}",
+        f"Data: {describe_data(info)}.",
         f"Each method's learning rate: {summary['selection_rule']}; that rate then runs on "
         f"{cfg['seeds']} seed(s) and is scored on the test split. {summary['grid_plan']} "
         "Resolution (next to the chosen rate): the largest ratio between the chosen rate and a tried "
@@ -255,6 +285,7 @@ def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
         lines += ["## How each rate was chosen", "", *choices, ""]
     table = verdict_table(summary)
     if table:
+        tainted = (summary.get("verdict") or {}).get("test_set_contaminated")
         lines += [
             "## Verdict",
             "",
@@ -262,6 +293,7 @@ def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
             "chosen on: the difference of the means over the seeds both ran, a 95% interval, and "
             "**better** or **worse** when the interval excludes 0, else **within noise**.",
             "",
+            *([f"**Not a measure of generalisation: {tainted}.**", ""] if tainted else []),
             table,
             "",
         ]
@@ -286,6 +318,8 @@ def _complete(result: BenchResult) -> None:
             o.rule = choice_rule(scores, o.chosen_lr, selection) if o.chosen_lr is not None else ""
     if not hasattr(result, "data_warnings"):
         result.data_warnings = []
+    if not hasattr(result, "overlap"):
+        result.overlap = {}
 
 
 def write_reports(result: BenchResult, *, log: Callable[[str], None] = print) -> dict[str, Path]:
@@ -303,18 +337,35 @@ def write_reports(result: BenchResult, *, log: Callable[[str], None] = print) ->
     table = verdict_table(summary)
     if table:
         log("")
-        log(f"Verdict on test {summary['verdict']['metric']} (95% intervals):")
+        log(verdict_heading(summary))
         log(table)
+    printed = set(getattr(result, "data_warnings", []))  # the harness printed these before training
     for warning in summary["verdict"]["warnings"]:
-        log(f"warning: {warning}")
+        if warning not in printed:
+            log(f"warning: {warning}")
+    if printed:
+        log(f"({len(printed)} warning(s) about the data, printed before training, are in results.md)")
     log("")
     log(f"Table: {out / 'results.md'}; summary: {out / 'summary.json'}")
     log(f"Figures: {', '.join(str(p) for p in figures)}")
     return {"summary": out / "summary.json", "markdown": out / "results.md", **{p.stem: p for p in figures}}
 
 
+def column_labels(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """A column heading per summary: the task's name, its full spec (``jsonl:train.jsonl``) where
+    two share a name, and its folder where two still read the same."""
+    labels = [s["task"] for s in summaries]
+    if len(set(labels)) < len(labels):
+        labels = [str((s.get("config") or {}).get("task") or s["task"]) for s in summaries]
+    if len(set(labels)) < len(labels):
+        pairs = enumerate(zip(labels, summaries, strict=True))
+        labels = [f"{label}, {s.get('folder', i + 1)}" for i, (label, s) in pairs]
+    return [f"{label} ({s['report_metric']})" for label, s in zip(labels, summaries, strict=True)]
+
+
 def combined_table(summaries: Sequence[dict[str, Any]]) -> str:
-    """The paper's layout across tasks: one row per method, one column per task (test mean ± std).
+    """The paper's layout across tasks: one row per method, one column per task (test mean ± std
+    over seeds; a single seed has no ±).
 
     Each cell also gives the chosen learning rate; the last column averages the share of the
     LoRA-to-full gap closed over the tasks where it is defined.
@@ -324,11 +375,7 @@ def combined_table(summaries: Sequence[dict[str, Any]]) -> str:
         for row in s["methods"]:
             if row["method"] not in methods:
                 methods.append(row["method"])
-    head = (
-        "| method | "
-        + " | ".join(f"{s['task']} ({s['report_metric']})" for s in summaries)
-        + " | mean gap closed |"
-    )
+    head = "| method | " + " | ".join(column_labels(summaries)) + " | mean gap closed |"
     lines = [head, "| --- | " + " | ".join("---:" for _ in summaries) + " | ---: |"]
     for m in methods:
         cells, gaps = [], []
@@ -341,10 +388,9 @@ def combined_table(summaries: Sequence[dict[str, Any]]) -> str:
             elif row.get("pending") and not row["test_values"]:
                 cells.append("pending")
             else:
-                cells.append(
-                    f"{_fmt(row['test_mean'], 3)} ± {_fmt(row['test_std'], 3)} "
-                    f"(n={len(row['test_values'])}, lr {row['chosen_lr']:g})"
-                )
+                n = len(row["test_values"])
+                shown = _fmt(row["test_mean"], 3) + (f" ± {_fmt(row['test_std'], 3)}" if n > 1 else "")
+                cells.append(f"{shown} (n={n}, lr {row['chosen_lr']:g})")
                 if row["gap_closed"] is not None and m not in ("lora", "full"):
                     gaps.append(row["gap_closed"])
         gap = (
@@ -360,4 +406,6 @@ def load_summary(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `lorapro bench --out {folder}` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary.setdefault("folder", str(folder))  # tells apart two benchmarks of one task in a table
+    return summary

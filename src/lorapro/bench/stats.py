@@ -28,6 +28,7 @@ __all__ = [
     "mean",
     "paired_bootstrap",
     "seed_interval",
+    "spread",
     "std",
     "t_quantile",
     "verdict",
@@ -65,6 +66,17 @@ def std(values: Sequence[float]) -> float:
         return 0.0
     m = mean(values)
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def spread(values: Sequence[float], digits: int = 4) -> str:
+    """``0.8130 ± 0.0040 (3 seeds)``; one value has no spread to show: ``0.8130 (1 seed)``."""
+    if not values:
+        return "n/a"
+    m = mean(values)
+    shown = f"{m:.{digits}f}" if math.isfinite(m) else "n/a"
+    if len(values) == 1:
+        return f"{shown} (1 seed)"
+    return f"{shown} ± {std(values):.{digits}f} ({len(values)} seeds)"
 
 
 def t_quantile(df: int) -> float:

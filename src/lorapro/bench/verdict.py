@@ -15,7 +15,7 @@ from .outcomes import BenchResult, MethodOutcome
 from .records import examples_of
 from .stats import NOT_DECIDED, RESAMPLES, WITHIN_NOISE, Comparison, SeedOutcome, compare, examples_needed
 
-__all__ = ["REFERENCES", "comparisons", "verdict_warnings"]
+__all__ = ["REFERENCES", "comparisons", "edge_warnings", "verdict_warnings"]
 
 #: What every method is compared with, in this order, where it ran.
 REFERENCES = ("lora", "full")
@@ -98,5 +98,23 @@ def verdict_warnings(result: BenchResult, found: Sequence[Comparison]) -> list[s
         warnings.append(
             f"no interval for {', '.join(undecided)}: one seed and no per-example test outcomes stored"
         )
+    warnings += edge_warnings(result.outcomes)
     warnings += getattr(result, "data_warnings", [])
     return warnings
+
+
+def edge_warnings(outcomes: Sequence[MethodOutcome]) -> list[str]:
+    """A warning for each method whose chosen rate is the smallest or largest it tried: its best rate
+    may lie beyond (a method tried at one rate only is not warned about: it was not tuned)."""
+    found = []
+    for o in outcomes:
+        if o.chosen_lr is None or len(o.grid) < 2:
+            continue
+        lrs = sorted(o.grid)
+        if o.chosen_lr in (lrs[0], lrs[-1]):
+            side = "largest" if o.chosen_lr == lrs[-1] else "smallest"
+            found.append(
+                f"{o.method}: the chosen rate {o.chosen_lr:g} is the {side} it tried (the edge of its grid), "
+                "so a better rate may lie beyond it; rerun with a larger --extend-grid or a wider --lr-grid"
+            )
+    return found
