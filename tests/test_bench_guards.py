@@ -294,3 +294,68 @@ def test_several_seeds_keep_their_spread(tmp_path):
     row = next(line for line in lines if line.startswith("| lora |"))
     assert "±" in row and "(2 seeds)" in row
     assert math.isfinite(json.loads((tmp_path / "summary.json").read_text())["methods"][0]["test_std"])
+
+
+# --------------------------------------------------------------------------- papercuts
+
+
+def test_two_benchmarks_of_one_task_get_their_own_columns(tmp_path):
+    def summary(spec: str, folder: str) -> dict:
+        row = {"method": "lora", "unavailable": None, "pending": None, "test_values": [0.5], "test_mean": 0.5,
+               "test_std": 0.0, "chosen_lr": 1e-3, "gap_closed": None}  # fmt: skip
+        return {"task": "jsonl", "report_metric": "loss", "config": {"task": spec}, "methods": [row],
+                "folder": folder}  # fmt: skip
+
+    a, b, a_again = (
+        summary("jsonl:a.jsonl", "out-a"),
+        summary("jsonl:b.jsonl", "out-b"),
+        summary("jsonl:a.jsonl", "out-b"),
+    )
+    head = combined_table([a, b]).splitlines()[0]
+    assert "| jsonl:a.jsonl (loss) | jsonl:b.jsonl (loss) |" in head, head
+    head = combined_table([a, a_again]).splitlines()[0]
+    assert "jsonl:a.jsonl, out-a (loss)" in head and "jsonl:a.jsonl, out-b (loss)" in head, head
+
+
+def test_a_rate_chosen_at_the_edge_of_the_grid_is_warned_about(tmp_path):
+    logs: list[str] = []
+    run_benchmark(_config(tmp_path, lr_grid=(1e-7, 1e-6)), task=TinyTask(), progress=False, log=logs.append)
+    edge = [line for line in logs if "the edge of its grid" in line]
+    assert edge and all(line.startswith("warning: ") for line in edge), logs
+
+
+def test_options_say_what_they_do_and_take_the_usual_spellings(capsys):
+    from lorapro.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "--dtype", "bf16"]).dtype == "bfloat16"
+    assert build_parser().parse_args(["bench", "--dtype", "bfloat16"]).dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--dtype", "fp8"])
+    assert "expected float32 or bfloat16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--help"])
+    bench = " ".join(capsys.readouterr().out.split())
+    for option in ("--weight-decay WEIGHT_DECAY AdamW weight decay", "--data-seed DATA_SEED seed of the"):
+        assert option in bench, bench
+    assert "(default: the task's: mr 64, trec 48, text-csv 128" in bench
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["diagnose", "--help"])
+    diagnose = capsys.readouterr().out
+    assert "(default: None)" not in diagnose and "--model PATH" in diagnose
+    assert "(default: 500)" in diagnose  # a real default is still shown
+
+
+def test_diagnose_takes_your_model(tmp_path, capsys):
+    label = {0: ("dull", "neg"), 1: ("great", "pos")}
+    rows = [f"a {label[i % 2][0]} film number {i},{label[i % 2][1]}" for i in range(40)]
+    csv = tmp_path / "data.csv"
+    csv.write_text("text,label\n" + "\n".join(rows) + "\n")
+    model = save_tiny_llama(tmp_path / "llm")
+    out = tmp_path / "diag"
+    argv = ["diagnose", "--task", f"text-csv:{csv}", "--model", str(model), "--method", "lora",
+            "--steps", "0,1", "--val-size", "4", "--test-size", "4", "--batch-size", "4", "--no-progress",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["model"] == str(model) and run["runs"][0]["measured_steps"] == 2
+    assert "llm" in run["config"]["task_description"]
