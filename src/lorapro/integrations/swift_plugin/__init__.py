@@ -1,0 +1,1 @@
+"""The folder of lorapro's ms-swift plugin file (see :mod:`lorapro.integrations.swift`)."""

@@ -1,0 +1,173 @@
+"""LoRA-Pro in axolotl (``plugins: [lorapro.integrations.axolotl.LoRAProPlugin]``), run in
+axolotl's own venv.
+
+The configurations are examples/frameworks/axolotl/lora-1b.yml, the one a user copies, with only
+the model, data, length of the run and the GPU-only settings (flash attention, Triton LoRA
+kernels, sample packing, bf16) replaced. It keeps the example's gradient checkpointing and LoRA
+dropout.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from framework_checks import adapter_weights, first_step, max_difference, run, run_failing, trainer_losses
+from tiny_model import save_tiny_llama, write_alpaca
+
+from lorapro import LoRAProConfigError
+from lorapro.integrations import axolotl as lorapro_axolotl
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples/frameworks/axolotl/lora-1b.yml"
+PLUGIN = "lorapro.integrations.axolotl.LoRAProPlugin"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("axolotl")
+    save_tiny_llama(root / "model")
+    write_alpaca(root / "tiny.json", n=4)
+    return root
+
+
+def config(tiny: Path, name: str, *, lorapro: bool = True, capture: bool = False, **overrides) -> Path:
+    cfg = yaml.safe_load(EXAMPLE.read_text())
+    assert cfg.pop("plugins") == [PLUGIN]  # the example's LoRA-Pro lines
+    cfg.update(
+        base_model=str(tiny / "model"),
+        datasets=[{"path": str(tiny / "tiny.json"), "ds_type": "json", "type": "alpaca"}],
+        val_set_size=0,
+        evals_per_epoch=None,
+        output_dir=str(tiny / name),
+        dataset_prepared_path=str(tiny / "prepared"),
+        sequence_len=256,
+        sample_packing=False,
+        eval_sample_packing=False,
+        micro_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=4,
+        optimizer="adamw_torch",
+        lr_scheduler="constant",
+        learning_rate=0.01,
+        warmup_ratio=0.0,
+        saves_per_epoch=None,
+        save_steps=2,
+        logging_steps=1,
+        bf16=False,
+        tf32=False,
+        attn_implementation="eager",
+        # axolotl's Triton LoRA kernels need CUDA
+        lora_mlp_kernel=False,
+        lora_qkv_kernel=False,
+        lora_o_kernel=False,
+        lora_embedding_kernel=False,
+        special_tokens={"pad_token": "<|endoftext|>"},
+        loss_watchdog_threshold=None,  # the example's 5.0 would stop a random model (loss ln 300 = 5.7)
+        seed=0,
+    )
+    cfg.update(overrides)
+    plugins = ([PLUGIN] if lorapro else []) + (["axolotl_capture_plugin.CapturePlugin"] if capture else [])
+    if plugins:
+        cfg["plugins"] = plugins
+    path = tiny / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def axolotl_train(tiny: Path, cfg: Path, env: dict[str, str] | None = None) -> str:
+    return run([str(BIN / "axolotl"), "train", str(cfg)], cwd=tiny, env=env)
+
+
+def test_first_step_gradients_are_lora_pro(tiny):
+    """What the optimizer receives at step 1 equals Theorems 2.1 + 2.3 (float64) applied to the
+    plain run's LoRA gradients of the same batch, at the same (A, B ≠ 0), with the example's
+    gradient checkpointing and LoRA dropout."""
+    files = {}
+    for mode in ("plain", "lorapro"):
+        cfg = config(
+            tiny, f"grad-{mode}", lorapro=mode == "lorapro", capture=True, max_steps=1, max_grad_norm=0.0
+        )
+        files[mode] = tiny / f"{mode}.pt"
+        output = axolotl_train(
+            tiny, cfg, env={"CAPTURE_FIRST_STEP": str(files[mode]), "CAPTURE_SET_FACTORS": "1"}
+        )
+        assert ("LoRA-Pro is on (axolotl)" in output) == (mode == "lorapro")
+    result = first_step(files["plain"], files["lorapro"])
+    print(f"\naxolotl first step: {result}")
+    assert result.layers == 14  # the example's seven lora_target_modules in 2 blocks
+    assert result.error < 1e-5
+    assert result.plain_distance > 0.1
+
+
+def test_trains_and_resumes(tiny):
+    full = axolotl_train(tiny, config(tiny, "full"))
+    assert "LoRA-Pro is on (axolotl): lorapro.attach adjusts the gradients of 14 LoRA" in full
+    losses = trainer_losses(tiny / "full" / "checkpoint-4")
+    print(f"\naxolotl losses: {losses}")
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.05
+    resumed = axolotl_train(
+        tiny, config(tiny, "resumed", resume_from_checkpoint=str(tiny / "full" / "checkpoint-2"))
+    )
+    assert "LoRA-Pro is on (axolotl)" in resumed
+    difference = max_difference(
+        adapter_weights(tiny / "full" / "checkpoint-4"), adapter_weights(tiny / "resumed" / "checkpoint-4")
+    )
+    print(f"axolotl resumed vs uninterrupted: {difference:.2e}")
+    assert difference < 1e-6
+
+
+def test_refused_when_the_config_is_registered(tiny):
+    """axolotl runs the plugin's register() on the raw YAML: a refused setting stops the command
+    before the model or the data load (and it is not swallowed like an import error)."""
+    output = run_failing(
+        [str(BIN / "axolotl"), "train", str(config(tiny, "dora", peft_use_dora=True))], cwd=tiny
+    )
+    assert "LoRAProConfigError: LoRA-Pro in axolotl: peft_use_dora" in output
+    assert not (tiny / "dora").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"adapter": None}, "no adapter (full fine-tuning) trains no LoRA pairs"),
+        ({"adapter": "vera"}, "adapter: vera"),
+        ({"peft_use_dora": True}, "peft_use_dora: DoRA"),
+        ({"loraplus_lr_ratio": 16}, "loraplus_lr_ratio (LoRA+)"),
+        ({"optimizer": "galore_adamw"}, "optim='galore_adamw'"),
+        ({"optimizer": "q_galore_adamw8bit"}, "Q-GaLore"),
+        ({"optimizer": "polora"}, "PoLoRA"),
+        ({"optimizer": "lomo"}, "optim='lomo'"),
+        ({"lisa_n_layers": 2}, "LISA"),
+        ({"relora": True}, "ReLoRA"),
+        ({"rl": "dpo"}, "RL trainers"),
+    ],
+)
+def test_refused_settings(tiny, overrides, message):
+    cfg = yaml.safe_load(config(tiny, "refused").read_text())
+    cfg.update(overrides)
+    with pytest.raises(LoRAProConfigError, match="LoRA-Pro in axolotl") as info:
+        lorapro_axolotl.LoRAProPlugin().register(cfg)
+    assert message in str(info.value)
+
+
+def test_learning_rate_groups_that_split_a_pair_are_refused():
+    """Per-module learning rates (axolotl's lr_groups, or LoRA+ by any route) that give A and B
+    of one layer different rates: refused when training begins, and the hooks come off."""
+    import peft
+    import torch
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    model = peft.get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(8, 8)), peft.LoraConfig(r=2, target_modules=["0"])
+    )
+    a = [p for n, p in model.named_parameters() if "lora_A" in n]
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    optimizer = torch.optim.AdamW([{"params": a, "lr": 1e-3}, {"params": b, "lr": 1.6e-2}])
+    callback = lorapro_axolotl.AnnouncingLoRAProCallback("axolotl")
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+    with pytest.raises(LoRAProConfigError, match="learning rate"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, optimizer=optimizer)
+    assert callback.handle is None
