@@ -127,3 +127,50 @@ def theorem_grads_from_full(
         X = -B_pinv @ g @ A_pinv / (2 * s)
         return base_A + X @ A, base_B - B @ X
     raise ValueError(x_mode)
+
+
+def one_factor_grads(
+    A: np.ndarray, B: np.ndarray, gA_lora: np.ndarray, gB_lora: np.ndarray, s: float, frozen: str
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Theorem 2.1's problem min ||g~ - g||_F with one factor frozen (its gradient fixed at zero).
+
+    A frozen: g~ = s gB A, least squares gives gB = g A^+ / s = gB_lora (A A^T)^+ / s^2 (LoRA-FA).
+    B frozen: g~ = s B gA, so gA = B^+ g / s = (B^T B)^+ gA_lora / s^2. The frozen factor's entry is None.
+    """
+    if frozen == "A":
+        return None, gB_lora @ np.linalg.pinv(A @ A.T, hermitian=True) / s**2
+    if frozen == "B":
+        return np.linalg.pinv(B.T @ B, hermitian=True) @ gA_lora / s**2, None
+    raise ValueError(frozen)
+
+
+def one_factor_brute_force(A: np.ndarray, B: np.ndarray, g: np.ndarray, s: float, frozen: str) -> np.ndarray:
+    """The same one-factor least-squares problem solved by vectorising it (SVD driver)."""
+    r, n = A.shape
+    m = B.shape[0]
+    system = kron_system(A, B, s)
+    cols = slice(r * n, None) if frozen == "A" else slice(0, r * n)
+    sol = scipy.linalg.lstsq(system[:, cols], g.reshape(-1), lapack_driver="gelss")[0]
+    return sol.reshape(m, r) if frozen == "A" else sol.reshape(r, n)
+
+
+def full_mode_first_step(
+    A: np.ndarray,
+    B: np.ndarray,
+    gA_lora: np.ndarray,
+    gB_lora: np.ndarray,
+    s: float,
+    lr: float,
+    eps: float = 1e-8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Algorithm 3's first AdamW step (zero moments, no weight decay), X from Theorem 2.3.
+
+    The equivalent gradient g~ = s (B gA + gB A) of Theorem 2.1's gradients gets Adam's first step,
+    whose bias-corrected direction is D = g~ / (|g~| + eps); D is mapped back to the factors as
+    LoRA's gradients of D (s B^T D, s D A^T), adjusted by Theorem 2.1 again and applied with lr.
+    """
+    gA, gB = theorem_grads(A, B, gA_lora, gB_lora, s, "zero")
+    g_eq = s * (B @ gA + gB @ A)
+    D = g_eq / (np.abs(g_eq) + eps)
+    uA, uB = theorem_grads(A, B, s * B.T @ D, s * D @ A.T, s, "sylvester")
+    return A - lr * uA, B - lr * uB

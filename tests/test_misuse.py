@@ -110,15 +110,20 @@ def test_dora():
         LoRAProSGD(model(use_dora=True), lr=0.1)
 
 
-def test_frozen_factor():
+def test_frozen_factor_is_held_by_the_optimizer_and_never_moves():
+    """One factor frozen is a one-factor pair (not an error): the optimizer holds the frozen factor
+    too (so unfreezing it later trains it) and leaves it where it is while it is frozen."""
     m = model()
-    m.base_model.model.hidden.lora_B["default"].weight.requires_grad_(False)
-    with pytest.raises(LoRAProConfigError, match=exact(
-        "base_model.model.hidden (adapter 'default'): lora_B is frozen but its partner is trainable. "
-        "LoRA-Pro adjusts A and B together; unfreeze both factors (requires_grad_(True)), or use a plain "
-        "optimizer for a one-factor method such as LoRA-FA."
-    )):  # fmt: skip
-        LoRAProAdamW(m, lr=1e-3)
+    frozen = m.base_model.model.hidden.lora_B["default"].weight
+    frozen.requires_grad_(False)
+    opt = LoRAProAdamW(m, lr=1e-3)
+    assert any(p is frozen for g in opt.param_groups for p in g["params"])
+    before = frozen.detach().clone()
+    one_step(m, opt)
+    assert torch.equal(frozen, before)
+    frozen.requires_grad_(True)
+    one_step(m, opt)
+    assert not torch.equal(frozen, before)
 
 
 def test_every_factor_frozen():

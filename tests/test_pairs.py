@@ -429,23 +429,22 @@ def test_dora_raises():
 
 
 @pytest.mark.parametrize("frozen", ["A", "B"])
-def test_one_frozen_factor_raises_naming_it(frozen):
+def test_one_frozen_factor_is_kept_as_a_one_factor_pair(frozen):
+    """With one factor frozen the pair is still trained (Theorem 2.1's one-factor optimum for the
+    other factor), so it is found like any pair; the frozen flag is read live at each step."""
     model = wrap(tiny_bert(), r=4, lora_alpha=8, target_modules=["query", "value"])
     name, layer = next(iter(lora_layers(model).items()))
     getattr(layer, f"lora_{frozen}")["default"].weight.requires_grad_(False)
-    other = "B" if frozen == "A" else "A"
-    with pytest.raises(LoRAProConfigError, match=f"lora_{frozen}.*frozen") as info:
-        find_lora_pairs(model)
-    message = str(info.value)
-    assert name in message
-    assert f"lora_{other}" not in message
+    pairs = {p.name: p for p in find_lora_pairs(model)}
+    assert list(pairs) == list(lora_layers(model))
+    assert not getattr(pairs[name], frozen).requires_grad
 
 
-def test_one_frozen_embedding_factor_raises():
+def test_one_frozen_embedding_factor_is_kept():
     model = wrap(EmbedNet(), r=2, lora_alpha=4, target_modules=["emb"])
     model.base_model.model.emb.lora_embedding_B["default"].requires_grad_(False)
-    with pytest.raises(LoRAProConfigError, match="frozen"):
-        find_lora_pairs(model)
+    (pair,) = find_lora_pairs(model)
+    assert pair.kind == "embedding" and not pair.B.requires_grad
 
 
 def test_both_factors_frozen_pair_is_omitted():

@@ -16,7 +16,7 @@ from .adamw import MODES, LoRAProAdamW
 from .backward_hooks import LoRAProHandle, attach
 from .closed_form import X_MODES, equivalent_gradient, optimal_gradients
 from .diagnostics import GradientMonitor, LayerRecord, compare_gradients
-from .errors import LoRAProConfigError, NonFiniteGradientError
+from .errors import LoRAProConfigError, LoRAProWarning, NonFiniteGradientError
 from .pairs import LoRAPair, find_lora_pairs
 from .sgd import LoRAProSGD
 
@@ -32,6 +32,7 @@ __all__ = [
     "LoRAProConfigError",
     "LoRAProHandle",
     "LoRAProSGD",
+    "LoRAProWarning",
     "NonFiniteGradientError",
     "__version__",
     "attach",

@@ -26,7 +26,16 @@ from torch.optim import Optimizer
 
 from ._sharded import FactorSharding, ShardedPair, local_tensors
 from .backward_hooks import attached_handle
-from .closed_form import X_MODES, adjust_grad_A, adjust_grad_B, compute_dtype, solve_coefficients
+from .closed_form import (
+    SOLVE_DTYPE,
+    X_MODES,
+    adjust_grad_A,
+    adjust_grad_B,
+    compute_dtype,
+    default_rtol,
+    solve_coefficients,
+    split_power_of_two,
+)
 from .errors import LoRAProConfigError, NonFiniteGradientError
 from .functional import any_nonfinite
 from .pairs import LoRAPair, PairTracker
@@ -40,18 +49,25 @@ class PairWork:
 
     pair: LoRAPair
     scaling: float
-    A: Tensor  # (r, n)
-    B: Tensor  # (m, r)
+    A: Tensor  # (r, n); (E, r, n) for MoE experts
+    B: Tensor  # (m, r); (E, m, r)
     grad_A: Tensor  # LoRA's own gradient, (r, n)
     grad_B: Tensor  # (m, r)
     # The r x r grad_A_coef, a_coef, grad_B_coef, b_coef of closed_form.Coefficients, 1/s^2
-    # folded in; set by solve_pairs.
+    # folded in and each divided by a power of two (closed_form.split_power_of_two) that `scales`
+    # holds once resolve_scales has read them; set by solve_pairs.
     coefficients: Sequence[Tensor] | None = None
+    scales: tuple[float, float, float, float] | None = None
+    exponents: tuple[Tensor, int] | None = None  # (the bucket's (k, 4) exponents, this layer's row)
     adjusted_A: Tensor | None = None
     adjusted_B: Tensor | None = None
     # Set when the factors are DTensor shards (FSDP2): A, B and the gradients above are then
     # this rank's local shards, A by columns and B by rows (see lorapro._sharded).
     sharded: ShardedPair | None = None
+    # A factor frozen at this step (requires_grad=False) is not updated; the other one gets
+    # Theorem 2.1's one-factor optimum, and the frozen one's adjusted gradient is zero.
+    train_A: bool = True
+    train_B: bool = True
 
 
 @dataclass(eq=False)
@@ -124,26 +140,95 @@ def solve_pairs(
     """
     buckets: dict[tuple, list[PairWork]] = defaultdict(list)
     for w in works:
-        buckets[(w.A.shape[0], w.A.dtype, w.A.device, x_mode_of(w))].append(w)
+        buckets[(w.A.shape[-2], w.A.dtype, w.A.device, x_mode_of(w))].append(w)
     small: list[Tensor] = []
-    for (_r, _dtype, _device, x_mode), bucket in buckets.items():
-        # Fresh r x r results stacked once per bucket: cheaper per layer than writing into
-        # views of a buffer, and this loop runs for every layer each step.
+    for (r, dtype, _device, x_mode), bucket in buckets.items():
+        # The four terms in float64 (closed_form: the factors' scale), fresh r x r results stacked
+        # once per bucket: cheaper per layer than writing into views of a buffer.
         products: list[Tensor] = []
         for w in bucket:
-            Bt, At = w.B.mT, w.A.mT
-            products += [Bt @ w.B, w.A @ At, Bt @ w.grad_B, w.grad_A @ At]
-        terms = torch.stack(products).unflatten(0, (len(bucket), 4))  # (k, 4, r, r)
+            A, B, gA, gB = (t.to(SOLVE_DTYPE) for t in (w.A, w.B, w.grad_A, w.grad_B))
+            Bt, At = B.mT, A.mT
+            products += [Bt @ B, A @ At, Bt @ gB, gA @ At]
+        counts = [1 if w.A.dim() == 2 else w.A.shape[0] for w in bucket]  # problems per layer
+        if len(counts) == sum(counts):
+            terms = torch.stack(products).unflatten(0, (len(bucket), 4))  # (k, 4, r, r)
+        else:  # MoE experts: each layer brings (E, r, r) terms
+            terms = torch.cat([torch.stack(products[4 * i : 4 * i + 4], dim=-3).reshape(-1, 4, r, r)
+                               for i in range(len(bucket))])  # fmt: skip
         if reduce_terms is not None:
             terms = reduce_terms(terms)
-        coefs = torch.stack(solve_coefficients(*terms.unbind(1), x_mode=x_mode), dim=1)  # (k, 4, r, r)
-        _scale_coefficients(coefs, [w.scaling for w in bucket])
-        # One unbind for the whole bucket rather than one per layer at apply time.
-        per_layer = coefs.flatten(0, 1).unbind(0)
-        for i, w in enumerate(bucket):
-            w.coefficients = per_layer[4 * i : 4 * i + 4]
-        small += [terms, coefs]
+        coefs = solve_coefficients(*terms.unbind(1), x_mode=x_mode, rtol=default_rtol(r, dtype))
+        coefs = torch.stack(coefs, dim=1)  # (K, 4, r, r)
+        _scale_coefficients(coefs, [w.scaling for w, k in zip(bucket, counts, strict=True) for _ in range(k)])
+        _drop_frozen(coefs, bucket, counts)
+        small.append(_overflow_flags(coefs, terms, bucket, counts, dtype))
+        split, exponents = split_power_of_two(coefs)  # (K, 4, r, r), (K, 4)
+        if len(counts) != sum(counts):  # one power of two per layer: the largest over its experts
+            exponents = torch.cat([k.amax(0, keepdim=True).expand_as(k) for k in exponents.split(counts)])
+            split = coefs * torch.exp2(-exponents)[..., None, None]
+        split = split.to(dtype)
+        start = 0
+        for w, k in zip(bucket, counts, strict=True):
+            part = split[start : start + k]
+            w.coefficients = part.unbind(1) if w.A.dim() == 3 else part[0].unbind(0)
+            w.exponents, w.scales = (exponents, start), None
+            start += k
+        small += [terms, split]
     return small
+
+
+def _overflow_flags(
+    coefs: Tensor, terms: Tensor, bucket: list[PairWork], counts: list[int], dtype: torch.dtype
+) -> Tensor:
+    """Inf where a layer's adjusted gradient could overflow ``dtype``, 0 elsewhere: for the step's
+    non-finite check, which must refuse before anything is updated.
+
+    The coefficients are float64 and applied split by powers of two, so they stay finite where the
+    adjusted gradients do not (a finite but huge raw gradient on a tiny factor). A Frobenius bound
+    catches it: ``|P gA + X A| <= |P| |gA| + |X| |A|`` (and B's alike), with ``|A|`` from its Gram
+    matrix and ``|gA| <= sqrt(numel) max|gA|`` from one pass over the gradients (no overflow)."""
+    grads = [t for w in bucket for t in (w.grad_A, w.grad_B)]
+    maxima = torch.stack(torch._foreach_norm(grads, float("inf"))).to(SOLVE_DTYPE)
+    sizes = torch.tensor([t[0].numel() if t.dim() == 3 else t.numel() for t in grads], dtype=SOLVE_DTYPE)
+    grad_norms = (maxima * sizes.to(maxima.device).sqrt()).view(-1, 2)
+    grad_norms = grad_norms.repeat_interleave(torch.tensor(counts, device=grad_norms.device), dim=0)  # (K, 2)
+    coef_norms = torch.linalg.matrix_norm(coefs)  # (K, 4): P, X, Q, b
+    factor_norms = terms[:, :2].diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()  # (K, 2): |B|, |A|
+    bound_A = coef_norms[:, 0] * grad_norms[:, 0] + coef_norms[:, 1] * factor_norms[:, 1]
+    bound_B = coef_norms[:, 2] * grad_norms[:, 1] + coef_norms[:, 3] * factor_norms[:, 0]
+    bound = torch.maximum(bound_A, bound_B)
+    limit = torch.finfo(dtype).max
+    return torch.where(torch.isfinite(bound) & (bound < limit), 0.0, float("inf"))
+
+
+def _drop_frozen(coefs: Tensor, bucket: list[PairWork], counts: list[int]) -> None:
+    """Theorem 2.1 with one factor frozen: that factor's adjusted gradient is zero, and the other
+    one is the least-squares optimum on its own (A frozen: ``grad_B (A A^T)^+``; B frozen:
+    ``(B^T B)^+ grad_A``), i.e. X and B's projection term drop out. In place on (K, 4, r, r)."""
+    if all(w.train_A and w.train_B for w in bucket):
+        return
+    start = 0
+    for w, k in zip(bucket, counts, strict=True):
+        if not w.train_A:
+            coefs[start : start + k, (0, 1, 3)] = 0.0
+        elif not w.train_B:
+            coefs[start : start + k, 1:] = 0.0
+        start += k
+
+
+def resolve_scales(works: Iterable[PairWork]) -> None:
+    """Read the powers of two :func:`solve_pairs` split off the coefficients (one host read per
+    bucket; call it after the step's non-finite check has synchronised anyway)."""
+    read: dict[int, list[list[float]]] = {}
+    for w in works:
+        if w.exponents is None:
+            continue
+        exponents, row = w.exponents
+        if id(exponents) not in read:
+            read[id(exponents)] = exponents.tolist()
+        scales = read[id(exponents)][row]
+        w.scales = (2.0 ** scales[0], 2.0 ** scales[1], 2.0 ** scales[2], 2.0 ** scales[3])
 
 
 def adjust_into(w: PairWork, out_A: Tensor, out_B: Tensor) -> None:
@@ -152,9 +237,13 @@ def adjust_into(w: PairWork, out_A: Tensor, out_B: Tensor) -> None:
     :func:`~lorapro.closed_form.adjust_grad_A` / ``adjust_grad_B``."""
     if w.coefficients is None:
         raise RuntimeError("adjust_into needs the layer's coefficients: call solve_pairs first")
+    if w.scales is None:
+        resolve_scales([w])
+    assert w.scales is not None
     grad_a_coef, a_coef, grad_b_coef, b_coef = w.coefficients
-    adjust_grad_A(w.A, w.grad_A, grad_a_coef, a_coef, out=out_A)
-    adjust_grad_B(w.B, w.grad_B, grad_b_coef, b_coef, out=out_B)
+    s_p, s_x, s_q, s_b = w.scales
+    adjust_grad_A(w.A, w.grad_A, grad_a_coef, a_coef, out=out_A, scales=(s_p, s_x))
+    adjust_grad_B(w.B, w.grad_B, grad_b_coef, b_coef, out=out_B, scales=(s_q, s_b))
 
 
 def adjusted_gradients(w: PairWork) -> tuple[Tensor, Tensor]:
@@ -174,6 +263,7 @@ def adjusted_chunks(works: list[PairWork], max_bytes: float | None = None) -> It
     CPU, :data:`DEVICE_CHUNK_BYTES` elsewhere); a larger layer forms a chunk of its own. So the
     step's transient memory is this buffer plus O(r^2) per layer, not a copy of the gradients.
     """
+    resolve_scales(w for w in works if w.scales is None)  # (one read per bucket, not per layer)
     by_kind: dict[tuple, list[PairWork]] = defaultdict(list)
     for w in works:
         by_kind[(w.A.dtype, w.A.device)].append(w)
@@ -218,6 +308,7 @@ def adjust_pairs(
     the efficient updates stream through :func:`adjusted_chunks` instead.
     """
     small = solve_pairs(works, x_mode_of, reduce_terms)
+    resolve_scales(works)
     for w in works:
         w.adjusted_A, w.adjusted_B = adjusted_gradients(w)
     return small
@@ -292,7 +383,10 @@ class LoRAProOptimizer(Optimizer):
                 "and make sure an adapter is active and trainable."
             )
         if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
+            # Every trainable parameter, and the frozen partner of a trainable LoRA factor (so
+            # that unfreezing it later trains it: a frozen factor is skipped until then).
+            partners = {id(f) for pair in pairs for f in (pair.A, pair.B)}
+            params = [p for p in model.parameters() if p.requires_grad or id(p) in partners]
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         """Steps skipped because of non-finite gradients (``nonfinite="skip"``)."""
@@ -353,6 +447,11 @@ class LoRAProOptimizer(Optimizer):
             ga, gb = group_of.get(id(pair.A)), group_of.get(id(pair.B))
             if ga is None and gb is None:
                 continue
+            # A frozen factor left out of the parameters: a one-factor pair (see PairWork).
+            if ga is None and not pair.A.requires_grad:
+                ga = gb
+            elif gb is None and not pair.B.requires_grad:
+                gb = ga
             if ga != gb:
                 raise LoRAProConfigError(
                     f"{pair.name} (adapter {pair.adapter!r}): lora_A and lora_B must be in the same "
@@ -391,6 +490,8 @@ class LoRAProOptimizer(Optimizer):
         for pair in fresh:
             key = _pair_key(pair)
             a, b = id(pair.A) in owned, id(pair.B) in owned
+            if a != b and not (pair.B if a else pair.A).requires_grad:
+                a = b = True  # the factor left out is frozen: a one-factor pair
             if a != b:
                 raise LoRAProConfigError(
                     f"{pair.name} (adapter {pair.adapter!r}): only lora_{'A' if a else 'B'} is among the "
@@ -444,7 +545,12 @@ class LoRAProOptimizer(Optimizer):
         for group, pairs in zip(self.param_groups, self._group_pairs, strict=True):
             work = GroupWork(group)
             for pair in pairs:
-                gA, gB = pair.A.grad, pair.B.grad
+                train_A, train_B = pair.A.requires_grad, pair.B.requires_grad
+                if not (train_A or train_B):
+                    continue  # frozen since the optimizer was built: never updated
+                # A frozen factor's gradient (if one is left over) takes no part in the step.
+                gA = pair.A.grad if train_A else None
+                gB = pair.B.grad if train_B else None
                 if gA is None and gB is None:
                     continue  # the layer took no part in this forward pass
                 if (gA is not None and gA.is_sparse) or (gB is not None and gB.is_sparse):
@@ -464,7 +570,11 @@ class LoRAProOptimizer(Optimizer):
                     B = _in_dtype(sharded.local_B(pair.B), dtype)
                     gA = torch.zeros_like(A) if gA is None else _in_dtype(sharded.local_A(gA), dtype)
                     gB = torch.zeros_like(B) if gB is None else _in_dtype(sharded.local_B(gB), dtype)
-                work.pairs.append(PairWork(pair, pair.scaling, A, B, gA, gB, sharded=sharded))
+                work.pairs.append(
+                    PairWork(
+                        pair, pair.scaling, A, B, gA, gB, sharded=sharded, train_A=train_A, train_B=train_B
+                    )
+                )
             for p in group["params"]:
                 if p.grad is None or id(p) in self._lora_ids:
                     continue
@@ -510,18 +620,22 @@ class LoRAProOptimizer(Optimizer):
             grads: list[Tensor] = []
             for w in chunk:
                 gA, gB = self._as_param_gradients(w)
-                params += [w.pair.A, w.pair.B]
-                grads += [gA, gB]
+                if w.train_A:
+                    params.append(w.pair.A)
+                    grads.append(gA)
+                if w.train_B:
+                    params.append(w.pair.B)
+                    grads.append(gB)
             yield params, grads
 
     @staticmethod
     def _as_param_gradients(w: PairWork) -> tuple[Tensor, Tensor]:
         """The layer's adjusted gradients shaped (sharded: laid out) like its parameters."""
-        gA, gB, A, B = w.adjusted_A, w.adjusted_B, w.pair.A, w.pair.B
+        gA, gB = w.adjusted_A, w.adjusted_B
         assert gA is not None and gB is not None
         if w.sharded is not None:
             return w.sharded.as_params(gA, gB)
-        return (gA if gA.shape == A.shape else gA.view_as(A)), (gB if gB.shape == B.shape else gB.view_as(B))
+        return w.pair.param_A(gA), w.pair.param_B(gB)
 
     def _apply(self, work: GroupWork) -> None:
         raise NotImplementedError
@@ -567,6 +681,7 @@ class LoRAProOptimizer(Optimizer):
                 )
             self.skipped_steps += 1
             return loss
+        resolve_scales(w for work in works for w in work.pairs)
         self._check_before_apply(works)
         for work in works:
             self._apply(work)

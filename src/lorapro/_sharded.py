@@ -216,6 +216,12 @@ class FactorSharding:
         if not a_sharded and not b_sharded:
             self._seen_plain = True
             return None
+        if pair.experts > 1:
+            raise LoRAProConfigError(
+                f"{pair.name}: LoRA on MoE experts (target_parameters) with FSDP2-sharded factors is not "
+                "supported by lorapro's optimizers; leave the expert parameters out of the adapter or out "
+                "of fully_shard"
+            )
         if not (a_sharded and b_sharded):
             raise LoRAProConfigError(
                 f"{pair.name}: only one of lora_A / lora_B is a DTensor; shard the whole LoRA layer with "

@@ -144,9 +144,10 @@ class LoRAProAdamW(LoRAProOptimizer):
             pair = next(p for p in self._pairs if param is p.A or param is p.B)
             if param is not pair.B:
                 return {}
-            (r, n), m = pair.matrix_A().shape, pair.matrix_B().shape[0]
+            (r, n), m = pair.matrix_A().shape[-2:], pair.matrix_B().shape[-2]
             if group["mode"] == "full":
-                return {"equiv_exp_avg": (m, n), "equiv_exp_avg_sq": (m, n)}
+                shape = (m, n) if pair.experts == 1 else (pair.experts, m, n)
+                return {"equiv_exp_avg": shape, "equiv_exp_avg_sq": shape}
             shapes = {"tangent_x": (r, n), "tangent_y": (m, r)}
             if group["mode"] == "factored":
                 return {**shapes, "row_sq_mean": (m,), "col_sq_mean": (n,)}
@@ -198,11 +199,26 @@ class LoRAProAdamW(LoRAProOptimizer):
             group = work.group
             if group["mode"] not in EQUIVALENT_GRADIENT_MODES:
                 continue
-            if group["mode"] != "full" and any(w.sharded is not None for w in work.pairs):
-                raise LoRAProConfigError(
-                    f"mode={group['mode']!r} does not support FSDP2-sharded LoRA factors yet; use "
-                    "mode='full' (its moments are sharded by rows) or 'efficient' under FSDP2"
-                )
+            if group["mode"] != "full":
+                if any(w.sharded is not None for w in work.pairs):
+                    raise LoRAProConfigError(
+                        f"mode={group['mode']!r} does not support FSDP2-sharded LoRA factors yet; use "
+                        "mode='full' (its moments are sharded by rows) or 'efficient' under FSDP2"
+                    )
+                for w in work.pairs:
+                    if w.pair.experts > 1:
+                        raise LoRAProConfigError(
+                            f"{w.pair.name}: LoRA on MoE experts (target_parameters) is not supported by "
+                            f"mode={group['mode']!r}; use mode='full' or 'efficient', which adjust every "
+                            "expert's pair on its own"
+                        )
+                    if not (w.train_A and w.train_B):
+                        raise LoRAProConfigError(
+                            f"{w.pair.name}: lora_{'A' if not w.train_A else 'B'} is frozen, which "
+                            f"mode={group['mode']!r} does not support (its moments live in the tangent space "
+                            "of both factors); use mode='full' or 'efficient', which give the other factor "
+                            "Theorem 2.1's one-factor optimum, or unfreeze it"
+                        )
             # A scheduler may have raised lr since construction: check every group first.
             _check_full_mode_decay(group["lr"], group["weight_decay"])
             if group["weight_decay"] == 0.0:
@@ -241,9 +257,9 @@ class LoRAProAdamW(LoRAProOptimizer):
         # grad_A are gathered whole (r x n), and B^T D is summed over the row shards.
         largest: dict[tuple, int] = defaultdict(int)  # elements of the largest layer per dtype, device
         for w in work.pairs:
-            n = w.A.shape[1] if w.sharded is None else w.sharded.columns
+            n = w.A.shape[-1] if w.sharded is None else w.sharded.columns
             key = (w.A.dtype, w.A.device)
-            largest[key] = max(largest[key], w.B.shape[0] * n)
+            largest[key] = max(largest[key], w.B.shape[:-1].numel() * n)
         scratch = {key: torch.empty((2, size), dtype=key[0], device=key[1]) for key, size in largest.items()}
         for w in work.pairs:
             sh = w.sharded
@@ -251,16 +267,17 @@ class LoRAProAdamW(LoRAProOptimizer):
             A = w.A if sh is None else sh.full_columns(w.A)
             if sh is not None:
                 adjusted_A = sh.full_columns(adjusted_A)
-            rows, n = w.B.shape[0], A.shape[1]
+            shape = (*w.B.shape[:-1], A.shape[-1])  # (m, n); (E, m, n) for MoE experts
             state = self.state[w.pair.B]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 for key in ("equiv_exp_avg", "equiv_exp_avg_sq"):
                     if sh is None:
-                        state[key] = torch.zeros((rows, n), dtype=w.A.dtype, device=w.A.device)
+                        state[key] = torch.zeros(shape, dtype=w.A.dtype, device=w.A.device)
                     else:
-                        state[key] = sh.row_sharded_zeros(n, w.A.dtype)
-            g_equiv, denom = (buf[: rows * n].view(rows, n) for buf in scratch[(w.A.dtype, w.A.device)])
+                        state[key] = sh.row_sharded_zeros(shape[-1], w.A.dtype)
+            size = math.prod(shape)
+            g_equiv, denom = (buf[:size].view(shape) for buf in scratch[(w.A.dtype, w.A.device)])
             equivalent_gradient(A, w.B, adjusted_A, adjusted_B, w.scaling, out=g_equiv)
             direction = adam_direction(
                 g_equiv, local_tensor(state["equiv_exp_avg"]), local_tensor(state["equiv_exp_avg_sq"]),
@@ -281,15 +298,25 @@ class LoRAProAdamW(LoRAProOptimizer):
         lr, wd = group["lr"], group["weight_decay"]
         self._adjust(work.pairs, lambda w: group["x_mode"])
         decay = 1.0 - lr * wd
-        factor_decay = math.sqrt(decay)
+        # W <- (1 - lr wd) W as sqrt(1 - lr wd) on each factor; with one factor frozen, the whole
+        # decay on the other.
+        factor_decay = {
+            (True, True): (math.sqrt(decay),) * 2,
+            (False, True): (1.0, decay),
+            (True, False): (decay, 1.0),
+        }
         # w.A and w.B may be views of the parameters: update copies, then write them.
         new_factors: list[tuple[Tensor, Tensor]] = []
         for w in work.pairs:
             assert w.adjusted_A is not None and w.adjusted_B is not None
             new_A, new_B = w.A.clone(), w.B.clone()
-            for value, delta in ((new_A, w.adjusted_A), (new_B, w.adjusted_B)):
+            decays = factor_decay[(w.train_A, w.train_B)]
+            for value, delta, trained, d in ((new_A, w.adjusted_A, w.train_A, decays[0]),
+                                             (new_B, w.adjusted_B, w.train_B, decays[1])):  # fmt: skip
+                if not trained:
+                    continue
                 if wd != 0.0:
-                    value.mul_(factor_decay)
+                    value.mul_(d)
                 value.add_(delta, alpha=-lr)
             new_factors.append((new_A, new_B))
         if before_write is not None:
@@ -298,11 +325,12 @@ class LoRAProAdamW(LoRAProOptimizer):
         for w, (new_A, new_B) in zip(work.pairs, new_factors, strict=True):
             A, B = w.pair.A, w.pair.B
             if w.sharded is None:
-                A.copy_(new_A.view_as(A))
-                B.copy_(new_B.view_as(B))
+                as_A, as_B = w.pair.param_A(new_A), w.pair.param_B(new_B)
             else:
                 as_A, as_B = w.sharded.as_params(new_A.to(A.dtype), new_B.to(B.dtype))
+            if w.train_A:
                 A.copy_(as_A)
+            if w.train_B:
                 B.copy_(as_B)
             base = w.pair.base_weight
             if wd != 0.0 and id(base) not in decayed_bases:

@@ -1,65 +1,82 @@
 """LoRA-Pro's adjusted gradients straight out of backward, for any optimizer and any engine.
 
-``handle = lorapro.attach(model)`` registers a gradient hook on both factors of every active
-LoRA pair. Each hook replaces the factor's gradient by LoRA-Pro's (Theorem 2.1) *before* it is
-accumulated into ``.grad``, so whatever runs after backward (gradient accumulation, DDP's
-all-reduce, DeepSpeed's buckets, clipping, any optimizer) sees LoRA-Pro's gradients:
-``torch.optim.AdamW`` becomes LoRA-Pro's efficient mode (Algorithm 2) and ``torch.optim.SGD``
-Algorithm 1.
+``handle = lorapro.attach(model)`` registers a gradient hook on both factors of every LoRA pair.
+Each hook replaces the factor's gradient by LoRA-Pro's (Theorem 2.1) *before* it is accumulated
+into ``.grad``, so whatever runs after backward (gradient accumulation, DDP's all-reduce,
+DeepSpeed's buckets, clipping, any optimizer) sees LoRA-Pro's gradients: ``torch.optim.AdamW``
+becomes LoRA-Pro's efficient mode (Algorithm 2) and ``torch.optim.SGD`` Algorithm 1.
 
 Why per factor, per micro-batch, is exact:
 
 - For fixed A and B the adjustment is linear in the gradients, so adjusting every micro-batch
   (and every rank's share) before accumulation and reduction equals adjusting their sum.
 - Autograd produces B's gradient before A's. B's adjusted gradient needs X, whose right-hand
-  side Theorem 2.3 writes with ``grad_A A^T``; for LoRA's gradients of any loss this equals
-  ``B^T grad_B`` (both are ``s B^T G A^T``), so each factor is adjusted from its own gradient
-  (:func:`~lorapro.closed_form.b_coefficient` with ``grad_a_at=None``).
+  side Theorem 2.3 writes with ``grad_A A^T``; for LoRA's gradients of a loss that sees the
+  factors only through ``B A`` this equals ``B^T grad_B`` (both are ``s B^T G A^T``), so B is
+  adjusted from its own gradient (:func:`~lorapro.closed_form.b_coefficient` with
+  ``grad_a_at=None``). A's hook then has both terms and checks that they agree (the check runs
+  before the next optimizer step, one r x r comparison per layer): a loss term in the factors
+  themselves breaks the identity and is refused with :class:`~lorapro.LoRAProConfigError`
+  naming the fixes; rounding under bf16/fp16 is reported once with a
+  :class:`~lorapro.LoRAProWarning` (B's gradient is then exact to that precision).
 - What depends only on A and B (Gram matrices, their ``eigh``, pseudo-inverses, and the maps
-  to X and to B's coefficient as r^2 x r^2 matrices) is computed for all layers at once,
-  batched, at the first forward pass after any ``torch.optim`` optimizer's step (a global step
-  hook), and again whenever a factor is written in place (its version counter) or replaced (its
-  storage). What is left per hook call is four matmuls: the r x r term, its map (an (r^2, r^2)
-  matrix times a column) and two skinny products.
+  to X and to B's coefficient as r^2 x r^2 matrices) is cached, computed for all layers at
+  once, batched, and keyed on what it is computed from: at the first hook of every backward
+  pass the Gram matrices of the factors as they are then are compared with those the cache was
+  built from (one r x r product per factor, one host sync), and the layers whose factors
+  changed, by whatever means (an optimizer, a ``.data`` write, a loader), are rebuilt.
 
-The model's LoRA layers are checked at every forward pass with gradients enabled (cheaply; the
-full walk over the modules runs only when something changed), so adapters switched
-(``set_adapter``), added or deleted later are followed; adapters LoRA-Pro cannot handle (DoRA,
-...) raise :class:`~lorapro.LoRAProConfigError` there.
+A factor frozen (``requires_grad=False``) while its partner trains gets no gradient; the
+partner gets Theorem 2.1's one-factor optimum (A frozen: LoRA-FA's ``grad_B (A A^T)^+ / s^2``).
+
+The model's LoRA layers are followed at every forward pass with gradients enabled, of the
+attached model and of the model PEFT wraps (``get_base_model()``); every adapter's factors are
+hooked, active or not, so an adapter switched on is adjusted even through a forward pass that
+bypasses both. Adapters LoRA-Pro cannot handle (DoRA, ...) raise there. Before every
+``torch.optim`` step, an adapter added and trained without any such forward pass is refused
+(its gradients could not be adjusted), naming :meth:`LoRAProHandle.sync`.
 
 Engines that hold a factor whole only around its own module's forward and backward (FSDP2's
 ``fully_shard``, DeepSpeed ZeRO-3) are followed through the forward passes of the ``lora_A`` /
-``lora_B`` modules: the Gram matrices are taken there, once per step, and under FSDP2 the hooks
-go on the unsharded copies whose gradients FSDP2 reduce-scatters. No collective is added.
+``lora_B`` modules: the Gram matrices are taken there, and under FSDP2 the hooks go on the
+unsharded copies whose gradients FSDP2 reduce-scatters. No collective is added.
+
+A deep copy or a pickle of an attached model (an EMA copy, ``torch.save(model)``) is a plain
+model: the copy carries none of the handle's hooks. Attach the copy to train it with LoRA-Pro.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from .closed_form import (
+    SOLVE_DTYPE,
     X_MODES,
     FactorBasis,
     XMode,
     b_coefficient,
+    b_weights,
     compute_dtype,
+    default_rtol,
     factor_basis,
-    vec_operators,
+    split_power_of_two,
+    vec_operator,
     x_matrix,
 )
-from .errors import LoRAProConfigError
-from .pairs import LoRAPair, PairTracker
+from .errors import LoRAProConfigError, LoRAProWarning
+from .pairs import LoRAPair, PairTracker, adapter_pairs, find_lora_pairs
 
 __all__ = ["LoRAProHandle", "attach", "attached_handle"]
 
@@ -98,30 +115,85 @@ def _plain_mode(device: torch.device) -> contextlib.AbstractContextManager:
     return stack
 
 
-def _refuse_foreign_handle(pair: LoRAPair, handle: LoRAProHandle) -> None:
-    """Checked for every pair before any is hooked, so a refusal leaves nothing half-attached."""
-    for p in (pair.A, pair.B):
-        owner = attached_handle(p)
-        if owner is not None and owner is not handle:
-            raise LoRAProConfigError(
-                f"{pair.name}: this LoRA layer is already attached by another lorapro.attach handle; "
-                "its gradients would be adjusted twice. Call remove() on the first handle."
-            )
+class _InertHook:
+    """What a deep copy or a pickle of a module gets in place of one of lorapro's module hooks:
+    nothing, so the copy is a plain model (and pickles with ``torch.save``)."""
+
+    def __call__(self, *args: Any) -> None:
+        return None
+
+
+class _ModuleHook:
+    """A forward (pre-)hook of lorapro's on one module. It acts on that module only (a shallow
+    copy shares the hook dictionary), and copies or pickles of the module get an
+    :class:`_InertHook` instead: the handle's hooks never act on a model they were not attached to."""
+
+    def __init__(self, fn: Callable[..., None], module: nn.Module) -> None:
+        self._fn = fn
+        self._module = weakref.ref(module)
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        self._run(module, *args)
+
+    def _run(self, module: nn.Module, *args: Any) -> None:
+        if module is self._module():
+            self._fn(module, *args)
+
+    def __deepcopy__(self, memo: dict) -> _InertHook:
+        return _InertHook()
+
+    def __reduce__(self) -> tuple:
+        return (_InertHook, ())
+
+
+class _WrappedModelHook(_ModuleHook):
+    """The hook on the model PEFT wraps (``get_base_model()``): inside a compiled forward of the
+    attached model it is covered by that model's own hook, so there it is a no-op that dynamo
+    traces as a constant (no graph break, fullgraph compilation works); called on its own, it
+    follows the model like the attached model's hook."""
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self._run_eager(module, *args)
+
+    @torch.compiler.disable
+    def _run_eager(self, module: nn.Module, *args: Any) -> None:
+        self._run(module, *args)
+
+
+class _StepHook:
+    """The global optimizer step pre-hook of one handle, holding it weakly (a model that is no
+    longer used is not kept alive by the hook)."""
+
+    def __init__(self, handle: LoRAProHandle) -> None:
+        self._handle = weakref.ref(handle)
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        handle = self._handle()
+        if handle is not None:
+            handle._before_step(optimizer)
 
 
 def _is_dtensor(p: Tensor) -> bool:
     return type(p).__name__ == "DTensor" or isinstance(getattr(p, "_local_tensor", None), Tensor)
 
 
+def _is_partitioned(p: Tensor) -> bool:
+    return _is_dtensor(p) or hasattr(p, "ds_id")
+
+
 def _refuse_unsupported_storage(pair: LoRAPair) -> None:
-    """Sharded factors are followed through their modules' forward passes, which embeddings lack."""
+    """Sharded factors are followed through their modules' forward passes, which embeddings and
+    PEFT's ``ParamWrapper`` (``target_parameters``) do not run."""
     for name, p in (("lora_A", pair.A), ("lora_B", pair.B)):
-        if (_is_dtensor(p) or hasattr(p, "ds_id")) and pair.kind == "embedding":
+        if _is_partitioned(p) and pair.kind in ("embedding", "parameter"):
+            what = "a LoRA embedding" if pair.kind == "embedding" else "a LoRA on target_parameters"
             raise LoRAProConfigError(
-                f"{pair.name}: {name} of a LoRA embedding is sharded (FSDP2) or partitioned (DeepSpeed "
-                "ZeRO-3). lorapro.attach follows such factors through the forward passes of the lora_A / "
-                "lora_B modules, which PEFT's embedding adapters do not have; leave embeddings out of "
-                "target_modules, or use DDP or ZeRO stage 1 or 2."
+                f"{pair.name}: {name} of {what} is sharded (FSDP2) or partitioned (DeepSpeed ZeRO-3). "
+                "lorapro.attach follows such factors through the forward passes of the lora_A / lora_B "
+                "modules, which this kind of adapter does not call; leave it out of the adapter, or use "
+                "DDP or ZeRO stage 1 or 2."
             )
 
 
@@ -131,37 +203,61 @@ def _refuse_unsupported_storage(pair: LoRAPair) -> None:
 #: at r = 16).
 VEC_OPERATOR_MAX_RANK = 16
 
+#: How far ``grad_A A^T`` and ``B^T grad_B`` may differ (relative, Frobenius) before attach says
+#: so, in units of the machine epsilon of the precision the gradients were computed in: float32
+#: rounding stays below 2e-6 relative on the models of benchmarks/rhs_mismatch.py (eps: 1.2e-7),
+#: bf16 autocast below 4e-2 (eps: 7.8e-3); a penalty of 1e-4 on the factors already exceeds 1e-3.
+RHS_MISMATCH_EPS_UNITS = 64
+
 
 @dataclass(eq=False)
 class _Cached:
-    """What the hooks of one layer reuse until A or B changes, with 1/s^2 folded in."""
+    """What the hooks of one layer reuse until A or B changes, with 1/s^2 folded in and each
+    coefficient split by a power of two (``scales``) that the matmuls apply."""
 
     scaling: float  # the s the tensors below were scaled with
-    pinv_b: Tensor  # (B^T B)^+ / s^2
-    pinv_a: Tensor  # (A A^T)^+ / s^2
-    x_op: Tensor | None  # R -> X / s^2 as an (r^2, r^2) matrix (ranks up to VEC_OPERATOR_MAX_RANK)
-    b_op: Tensor | None  # S -> B's coefficient / s^2
-    basis: FactorBasis | None  # larger ranks: the eigenbases, maps applied in them
+    pinv_b: Tensor  # (B^T B)^+ / s^2 / scales[0]
+    pinv_a: Tensor  # (A A^T)^+ / s^2 / scales[2]
+    x_op: Tensor | None  # R -> X / s^2 / scales[1] as an (r^2, r^2) matrix; None: bases, or X = 0
+    b_op: Tensor | None  # S -> B's coefficient / s^2 / scales[3]
+    basis_a: FactorBasis | None  # larger ranks: float64 eigenbases with X's weights scaled likewise
+    basis_b: FactorBasis | None  # ... with B's coefficient's weights scaled likewise
+    scales: tuple[float, float, float, float]  # the powers of two split off (P, X, Q, b)
+    x_zero: bool  # x_mode="zero": no X term
 
 
 @dataclass(eq=False)
 class _Entry:
-    """One hooked LoRA pair: its hooks and what they cache."""
+    """One hooked LoRA pair: its hooks, its cache and what the cache was computed from."""
 
     pair: LoRAPair
     hooks: list[RemovableHandle] = field(default_factory=list)
+    hooked: set[str] = field(default_factory=set)  # "A", "B": factors with a gradient hook (torch
+    # hooks only tensors that require grad: a factor frozen when found is hooked once unfrozen)
+    active: bool = False  # among the model's active, trainable pairs at the last sync
     cached: _Cached | None = None
-    stamp: tuple | None = None  # what the cache was computed from, see LoRAProHandle._stamp
+    grams: Tensor | None = None  # float64 (problems, 2, r, r): B^T B and A A^T the cache came from
+    fresh: Tensor | None = None  # the same, for the factors as they are now (during a validation)
     # DeepSpeed ZeRO-3 and FSDP2 hold a factor whole only around its own module's forward and
     # backward (the unit's, for FSDP2), so the pair is "tracked" through those modules: the Gram
-    # matrices are taken in their forward passes (once per optimizer step) and the cache built
-    # from them. FSDP2 also computes the gradient of an unsharded copy of each factor, a tensor
-    # of its own that the forward pass reveals: its hook goes there.
+    # matrices are taken in their forward passes. FSDP2 also computes the gradient of an
+    # unsharded copy of each factor, a tensor of its own that the forward pass reveals: its hook
+    # goes there.
     tracked: bool = False
     fsdp2: bool = False
-    grams: list[Tensor | None] = field(default_factory=lambda: [None, None])  # B^T B, A A^T
-    gram_epochs: list[int] = field(default_factory=lambda: [-1, -1])
-    hooked: list[int | None] = field(default_factory=lambda: [None, None])  # FSDP2: id of B's, A's copy
+    captured_btb: Tensor | None = None  # B^T B (float64) from the last forward of lora_B
+    captured_aat: Tensor | None = None
+    hooked_b: int | None = None  # FSDP2: id of the unsharded copy hooked
+    hooked_a: int | None = None
+    # The right-hand sides of this backward (R = grad_A A^T, S = B^T grad_B), for the check that
+    # they agree (see the module docstring).
+    rhs_a: Tensor | None = None
+    rhs_b: Tensor | None = None
+
+
+def _pair_key(pair: LoRAPair) -> tuple[int, int, bool]:
+    # (ZeRO-3 converts the factors in place: the same tensors, hooked another way)
+    return (id(pair.A), id(pair.B), hasattr(pair.A, "ds_id"))
 
 
 class LoRAProHandle:
@@ -173,16 +269,26 @@ class LoRAProHandle:
         self.x_mode = x_mode
         self.removed = False
         self._entries: dict[tuple[int, int, bool], _Entry] = {}
+        self._hooked: dict[int, weakref.ref] = {}  # tensors with a gradient hook of this handle, by id
         self._tracker = PairTracker(model)
-        self._updated_epoch = -1
+        self._validated = False  # caches checked against the factors since the last forward/backward
+        self._autocast: torch.dtype | None = None  # autocast dtype of the last forward pass
+        self._warned_precision = False
         self.seconds = 0.0
-        """Time spent in lorapro's hooks and forward pre-hook so far (what attach costs)."""
-        self._epoch = 0  # optimizer steps seen (any torch.optim optimizer): the factors may have moved
+        """Time spent in lorapro's hooks and forward pre-hooks so far (what attach costs)."""
         self.basis_computations = 0
-        """How many times the A/B-only part was (re)computed, each time for every stale layer."""
+        """How many times the A/B-only part was (re)computed, each time for every changed layer."""
         self._self_ref = weakref.ref(self)
-        self._forward_hook = model.register_forward_pre_hook(torch.compiler.disable(self._on_forward))
-        self._step_hook = register_optimizer_step_post_hook(self._on_optimizer_step)
+        self._forward_hooks = [model.register_forward_pre_hook(_ModuleHook(self._on_forward, model))]
+        base = model.get_base_model() if hasattr(model, "get_base_model") else None
+        if isinstance(base, nn.Module) and base is not model:
+            # forwards through PEFT's wrapped model (get_base_model()) are followed too
+            hook = _WrappedModelHook(self._on_forward, base)
+            self._forward_hooks.append(base.register_forward_pre_hook(hook))
+        # A global hook (every torch.optim optimizer): it holds the handle weakly and acts only on
+        # an optimizer that holds some of this model's factors.
+        self._optimizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._step_hook = register_optimizer_step_pre_hook(_StepHook(self))
         try:
             self.sync()
         except Exception:
@@ -192,14 +298,15 @@ class LoRAProHandle:
     # -- public -------------------------------------------------------------------------------
     @property
     def pairs(self) -> list[LoRAPair]:
-        """The LoRA pairs whose gradients are adjusted now, in module order."""
-        return [e.pair for e in self._entries.values()]
+        """The LoRA pairs whose gradients are adjusted now (active, trainable), in module order."""
+        return [e.pair for e in self._entries.values() if e.active]
 
     def sync(self) -> None:
-        """Re-read the model's active LoRA pairs: hook new ones, unhook those gone.
+        """Re-read the model's LoRA pairs: hook new ones, unhook those gone, follow the active ones.
 
-        Runs by itself at every forward pass with gradients enabled; call it after changing
-        adapters if you run a LoRA layer without going through the attached model's forward.
+        Runs by itself at every forward pass with gradients enabled (of the attached model and of
+        the model PEFT wraps). Call it after adding an adapter if you then train it through
+        something else, such as a LoRA layer called directly.
         """
         self._check_live()
         try:
@@ -208,32 +315,12 @@ class LoRAProHandle:
             self._tracker.invalidate()
             raise
 
-    def _apply_pairs(self, pairs: list[LoRAPair]) -> None:
-        if not pairs:
-            raise LoRAProConfigError(
-                "no trainable LoRA layers found in the model: lorapro.attach adjusts the gradients of "
-                "PEFT LoRA factors. Wrap the model first, e.g. model = peft.get_peft_model(model, "
-                "LoraConfig(...)), and make sure an adapter is active and trainable."
-            )
-        fresh: dict[tuple[int, int, bool], LoRAPair] = {}
-        for pair in pairs:
-            _refuse_unsupported_storage(pair)
-            _refuse_foreign_handle(pair, self)
-            # (ZeRO-3 converts the factors in place: the same tensors, hooked another way)
-            fresh[(id(pair.A), id(pair.B), hasattr(pair.A, "ds_id"))] = pair
-        for key in [k for k in self._entries if k not in fresh]:
-            self._unhook(self._entries.pop(key))
-        for key, pair in fresh.items():
-            if key not in self._entries:
-                self._entries[key] = self._hook(pair)
-        # dict order: keep module order for .pairs
-        self._entries = {k: self._entries[k] for k in fresh}
-
     def refresh(self) -> None:
-        """Recompute the A/B-only part before the next adjustment. Needed only after writing the
-        factors in a way that neither bumps their version counter nor runs a ``torch.optim``
-        optimizer (e.g. through ``param.data``)."""
-        self._epoch += 1
+        """Recompute the A/B-only part before the next adjustment. Never needed for correctness:
+        the cache is compared with the factors' Gram matrices at every backward pass."""
+        for entry in self._entries.values():
+            entry.grams = None
+        self._validated = False
 
     def remove(self) -> None:
         """Take every hook off; later backward passes give LoRA's own gradients."""
@@ -243,7 +330,8 @@ class LoRAProHandle:
         for entry in self._entries.values():
             self._unhook(entry)
         self._entries.clear()
-        self._forward_hook.remove()
+        for hook in self._forward_hooks:
+            hook.remove()
         self._step_hook.remove()
 
     def __enter__(self) -> LoRAProHandle:
@@ -253,144 +341,375 @@ class LoRAProHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "removed" if self.removed else f"{len(self._entries)} LoRA pairs"
+        state = "removed" if self.removed else f"{len(self.pairs)} LoRA pairs"
         return f"LoRAProHandle({state}, x_mode={self.x_mode!r})"
 
-    # -- hooks ----------------------------------------------------------------------------------
+    # -- following the model's pairs -----------------------------------------------------------
     def _check_live(self) -> None:
         if self.removed:
             raise LoRAProConfigError(
                 "this lorapro.attach handle was removed; call lorapro.attach(model) again"
             )
 
+    def _apply_pairs(self, active: list[LoRAPair]) -> None:
+        if not active:
+            raise LoRAProConfigError(
+                "no trainable LoRA layers found in the model: lorapro.attach adjusts the gradients of "
+                "PEFT LoRA factors. Wrap the model first, e.g. model = peft.get_peft_model(model, "
+                "LoraConfig(...)), and make sure an adapter is active and trainable."
+            )
+        for pair in active:
+            _refuse_unsupported_storage(pair)
+        active_keys = {_pair_key(p) for p in active}
+        # Every adapter's factors are hooked, active or not (a hook costs nothing until its factor
+        # gets a gradient), except sharded ones, which only an active adapter's forward reveals.
+        wanted: dict[tuple[int, int, bool], LoRAPair] = {}
+        by_key = {_pair_key(p): p for p in active}
+        for pair in adapter_pairs(self.model):
+            key = _pair_key(pair)
+            if key in active_keys:
+                wanted[key] = by_key[key]  # (the checked pair)
+            elif not (_is_partitioned(pair.A) or _is_partitioned(pair.B)):
+                wanted[key] = pair
+        for pair in wanted.values():  # all refusals before any hook: nothing half-attached
+            for p in (pair.A, pair.B):
+                owner = attached_handle(p)
+                if owner is not None and owner is not self:
+                    raise LoRAProConfigError(
+                        f"{pair.name}: this LoRA layer is already attached by another lorapro.attach handle; "
+                        "its gradients would be adjusted twice. Call remove() on the first handle."
+                    )
+        for key in [k for k in self._entries if k not in wanted]:
+            self._unhook(self._entries.pop(key))
+        entries: dict[tuple[int, int, bool], _Entry] = {}
+        for key, pair in wanted.items():
+            entry = self._entries.get(key) or self._hook(pair)
+            entry.pair = pair
+            self._hook_factors(entry)
+            was_active, entry.active = entry.active, key in active_keys
+            if entry.active and not was_active:
+                entry.grams = None  # built afresh when it (re)joins
+            entries[key] = entry
+        self._entries = entries  # module order
+        self._validated = False
+
+    def _follow(self, entry: _Entry) -> None:
+        """A hooked factor got a gradient while its pair was not active at the last sync: a forward
+        pass bypassed the attached model after the adapters changed. Sync now, inside backward."""
+        self.sync()
+        if not entry.active:
+            pair = entry.pair
+            raise LoRAProConfigError(
+                f"{pair.name}: a factor of adapter {pair.adapter!r} got a gradient, but that adapter is not "
+                "an active, trainable adapter of the attached model, so lorapro.attach cannot tell how to "
+                "adjust it. Activate it with set_adapter on the attached model (and call handle.sync() if "
+                "you then run LoRA layers directly)."
+            )
+        self._validated = False
+        self._validate(in_backward=True)
+
     def _hook(self, pair: LoRAPair) -> _Entry:
         fsdp2 = _is_dtensor(pair.A) or _is_dtensor(pair.B)
         zero3 = hasattr(pair.A, "ds_id") or hasattr(pair.B, "ds_id")
         entry = _Entry(pair, tracked=fsdp2 or zero3, fsdp2=fsdp2)
-        if not fsdp2:  # (FSDP2's sharded parameters get the reduced gradient: never hooked)
-            entry.hooks = [
-                pair.A.register_hook(self._make_hook(entry, _adjusted_A, pair.matrix_A, pair.A)),
-                pair.B.register_hook(self._make_hook(entry, _adjusted_B, pair.matrix_B, pair.B)),
-            ]
         if entry.tracked:
             # prepend: run before DeepSpeed's own forward hook releases the gathered factor
-            for which, module in ((0, pair.layer.lora_B[pair.adapter]), (1, pair.layer.lora_A[pair.adapter])):
-                entry.hooks.append(module.register_forward_hook(self._gram_hook(entry, which), prepend=True))
+            for which, module in (
+                ("B", pair.layer.lora_B[pair.adapter]),
+                ("A", pair.layer.lora_A[pair.adapter]),
+            ):
+                hook = _ModuleHook(self._gram_hook(entry, which), module)
+                entry.hooks.append(module.register_forward_hook(hook, prepend=True))
         for p in (pair.A, pair.B):
             if id(p) not in _ATTACHED:  # forget the id when the parameter dies
                 weakref.finalize(p, _ATTACHED.pop, id(p), None)
             _ATTACHED[id(p)] = (weakref.ref(p), self._self_ref)
         return entry
 
+    def _hook_factors(self, entry: _Entry) -> None:
+        """Gradient hooks on the entry's factors that require grad and have none yet (FSDP2's
+        sharded parameters get the reduced gradient: their unsharded copies are hooked instead)."""
+        if entry.fsdp2:
+            return
+        for which, factor in (("A", entry.pair.A), ("B", entry.pair.B)):
+            if which not in entry.hooked and factor.requires_grad:
+                entry.hooks.append(factor.register_hook(self._make_hook(entry, which, factor)))
+                entry.hooked.add(which)
+                self._hooked[id(factor)] = weakref.ref(factor)
+
+    def _is_hooked(self, t: Tensor) -> bool:
+        """Does one of this handle's gradient hooks sit on this tensor?"""
+        ref = self._hooked.get(id(t))
+        return ref is not None and ref() is t
+
     def _unhook(self, entry: _Entry) -> None:
         for h in entry.hooks:
             h.remove()
         for p in (entry.pair.A, entry.pair.B):
-            entry = _ATTACHED.get(id(p))
-            if entry is not None and entry[1] is self._self_ref:
+            self._hooked.pop(id(p), None)
+        for p in (entry.pair.A, entry.pair.B):
+            owner = _ATTACHED.get(id(p))
+            if owner is not None and owner[1] is self._self_ref:
                 del _ATTACHED[id(p)]
 
+    # -- forward and step hooks ----------------------------------------------------------------
     def _on_forward(self, module: nn.Module, args: Any) -> None:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self.removed:
             return
         start = time.perf_counter()
         try:
-            self._prepare_for_backward()
+            self._check_rhs(before="this forward pass")
+            pairs, changed = self._tracker.pairs()  # a module walk only when something changed
+            if changed:
+                try:
+                    self._apply_pairs(pairs)
+                except Exception:
+                    self._tracker.invalidate()  # refused: so is every later forward pass
+                    raise
+            self._validated = False  # the next backward compares the caches with the factors
+            device = next(iter(self._entries.values())).pair.A.device.type
+            self._autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         finally:
             self.seconds += time.perf_counter() - start
 
-    def _prepare_for_backward(self) -> None:
-        pairs, changed = self._tracker.pairs()  # a module walk only when something changed
-        if changed:
-            try:
-                self._apply_pairs(pairs)
-            except Exception:
-                self._tracker.invalidate()  # refused: so is every later forward pass
-                raise
-        if self._updated_epoch != self._epoch:  # the factors moved: all layers at once, batched
-            self._update_bases(self._entries.values())
-            self._updated_epoch = self._epoch
-        # (other changes, such as in-place writes, are caught by each hook's own check)
+    def _steps_this_model(self, optimizer: Any) -> bool:
+        """Does the optimizer hold any of this model's LoRA factors, hooked or not? (a walk over the
+        model, cached per optimizer until its number of parameters changes)"""
+        groups = getattr(optimizer, "param_groups", [])
+        size = sum(len(g["params"]) for g in groups)
+        known = self._optimizers.get(optimizer)
+        if known is None or known[0] != size:
+            ours = {id(f) for pair in adapter_pairs(self.model) for f in (pair.A, pair.B)}
+            known = (size, any(id(p) in ours for g in groups for p in g["params"]))
+            self._optimizers[optimizer] = known
+        return known[1]
 
-    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._epoch += 1
-
-    # -- the A/B-only part, once per step ------------------------------------------------------
-    def _stamp(self, entry: _Entry) -> tuple:
-        # (the hooks inline this tuple; keep the two in step)
-        if entry.tracked:  # ZeRO-3 and FSDP2 move the storage at every gather: steps change a factor
-            return ("tracked", self._epoch)
-        A, B = entry.pair.A, entry.pair.B
-        return (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)
-
-    def _ready(self, entry: _Entry) -> bool:
-        """Can the cache be built now? Untracked factors are always whole; a tracked pair needs
-        both Gram matrices of this step, taken by the forward pass."""
-        return not entry.tracked or entry.gram_epochs == [self._epoch, self._epoch]
-
-    def _update_bases(self, entries: Iterable[_Entry]) -> None:
-        """Recompute the cache of every entry whose factors may have changed, batched by rank.
-
-        Entries that are not ready (ZeRO-3: the forward pass has not taken this step's Gram
-        matrices yet) are left stale; their hooks recompute when they run, after the forward."""
-        stale = [e for e in entries if e.stamp != self._stamp(e) and self._ready(e)]
-        if not stale:
+    def _before_step(self, optimizer: Any) -> None:
+        """Before the step of a ``torch.optim`` optimizer of this model: the right-hand-side check
+        of the last backward, and a last look for trained adapters whose factors were never hooked."""
+        if self.removed or not self._steps_this_model(optimizer):
             return
+        start = time.perf_counter()
+        try:
+            self._check_rhs(before="optimizer.step(), which was stopped before changing anything")
+            # A walk only when the cheap check sees a change; the tracker itself is left for the
+            # next forward pass to bring up to date (and hook what is new).
+            if self._tracker.looks_changed():
+                trained = [
+                    pair
+                    for pair in find_lora_pairs(self.model)
+                    if _pair_key(pair) not in self._entries
+                    # (FSDP2's sharded parameters receive the gradients of the unsharded copies
+                    # that the hooks sit on; ZeRO-3 hands them to its own partitions)
+                    and any(
+                        f.grad is not None and not self._is_hooked(f) and not _is_partitioned(f)
+                        for f in (pair.A, pair.B)
+                    )
+                ]
+                if trained:
+                    raise LoRAProConfigError(
+                        f"{trained[0].name}: adapter {trained[0].adapter!r} has gradients, but its factors "
+                        f"were never hooked by lorapro.attach ({len(trained)} LoRA layers): it was added or "
+                        "activated after the last forward pass through the attached model and trained "
+                        "through something else (a LoRA layer called directly), so its gradients are "
+                        "LoRA's own. optimizer.step() was stopped before changing anything. Call "
+                        "handle.sync() after changing adapters, zero the gradients and run the batch again."
+                    )
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    # -- the A/B-only part: keyed on the Gram matrices -----------------------------------------
+    def _validate(self, in_backward: bool) -> None:
+        """Bring every active layer's cache in line with its factors as they are now (batched:
+        one product per factor, one host sync; rebuilt only where something changed)."""
+        self._validated = True
+        if in_backward:  # the next backward pass checks again, whichever forward preceded it
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        entries = [e for e in self._entries.values() if e.active]
+        with _plain_mode(entries[0].pair.A.device if entries else torch.device("cpu")):
+            stale = self._changed(entries)
+            if stale:
+                self._rebuild(stale)
+
+    def _end_of_backward(self) -> None:
+        self._validated = False
+
+    def _changed(self, entries: list[_Entry]) -> list[_Entry]:
+        """The entries whose Gram matrices differ from those their cache was built from (each
+        entry's current ones left in ``entry.fresh``)."""
+        groups: dict[tuple, list[_Entry]] = defaultdict(list)
+        for e in entries:
+            if e.tracked:
+                groups[("tracked",)].append(e)
+            else:
+                A, B = e.pair.A, e.pair.B
+                groups[
+                    (tuple(A.shape), tuple(B.shape), A.dtype, A.device, e.pair.experts, e.pair.kind)
+                ].append(e)
+        flags: list[Tensor] = []
+        compared: list[_Entry] = []
+        stale: list[_Entry] = []
+        for key, group in groups.items():
+            if key == ("tracked",):
+                for e in group:
+                    if e.captured_btb is None or e.captured_aat is None:
+                        e.fresh = None  # its forward pass did not run: its hooks say so if they run
+                        continue
+                    e.fresh = torch.stack((e.captured_btb, e.captured_aat))[None]
+            else:
+                r = group[0].pair.rank
+                A = torch.stack([e.pair.matrix_A() for e in group]).to(SOLVE_DTYPE)
+                B = torch.stack([e.pair.matrix_B() for e in group]).to(SOLVE_DTYPE)
+                A, B = A.reshape(-1, r, A.shape[-1]), B.reshape(-1, B.shape[-2], r)
+                grams = torch.stack((B.mT @ B, A @ A.mT), dim=1).unflatten(0, (len(group), -1))
+                for e, g in zip(group, grams.unbind(0), strict=True):
+                    e.fresh = g
+            with_cache = [e for e in group if e.fresh is not None and e.grams is not None]
+            stale += [e for e in group if e.fresh is not None and e.grams is None]
+            if with_cache:
+                old = torch.stack([e.grams for e in with_cache])
+                new = torch.stack([e.fresh for e in with_cache])
+                flags.append((old != new).flatten(1).any(1))
+                compared += with_cache
+        if compared:
+            changed = torch.cat(flags).tolist()  # the one host sync of a validation
+            stale += [e for e, c in zip(compared, changed, strict=True) if c]
+        return stale
+
+    def _rebuild(self, entries: list[_Entry]) -> None:
         buckets: dict[tuple, list[_Entry]] = defaultdict(list)
-        for e in stale:
+        for e in entries:
+            assert e.fresh is not None
             A = e.pair.A
-            r = e.grams[0].shape[-1] if e.tracked else A.shape[0]  # (a ZeRO-3 partition has shape (0,))
-            buckets[(r, compute_dtype(A.dtype), A.device)].append(e)
-        for (r, dtype, device), bucket in buckets.items():
-            with _plain_mode(device):
-                self._update_bucket(bucket, r, dtype)
+            buckets[(e.fresh.shape[-1], compute_dtype(A.dtype), A.device)].append(e)
+        for (r, dtype, _device), bucket in buckets.items():
+            self._rebuild_bucket(bucket, r, dtype)
         self.basis_computations += 1
 
-    def _update_bucket(self, bucket: list[_Entry], r: int, dtype: torch.dtype) -> None:
-        # Layers of equal shapes share one batched product per Gram matrix (a copy of their
-        # factors, cheaper than a call per layer); tracked pairs (ZeRO-3, FSDP2) bring their
-        # Grams from the forward pass, copied in once for all of them.
-        by_shape: dict[tuple, list[int]] = defaultdict(list)
-        tracked: list[int] = []
-        for i, e in enumerate(bucket):
-            if e.tracked:
-                tracked.append(i)
-            else:
-                by_shape[(tuple(e.pair.A.shape), tuple(e.pair.B.shape))].append(i)
-        btb = torch.empty((len(bucket), r, r), dtype=dtype, device=bucket[0].pair.A.device)
-        aat = torch.empty_like(btb)
-        if tracked:
-            index = torch.tensor(tracked, device=btb.device)
-            btb.index_copy_(0, index, torch.stack([bucket[i].grams[0] for i in tracked]).to(dtype))
-            aat.index_copy_(0, index, torch.stack([bucket[i].grams[1] for i in tracked]).to(dtype))
-        for rows in by_shape.values():
-            A = torch.stack([bucket[i].pair.matrix_A() for i in rows]).to(dtype)
-            B = torch.stack([bucket[i].pair.matrix_B() for i in rows]).to(dtype)
-            index = torch.tensor(rows, device=btb.device)
-            btb.index_copy_(0, index, torch.bmm(B.mT, B))
-            aat.index_copy_(0, index, torch.bmm(A, A.mT))
-        basis = factor_basis(btb, aat, self.x_mode)
+    def _rebuild_bucket(self, bucket: list[_Entry], r: int, dtype: torch.dtype) -> None:
+        """One batched float64 solve for every problem (layer, or MoE expert) of the bucket."""
+        grams = torch.cat([e.fresh for e in bucket])  # (K, 2, r, r)
+        counts = [e.fresh.shape[0] for e in bucket]
+        basis = factor_basis(grams[:, 0], grams[:, 1], self.x_mode, rtol=default_rtol(r, dtype))
         scalings = [e.pair.scaling for e in bucket]
-        inv_s2 = torch.tensor([1.0 / s**2 for s in scalings], dtype=dtype).to(basis.u.device)[:, None, None]
-        pinv_b, pinv_a = (basis.pinv_b * inv_s2).unbind(0), (basis.pinv_a * inv_s2).unbind(0)
+        inv_s2 = torch.tensor(
+            [1.0 / s**2 for s, k in zip(scalings, counts, strict=True) for _ in range(k)],
+            dtype=SOLVE_DTYPE, device=grams.device,
+        )[:, None, None]  # fmt: skip
+        pinv_b, pinv_a = basis.pinv_b * inv_s2, basis.pinv_a * inv_s2
+        x_weights, b_wts = basis.x_weights * inv_s2, b_weights(basis) * inv_s2
+        # One power of two per entry and coefficient (the largest over its experts), read once.
+        parts = [split_power_of_two(t)[1] for t in (pinv_b, x_weights, pinv_a, b_wts)]
+        exponents = torch.stack(parts, dim=1).split(counts)
+        exponents = torch.stack([k.amax(0) for k in exponents]).tolist()
+        per_problem = torch.tensor(
+            [row for row, k in zip(exponents, counts, strict=True) for _ in range(k)],
+            dtype=SOLVE_DTYPE, device=grams.device,
+        )  # fmt: skip
+        factor = torch.exp2(-per_problem)[:, :, None, None]  # (K, 4, 1, 1)
+        pinv_b, x_weights = pinv_b * factor[:, 0], x_weights * factor[:, 1]
+        pinv_a, b_wts = pinv_a * factor[:, 2], b_wts * factor[:, 3]
+        x_zero = self.x_mode == "zero"
         if r <= VEC_OPERATOR_MAX_RANK:
-            x_op, b_op = (op * inv_s2 for op in vec_operators(basis))
-            x_ops, b_ops = x_op.unbind(0), b_op.unbind(0)
-            for i, e in enumerate(bucket):
-                e.cached = _Cached(scalings[i], pinv_b[i], pinv_a[i], x_ops[i], b_ops[i], None)
-                e.stamp = self._stamp(e)
+            x_op = None if x_zero else vec_operator(basis, x_weights).to(dtype).split(counts)
+            b_op = vec_operator(basis, b_wts).to(dtype).split(counts)
+            basis_a = basis_b = None
         else:
-            per_layer = [t.unbind(0) for t in basis]
-            for i, e in enumerate(bucket):
-                layer_basis = FactorBasis(*(t[i] for t in per_layer))
-                e.cached = _Cached(scalings[i], pinv_b[i], pinv_a[i], None, None, layer_basis)
-                e.stamp = self._stamp(e)
+            x_op = b_op = None
+            basis_a = basis._replace(x_weights=x_weights)
+            basis_b = basis._replace(x_weights=torch.zeros_like(b_wts), proj_weights=-b_wts)
+        pinv_b, pinv_a = pinv_b.to(dtype).split(counts), pinv_a.to(dtype).split(counts)
+        start = 0
+        for i, e in enumerate(bucket):
+            k = counts[i]
+            squeeze = e.pair.experts == 1  # ordinary layers keep 2-D coefficients (the hooks' fast path)
+
+            def take(t: Tensor | None, i=i, squeeze=squeeze) -> Tensor | None:
+                return None if t is None else (t[i][0] if squeeze else t[i])
+
+            def basis_of(b: FactorBasis | None, start=start, k=k, squeeze=squeeze) -> FactorBasis | None:
+                if b is None:
+                    return None
+                return FactorBasis(*(t[start] if squeeze else t[start : start + k] for t in b))
+
+            e.cached = _Cached(
+                scaling=scalings[i],
+                pinv_b=take(pinv_b),
+                pinv_a=take(pinv_a),
+                x_op=take(x_op),
+                b_op=take(b_op),
+                basis_a=None if x_zero else basis_of(basis_a),
+                basis_b=basis_of(basis_b),
+                scales=tuple(2.0**k_ for k_ in exponents[i]),
+                x_zero=x_zero,
+            )
+            e.grams, e.fresh = e.fresh, None
+            start += k
+
+    # -- the right-hand-side check --------------------------------------------------------------
+    def _check_rhs(self, before: str) -> None:
+        """Compare ``grad_A A^T`` with ``B^T grad_B`` for every layer of the last backward pass
+        (batched, one host sync), then forget them. See the module docstring."""
+        by_rank: dict[int, list[tuple[_Entry, Tensor, Tensor]]] = defaultdict(list)
+        for e in self._entries.values():
+            if e.rhs_a is not None and e.rhs_b is not None:
+                by_rank[e.rhs_a.shape[-1]].append((e, e.rhs_a, e.rhs_b))
+            e.rhs_a = e.rhs_b = None
+        if not by_rank:
+            return
+        ratios: list[Tensor] = []
+        order: list[_Entry] = []
+        for r, group in by_rank.items():
+            R = torch.cat([rhs_a.reshape(-1, r, r) for _, rhs_a, _ in group]).to(SOLVE_DTYPE)
+            S = torch.cat([rhs_b.reshape(-1, r, r) for _, _, rhs_b in group]).to(SOLVE_DTYPE)
+            diff = torch.linalg.matrix_norm(R - S)
+            size = torch.maximum(torch.linalg.matrix_norm(R), torch.linalg.matrix_norm(S))
+            ratio = diff / size.clamp_min(torch.finfo(SOLVE_DTYPE).tiny)
+            ratio = torch.where(torch.isfinite(ratio), ratio, torch.zeros_like(ratio))  # GradScaler overflow
+            counts = [rhs_a.numel() // (r * r) for _, rhs_a, _ in group]
+            ratios += [part.amax() for part in ratio.split(counts)]
+            order += [e for e, _, _ in group]
+        values = torch.stack(ratios).tolist()  # one host sync
+        worst = max(range(len(values)), key=values.__getitem__)
+        ratio, entry = values[worst], order[worst]
+        precision = self._gradient_precision(entry.pair)
+        limit = RHS_MISMATCH_EPS_UNITS * torch.finfo(precision).eps
+        if ratio > limit:
+            raise LoRAProConfigError(
+                f"{entry.pair.name}: the gradients lorapro.attach received for this LoRA layer are not "
+                "LoRA's own gradients of a loss that sees the factors only through B A: gA A^T and B^T gB "
+                f"differ by {ratio:.1e} (relative; rounding in {_dtype_name(precision)} stays below "
+                f"{limit:.0e}). A loss term in the factors themselves (an L2 penalty or a regulariser on "
+                "lora_A / lora_B) or a hook that changes their gradients does this, and attach, which "
+                "adjusts B inside backward before A's gradient exists, cannot apply Theorem 2.3's X to "
+                "such gradients. Move an L2 penalty into the optimizer's weight_decay; or use "
+                "lorapro.LoRAProAdamW / LoRAProSGD, which see both gradients; or attach(model, "
+                f"x_mode='zero'), which needs no X. Detected before {before}."
+            )
+        fp32_limit = RHS_MISMATCH_EPS_UNITS * torch.finfo(torch.float32).eps
+        if ratio > fp32_limit and not self._warned_precision:
+            self._warned_precision = True
+            warnings.warn(
+                f"lorapro.attach: the LoRA gradients carry {precision} rounding, so gA A^T and B^T gB differ "
+                f"by up to {ratio:.1e} (relative, in {entry.pair.name}). attach takes B's X term from B^T gB "
+                "(it adjusts B before A's gradient exists): A's adjusted gradient is Theorem 2.1 on the "
+                f"gradients it gets to float32 precision, B's to {_dtype_name(precision)} precision. "
+                "lorapro.LoRAProAdamW / LoRAProSGD apply the theorem to both gradients in float32; "
+                "attach(model, x_mode='zero') needs no X. (Shown once.)",
+                LoRAProWarning,
+                stacklevel=3,
+            )
+
+    def _gradient_precision(self, pair: LoRAPair) -> torch.dtype:
+        """The precision LoRA's gradients were computed in: the factors', or autocast's if lower."""
+        dtypes = [pair.A.dtype] + ([self._autocast] if self._autocast is not None else [])
+        return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
     # -- the hooks ------------------------------------------------------------------------------
-    def _gram_hook(self, entry: _Entry, which: int) -> Callable:
-        """Forward hook of a tracked factor's own module (``which``: 0 for lora_B, 1 for lora_A),
-        run while the engine holds the factor whole: its Gram matrix once per step, and for
-        FSDP2 the gradient hook on the unsharded copy the module computes with."""
+    def _gram_hook(self, entry: _Entry, which: str) -> Callable:
+        """Forward hook of a tracked factor's own module, run while the engine holds the factor
+        whole: its Gram matrix, and for FSDP2 the gradient hook on the unsharded copy the module
+        computes with."""
         pair = entry.pair
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -398,22 +717,20 @@ class LoRAProHandle:
                 return
             start = time.perf_counter()
             weight = module.weight  # whole here: gathered by ZeRO-3, FSDP2's unsharded copy
-            if entry.fsdp2 and entry.hooked[which] != id(weight):
+            if entry.fsdp2 and (entry.hooked_b if which == "B" else entry.hooked_a) != id(weight):
                 self._hook_unsharded(entry, which, weight)
-            if entry.gram_epochs[which] != self._epoch:  # once per step (micro-batches and
-                with _plain_mode(weight.device):  # recomputation see the same factor)
-                    if which == 0:
-                        B = pair.matrix_B(weight).to(compute_dtype(weight.dtype))
-                        gram = B.mT @ B
-                    else:
-                        A = pair.matrix_A(weight).to(compute_dtype(weight.dtype))
-                        gram = A @ A.mT
-                entry.grams[which], entry.gram_epochs[which] = gram, self._epoch
+            with _plain_mode(weight.device):
+                if which == "B":
+                    B = pair.matrix_B(weight).to(SOLVE_DTYPE)
+                    entry.captured_btb = B.mT @ B
+                else:
+                    A = pair.matrix_A(weight).to(SOLVE_DTYPE)
+                    entry.captured_aat = A @ A.mT
             self.seconds += time.perf_counter() - start
 
-        return torch.compiler.disable(hook)
+        return hook
 
-    def _hook_unsharded(self, entry: _Entry, which: int, weight: Tensor) -> None:
+    def _hook_unsharded(self, entry: _Entry, which: str, weight: Tensor) -> None:
         """FSDP2: hook the unsharded copy the module computes with (FSDP2 keeps one per factor
         and reuses it, so this runs once per factor unless FSDP2 makes a new one)."""
         pair = entry.pair
@@ -424,53 +741,62 @@ class LoRAProHandle:
                 "whole factors; use lorapro.LoRAProAdamW (built after sharding) or leave the LoRA layers "
                 "unsharded."
             )
-        adjust, matrix = (_adjusted_B, pair.matrix_B) if which == 0 else (_adjusted_A, pair.matrix_A)
-        handle = weight.register_hook(self._make_hook(entry, adjust, matrix, weight))
-        entry.hooks.append(handle)
-        entry.hooked[which] = id(weight)
+        entry.hooks.append(weight.register_hook(self._make_hook(entry, which, weight)))
+        self._hooked[id(weight)] = weakref.ref(weight)
+        if which == "B":
+            entry.hooked_b = id(weight)
+        else:
+            entry.hooked_a = id(weight)
 
-    def _make_hook(
-        self, entry: _Entry, adjust: Callable, matrix: Callable, factor: Tensor
-    ) -> Callable[[Tensor], Tensor]:
+    def _make_hook(self, entry: _Entry, which: str, factor: Tensor) -> Callable[[Tensor], Tensor]:
         """The gradient hook of one factor. It runs for every layer in every backward pass, right
         after large matmuls have flushed the CPU's caches, so each Python step and each distinct
         kernel in it is paid cold: it binds what it needs once, inlines the checks and calls
         nothing but the products on the common path (2-D factors, grad mode and autocast off)."""
         pair = entry.pair
         layer, adapter = pair.layer, pair.adapter
-        A, B = pair.A, pair.B
-        flat = pair.kind != "conv"  # Conv factors are 4-D: adjusted as (r, n) / (m, r) matrices
+        is_A = which == "A"
+        partner = pair.B if is_A else pair.A
+        adjust = _adjusted_A if is_A else _adjusted_B
+        matrix = pair.matrix_A if is_A else pair.matrix_B
+        param_of = pair.param_A if is_A else pair.param_B
+        flat = pair.kind != "conv" and pair.experts == 1  # 2-D factors: no reshaping
         tracked = entry.tracked
         clock, grad_on, cast_on = time.perf_counter, torch.is_grad_enabled, torch.is_autocast_enabled
 
         def hook(grad: Tensor) -> Tensor:
             start = clock()
+            if not self._validated:
+                self._validate(in_backward=True)
+            if not entry.active:
+                self._follow(entry)
             cached = entry.cached
-            # the _stamp of the factors, inlined: they changed since the forward pass
-            if tracked:
-                stamp = ("tracked", self._epoch)
-                if factor.untyped_storage().size() == 0:
-                    raise LoRAProConfigError(
-                        f"{pair.name}: the engine (DeepSpeed ZeRO-3, FSDP2) released this LoRA factor before "
-                        "its gradient arrived; lorapro.attach cannot adjust a partition"
-                    )
-            else:
-                stamp = (A._version, B._version, A.data_ptr(), B.data_ptr(), self._epoch)
-            if cached is None or entry.stamp != stamp:
-                self._update_bases(self._entries.values())
-                cached = entry.cached
-                if cached is None or entry.stamp != self._stamp(entry):
-                    raise LoRAProConfigError(
-                        f"{pair.name}: LoRA-Pro's cache for this layer could not be built: its factors are "
-                        "sharded (FSDP2) or partitioned (DeepSpeed ZeRO-3) and this step's forward pass did "
-                        "not run their lora_A / lora_B modules (call the LoRA layer through its module)"
-                    )
+            if tracked and factor.untyped_storage().size() == 0:
+                raise LoRAProConfigError(
+                    f"{pair.name}: the engine (DeepSpeed ZeRO-3, FSDP2) released this LoRA factor before "
+                    "its gradient arrived; lorapro.attach cannot adjust a partition"
+                )
+            if cached is None:
+                raise LoRAProConfigError(
+                    f"{pair.name}: LoRA-Pro's cache for this layer could not be built: its factors are "
+                    "sharded (FSDP2) or partitioned (DeepSpeed ZeRO-3) and this step's forward pass did "
+                    "not run their lora_A / lora_B modules (call the LoRA layer through its module)"
+                )
+            both = partner.requires_grad
             scaling = float(layer.scaling[adapter])
             if flat and not (grad_on() or cast_on(grad.device.type)):
-                out = adjust(cached, grad, factor, scaling)
+                out, rhs = adjust(cached, grad, factor, both)
             else:
                 with _plain_mode(grad.device):
-                    out = adjust(cached, matrix(grad), matrix(factor), scaling).reshape(grad.shape)
+                    out, rhs = adjust(cached, matrix(grad), matrix(factor), both)
+                    out = param_of(out)
+            if rhs is not None:  # kept for the check of the two right-hand sides
+                if is_A:
+                    entry.rhs_a = rhs
+                else:
+                    entry.rhs_b = rhs
+            if scaling != cached.scaling:  # set_scale since the cache was made: every term goes with 1/s^2
+                out.mul_((cached.scaling / scaling) ** 2)
             if out.dtype != grad.dtype:
                 out = out.to(grad.dtype)
             self.seconds += clock() - start
@@ -485,37 +811,62 @@ class LoRAProHandle:
 # gradient is non-finite too and GradScaler / DeepSpeed still skip the step.
 # Per call: the r x r term, its map, two skinny products, all through torch.mm / addmm (a
 # matrix-vector product as an (r^2, 1) matmul: in a hook each distinct kernel costs a cold start).
-def _adjusted_A(c: _Cached, g: Tensor, A: Tensor, scaling: float) -> Tensor:
-    """``((B^T B)^+ grad_A + X A) / s^2`` for A's (r, n) gradient ``g``."""
+# MoE experts (3-D operands) take the batched twins of the same products.
+def _adjusted_A(c: _Cached, g: Tensor, A: Tensor, both: bool) -> tuple[Tensor, Tensor | None]:
+    """``((B^T B)^+ grad_A + X A) / s^2`` for A's (r, n) gradient ``g``, and ``R = grad_A A^T``
+    when X was used; B frozen: ``(B^T B)^+ grad_A / s^2`` (Theorem 2.1 for A alone)."""
     dtype = c.pinv_b.dtype
     if g.dtype != dtype:
         g, A = g.to(dtype), A.to(dtype)
-    rhs = torch.mm(g, A.mT)  # grad_A A^T
+    s_p, s_x = c.scales[0], c.scales[1]
+    if c.x_zero or not both:
+        out = torch.mm(c.pinv_b, g) if g.dim() == 2 else torch.bmm(c.pinv_b, g)
+        return (out.mul_(s_p) if s_p != 1.0 else out), None
+    if g.dim() == 2:
+        rhs = torch.mm(g, A.mT)  # grad_A A^T
+        if c.x_op is not None:
+            x = torch.mm(c.x_op, rhs.view(-1, 1)).view(rhs.shape)
+        else:
+            x = x_matrix(c.basis_a, rhs.to(SOLVE_DTYPE)).to(dtype)
+        return torch.mm(x, A).addmm_(c.pinv_b, g, beta=s_x, alpha=s_p), rhs
+    rhs = torch.bmm(g, A.mT)
     if c.x_op is not None:
-        x = torch.mm(c.x_op, rhs.view(-1, 1)).view(rhs.shape)
+        x = torch.bmm(c.x_op, rhs.reshape(rhs.shape[0], -1, 1)).view(rhs.shape)
     else:
-        x = x_matrix(c.basis, rhs).mul_(1.0 / c.scaling**2)
-    out = torch.mm(x, A).addmm_(c.pinv_b, g)
-    if scaling != c.scaling:  # set_scale since the cache was made: every term goes with 1/s^2
-        out.mul_((c.scaling / scaling) ** 2)
-    return out
+        x = x_matrix(c.basis_a, rhs.to(SOLVE_DTYPE)).to(dtype)
+    return torch.bmm(x, A).baddbmm_(c.pinv_b, g, beta=s_x, alpha=s_p), rhs
 
 
-def _adjusted_B(c: _Cached, g: Tensor, B: Tensor, scaling: float) -> Tensor:
+def _adjusted_B(c: _Cached, g: Tensor, B: Tensor, both: bool) -> tuple[Tensor, Tensor | None]:
     """``(grad_B (A A^T)^+ + B coef) / s^2`` for B's (m, r) gradient ``g``, X taken from
-    ``B^T grad_B`` (equal to ``grad_A A^T`` for LoRA's gradients)."""
+    ``S = B^T grad_B`` (equal to ``grad_A A^T`` for LoRA's gradients), and S when X was used;
+    A frozen: ``grad_B (A A^T)^+ / s^2`` (LoRA-FA's update)."""
     dtype = c.pinv_a.dtype
     if g.dtype != dtype:
         g, B = g.to(dtype), B.to(dtype)
-    rhs = torch.mm(B.mT, g)  # B^T grad_B
-    if c.b_op is not None:
-        coef = torch.mm(c.b_op, rhs.view(-1, 1)).view(rhs.shape)
+    s_q, s_b = c.scales[2], c.scales[3]
+    if not both:
+        out = torch.mm(g, c.pinv_a) if g.dim() == 2 else torch.bmm(g, c.pinv_a)
+        return (out.mul_(s_q) if s_q != 1.0 else out), None
+    if g.dim() == 2:
+        rhs = torch.mm(B.mT, g)  # B^T grad_B
+        if c.b_op is not None:
+            coef = torch.mm(c.b_op, rhs.view(-1, 1)).view(rhs.shape)
+        else:
+            coef = b_coefficient(c.basis_b, rhs.to(SOLVE_DTYPE)).to(dtype)
+        out = torch.mm(B, coef).addmm_(g, c.pinv_a, beta=s_b, alpha=s_q)
     else:
-        coef = b_coefficient(c.basis, rhs).mul_(1.0 / c.scaling**2)
-    out = torch.mm(B, coef).addmm_(g, c.pinv_a)
-    if scaling != c.scaling:
-        out.mul_((c.scaling / scaling) ** 2)
-    return out
+        rhs = torch.bmm(B.mT, g)
+        if c.b_op is not None:
+            coef = torch.bmm(c.b_op, rhs.reshape(rhs.shape[0], -1, 1)).view(rhs.shape)
+        else:
+            coef = b_coefficient(c.basis_b, rhs.to(SOLVE_DTYPE)).to(dtype)
+        out = torch.bmm(B, coef).baddbmm_(g, c.pinv_a, beta=s_b, alpha=s_q)
+    return out, (None if c.x_zero else rhs)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def attach(model: nn.Module, *, x_mode: XMode = "sylvester") -> LoRAProHandle:
@@ -534,7 +885,9 @@ def attach(model: nn.Module, *, x_mode: XMode = "sylvester") -> LoRAProHandle:
         takes the hooks off.
 
     Do not also use a lorapro optimizer on an attached model (it would adjust twice: it raises).
-    Gradient clipping after backward clips the adjusted gradients.
+    Gradient clipping after backward clips the adjusted gradients. A loss term in the factors
+    themselves (an L2 penalty on lora_A / lora_B) is refused before the optimizer's step unless
+    ``x_mode="zero"``: put it in the optimizer's ``weight_decay``, or use a lorapro optimizer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(

@@ -17,6 +17,14 @@ a handful of skinny matmuls. Eigenvalues below ``rtol`` times the largest are tr
 which turns the inverses into pseudo-inverses: rank-deficient factors (B = 0 at PEFT's
 initialisation in particular) then give the minimum-norm least-squares answer instead of
 NaN or Inf, with no branching on a step counter or on tensor values.
+
+Scale. LoRA's product is unchanged by ``A -> c A, B -> B / c``, and so is the equivalent
+gradient, but the Gram matrices then span ``c^{+-2}``: in float32 they overflow or underflow
+long before the adjusted gradients do. So the r x r work (the four terms, ``eigh``, the
+coefficients) runs in float64 (:data:`SOLVE_DTYPE`), and a coefficient applied to float32
+tensors is split into a float32 matrix and a power of two (:func:`split_power_of_two`), each
+about the square root of the whole, which the matmul applies as its ``alpha`` / ``beta``: a
+power of two is exact, so in the usual range this changes no bit of the result.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from torch import Tensor
 XMode = Literal["sylvester", "zero", "symmetric"]
 X_MODES: tuple[str, ...] = ("sylvester", "zero", "symmetric")
 DEFAULT_RTOL_FACTOR = 10.0
+#: The dtype of the r x r work whatever the factors' dtype (see the module docstring).
+SOLVE_DTYPE = torch.float64
 
 __all__ = [
     "X_MODES",
@@ -41,6 +51,7 @@ __all__ = [
     "adjust_grad_B",
     "apply_coefficients",
     "b_coefficient",
+    "b_weights",
     "compute_dtype",
     "equivalent_gradient",
     "factor_basis",
@@ -49,6 +60,8 @@ __all__ = [
     "gram_terms",
     "optimal_gradients",
     "solve_coefficients",
+    "split_power_of_two",
+    "vec_operator",
     "vec_operators",
     "x_matrix",
 ]
@@ -101,13 +114,13 @@ def equivalent_gradient(
     """The gradient a LoRA step applies to W: ``scaling * (B @ grad_A + grad_B @ A)``.
 
     Returns an (..., m, n) tensor: only for diagnostics and full mode, never the hot path
-    of efficient mode. ``out`` (one layer, float scaling) receives it without allocating.
+    of efficient mode. ``out`` (float scaling) receives it without allocating.
     """
     _check_shapes(A, B, grad_A, grad_B, scaling)
     s = _as_batch_scalar(scaling, A)
     if out is None:
         return s * (B @ grad_A + grad_B @ A)
-    return torch.mm(B, grad_A, out=out).addmm_(grad_B, A).mul_(s)
+    return _add_product_(_mm(B, grad_A, out=out), grad_B, A, beta=1.0, alpha=1.0).mul_(s)
 
 
 class GramEigen(NamedTuple):
@@ -141,13 +154,27 @@ def gram_eigen(gram: Tensor, rtol: float | None = None) -> GramEigen:
         rtol = default_rtol(r, gram.dtype)
     # Symmetrise: the Gram products are symmetric only up to rounding, and eigh reads one
     # triangle; averaging makes the result independent of which.
-    values, vectors = torch.linalg.eigh(0.5 * (gram + gram.mT))
-    values = values.clamp_min(0.0)
+    sym = 0.5 * (gram + gram.mT)
+    # eigh works on the matrix divided by a power of two near its largest diagonal entry (exact),
+    # so its entries are of order one whatever the factors' scale. A matrix holding NaN or Inf
+    # is replaced by the identity for eigh (which would raise on it) and its inverse spectrum set
+    # to NaN: the adjusted gradients come out non-finite, as a non-finite gradient would make
+    # them, and GradScaler or the optimizers' non-finite policy takes over.
+    finite = torch.isfinite(sym).flatten(-2).all(-1)
+    diag = sym.diagonal(dim1=-2, dim2=-1).amax(-1)
+    usable = finite & (diag > 0)
+    exponent = torch.frexp(torch.where(usable, diag, torch.ones_like(diag))).exponent
+    scale = torch.ldexp(torch.ones_like(diag), -exponent)
+    eye = torch.eye(r, dtype=sym.dtype, device=sym.device).expand_as(sym)
+    sym = torch.where(finite[..., None, None], sym * scale[..., None, None], eye)
+    values, vectors = torch.linalg.eigh(sym)
+    values = values.clamp_min(0.0) / scale[..., None]
     threshold = (rtol * values.amax(dim=-1, keepdim=True)).clamp_min(finfo.tiny)
     keep = values > threshold
     values = torch.where(keep, values, torch.zeros_like(values))
     safe = torch.where(keep, values, torch.ones_like(values))
     inverse_values = torch.where(keep, safe.reciprocal(), torch.zeros_like(values))
+    inverse_values = torch.where(finite[..., None], inverse_values, torch.full_like(values, float("nan")))
     return GramEigen(values, vectors, inverse_values)
 
 
@@ -215,7 +242,7 @@ def factor_basis(btb: Tensor, aat: Tensor, x_mode: XMode | str = "sylvester", rt
     return FactorBasis(eig_b.vectors, eig_a.vectors, pinv_b, pinv_a, x_weights, proj)
 
 
-def _b_weights(basis: FactorBasis) -> Tensor:
+def b_weights(basis: FactorBasis) -> Tensor:
     """B's coefficient in the eigenbases when X's right-hand side is ``B^T grad_B`` too."""
     return -(basis.proj_weights + basis.x_weights)
 
@@ -245,7 +272,7 @@ def b_coefficient(basis: FactorBasis, bt_grad_b: Tensor, grad_a_at: Tensor | Non
     """
     s_eig = _in_bases(basis, bt_grad_b)
     if grad_a_at is None:
-        return _from_bases(basis, s_eig * _b_weights(basis))
+        return _from_bases(basis, s_eig * b_weights(basis))
     return _from_bases(basis, -(s_eig * basis.proj_weights) - _in_bases(basis, grad_a_at) * basis.x_weights)
 
 
@@ -280,8 +307,34 @@ class Coefficients(NamedTuple):
 
 
 def gram_terms(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor) -> GramTerms:
-    """The r x r reductions of one layer (or a batch of layers), see :class:`GramTerms`."""
+    """The r x r reductions of one layer (or a batch of layers), see :class:`GramTerms`, in
+    :data:`SOLVE_DTYPE` whatever the inputs' dtype (a float32 product of factors scaled by
+    1e+-20 would overflow or underflow)."""
+    A, B, grad_A, grad_B = (t.to(SOLVE_DTYPE) for t in (A, B, grad_A, grad_B))
     return GramTerms(B.mT @ B, A @ A.mT, B.mT @ grad_B, grad_A @ A.mT)
+
+
+#: The exponents :func:`split_power_of_two` returns stay within this bound, so that both the power
+#: of two and the matrix it divides are normal float32 numbers for any coefficient float32 holds.
+MAX_SPLIT_EXPONENT = 60
+
+
+def split_power_of_two(coef: Tensor) -> tuple[Tensor, Tensor]:
+    """Split each matrix (over the last two dims) as ``coef = matrix * 2**k`` with ``2**k`` about
+    the square root of its largest entry: returns ``(matrix, k)``, k an integer-valued float
+    tensor of the batch shape (0 for a zero or non-finite matrix).
+
+    A float32 matmul that applies a coefficient holding ``1e-40`` (the pseudo-inverse of ``B^T B``
+    for B scaled by 1e20) cannot hold it, nor a product on the way that the final ``2**k`` brings
+    back into range; ``matrix`` and ``2**k`` each stay near the square root, and the matmul applies
+    ``2**k`` as its ``alpha`` / ``beta`` (exact: a power of two).
+    """
+    amax = coef.abs().amax(dim=(-2, -1))
+    usable = torch.isfinite(amax) & (amax > 0)
+    exponent = torch.frexp(torch.where(usable, amax, torch.ones_like(amax))).exponent.to(coef.dtype)
+    k = torch.where(usable, torch.floor(exponent / 2), torch.zeros_like(amax))
+    k = k.clamp(-MAX_SPLIT_EXPONENT, MAX_SPLIT_EXPONENT)
+    return coef * torch.exp2(-k)[..., None, None], k
 
 
 def vec_operators(basis: FactorBasis) -> tuple[Tensor, Tensor]:
@@ -293,12 +346,16 @@ def vec_operators(basis: FactorBasis) -> tuple[Tensor, Tensor]:
     runs once per layer per backward (:func:`lorapro.attach`); they take r^4 numbers each, so
     they suit small ranks.
     """
+    return vec_operator(basis, basis.x_weights), vec_operator(basis, b_weights(basis))
+
+
+def vec_operator(basis: FactorBasis, weights: Tensor) -> Tensor:
+    """The map ``M -> U ((U^T M V) * weights) V^T`` as an (r^2, r^2) matrix on row-major ``vec``
+    (batched): ``(U kron V) diag(vec(weights)) (U kron V)^T``."""
     u, v = basis.u, basis.v
     r = u.shape[-1]
     uv = (u[..., :, None, :, None] * v[..., None, :, None, :]).reshape(*u.shape[:-2], r * r, r * r)
-    x_op = (uv * basis.x_weights.flatten(-2)[..., None, :]) @ uv.mT
-    b_op = (uv * _b_weights(basis).flatten(-2)[..., None, :]) @ uv.mT
-    return x_op, b_op
+    return (uv * weights.flatten(-2)[..., None, :]) @ uv.mT
 
 
 def solve_coefficients(
@@ -319,20 +376,50 @@ def solve_coefficients(
     return Coefficients(basis.pinv_b, x, basis.pinv_a, b_coefficient(basis, bt_grad_b, grad_a_at))
 
 
-def adjust_grad_A(A: Tensor, grad_A: Tensor, grad_coef: Tensor, coef: Tensor, out: Tensor | None = None):
-    """``grad_coef @ grad_A + coef @ A``: A's adjusted gradient from its r x r coefficients
-    (``(B^T B)^+`` and X, with 1/s^2 folded in). ``out`` (2-D) receives it without allocating."""
-    if out is None:
-        return grad_coef @ grad_A + coef @ A
-    return torch.mm(grad_coef, grad_A, out=out).addmm_(coef, A)
+def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    if a.dim() == 2 and b.dim() == 2:
+        return torch.mm(a, b, out=out)
+    return torch.matmul(a, b, out=out)
 
 
-def adjust_grad_B(B: Tensor, grad_B: Tensor, grad_coef: Tensor, coef: Tensor, out: Tensor | None = None):
-    """``grad_B @ grad_coef + B @ coef``: B's adjusted gradient from its r x r coefficients
-    (``(A A^T)^+`` and :func:`b_coefficient`, with 1/s^2 folded in)."""
-    if out is None:
-        return grad_B @ grad_coef + B @ coef
-    return torch.mm(grad_B, grad_coef, out=out).addmm_(B, coef)
+def _add_product_(out: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float) -> Tensor:
+    """``out = beta * out + alpha * (a @ b)`` in place (batched: MoE experts, any batch shape)."""
+    if out.dim() == 2:
+        return out.addmm_(a, b, beta=beta, alpha=alpha)
+    if out.dim() == 3:
+        return out.baddbmm_(a, b, beta=beta, alpha=alpha)
+    if beta != 1.0:
+        out.mul_(beta)
+    return out.add_(a @ b, alpha=alpha)
+
+
+def adjust_grad_A(
+    A: Tensor,
+    grad_A: Tensor,
+    grad_coef: Tensor,
+    coef: Tensor,
+    out: Tensor | None = None,
+    scales: tuple[float, float] = (1.0, 1.0),
+) -> Tensor:
+    """``g * grad_coef @ grad_A + c * coef @ A`` for ``scales = (g, c)``: A's adjusted gradient from
+    its r x r coefficients (``(B^T B)^+`` and X, with 1/s^2 folded in, each possibly split by
+    :func:`split_power_of_two`). ``out`` receives it without allocating. Batched over experts."""
+    out = _mm(grad_coef, grad_A, out=out)
+    return _add_product_(out, coef, A, beta=scales[0], alpha=scales[1])
+
+
+def adjust_grad_B(
+    B: Tensor,
+    grad_B: Tensor,
+    grad_coef: Tensor,
+    coef: Tensor,
+    out: Tensor | None = None,
+    scales: tuple[float, float] = (1.0, 1.0),
+) -> Tensor:
+    """``g * grad_B @ grad_coef + c * B @ coef`` for ``scales = (g, c)``: B's adjusted gradient from
+    its r x r coefficients (``(A A^T)^+`` and :func:`b_coefficient`, with 1/s^2 folded in)."""
+    out = _mm(grad_B, grad_coef, out=out)
+    return _add_product_(out, B, coef, beta=scales[0], alpha=scales[1])
 
 
 def apply_coefficients(
@@ -365,7 +452,9 @@ def optimal_gradients(
             tensor of the batch shape.
         x_mode: how the free matrix X is chosen, see :func:`solve_x`.
         rtol: eigenvalue cut-off relative to the largest eigenvalue of each Gram matrix;
-            ``None`` uses :func:`default_rtol` of the compute dtype.
+            ``None`` uses :func:`default_rtol` of the factors' precision (float32 for float32,
+            bf16 and fp16 factors): the cut-off reflects what the factors can resolve, not the
+            float64 of the solve.
 
     Returns:
         ``(grad_A, grad_B)`` adjusted, in the dtype of ``A`` and ``B``::
@@ -374,14 +463,17 @@ def optimal_gradients(
             gB = (1/s^2) [I - B (B^T B)^+ B^T] grad_B (A A^T)^+ - B X
 
     The m x m projector is never formed: it is applied as ``G - B ((B^T B)^+ (B^T G))``.
-    Computed in float32 at least (float64 stays float64).
+    Computed in float64 and returned in the factors' dtype, so factors of any scale float32
+    can hold give a finite answer.
     """
     if x_mode not in X_MODES:
         raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
     _check_shapes(A, B, grad_A, grad_B, scaling)
     out_dtype = A.dtype
-    dtype = compute_dtype(torch.promote_types(A.dtype, B.dtype))
-    A, B, grad_A, grad_B = (t.to(dtype) for t in (A, B, grad_A, grad_B))
+    if rtol is None:
+        rtol = default_rtol(A.shape[-2], compute_dtype(torch.promote_types(A.dtype, B.dtype)))
+    # Everything in float64 (see the module docstring: the factors' scale), then rounded once.
+    A, B, grad_A, grad_B = (t.to(SOLVE_DTYPE) for t in (A, B, grad_A, grad_B))
     coefficients = solve_coefficients(*gram_terms(A, B, grad_A, grad_B), x_mode=x_mode, rtol=rtol)
     new_grad_A, new_grad_B = apply_coefficients(A, B, grad_A, grad_B, coefficients, scaling)
     return new_grad_A.to(out_dtype), new_grad_B.to(out_dtype)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["LoRAProConfigError", "NonFiniteGradientError"]
+__all__ = ["LoRAProConfigError", "LoRAProWarning", "NonFiniteGradientError"]
 
 
 class LoRAProConfigError(ValueError):
@@ -11,3 +11,7 @@ class LoRAProConfigError(ValueError):
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient (raw or adjusted) held NaN or Inf; nothing was modified."""
+
+
+class LoRAProWarning(UserWarning):
+    """Something the user should know about how LoRA-Pro is applied (shown once per cause)."""

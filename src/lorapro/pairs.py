@@ -5,6 +5,12 @@ layer and every *active* adapter, ``lora_A[adapter]`` / ``lora_B[adapter]`` (Lin
 or ``lora_embedding_A[adapter]`` / ``lora_embedding_B[adapter]`` (Embedding). Nothing is
 inferred from parameter order or names, so any architecture PEFT can wrap works.
 
+A LoRA on MoE experts (PEFT's ``ParamWrapper`` on a 3-D expert parameter, through
+``target_parameters``) holds E pairs in one (A, B): A's rows are grouped by expert and B's
+columns interleaved by expert. :meth:`LoRAPair.matrix_A` / :meth:`~LoRAPair.matrix_B` then
+return (E, r, n) and (E, m, r) views, one LoRA problem per expert, which every function of the
+closed form solves batched.
+
 The scaling is read from the layer each time it is asked for (``layer.scaling[adapter]``),
 never cached: rsLoRA, ``rank_pattern`` / ``alpha_pattern`` and PEFT's run-time
 ``set_scale`` / ``scale_layer`` all change it.
@@ -19,9 +25,9 @@ from torch import Tensor, nn
 
 from .errors import LoRAProConfigError
 
-__all__ = ["LoRAPair", "PairTracker", "find_lora_pairs"]
+__all__ = ["LoRAPair", "PairTracker", "adapter_pairs", "find_lora_pairs"]
 
-PairKind = Literal["linear", "conv", "embedding"]
+PairKind = Literal["linear", "conv", "embedding", "parameter"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,8 +45,12 @@ class LoRAPair:
     adapter: str
     layer: nn.Module
     kind: PairKind
+    """``"parameter"``: PEFT's ``ParamWrapper`` (``target_parameters``), whose forward uses the
+    factors' weights directly instead of calling the ``lora_A`` / ``lora_B`` modules."""
     A: nn.Parameter
     B: nn.Parameter
+    experts: int = 1
+    """Number of MoE experts sharing the pair (see the module docstring); 1 for ordinary layers."""
 
     @property
     def scaling(self) -> float:
@@ -49,21 +59,42 @@ class LoRAPair:
 
     @property
     def rank(self) -> int:
-        return self.A.shape[0]
+        shape = getattr(self.A, "ds_shape", self.A.shape)  # (a ZeRO-3 partition has shape (0,))
+        return shape[0] // self.experts
 
     def matrix_A(self, tensor: Tensor | None = None) -> Tensor:
-        """(r, n) view of A (or of a tensor shaped like A, such as its gradient)."""
+        """(r, n) view of A (or of a tensor shaped like A, such as its gradient); (E, r, n) for
+        MoE experts."""
         t = self.A if tensor is None else tensor
+        if self.experts > 1:
+            return t.reshape(self.experts, -1, t.shape[-1])
         return t if t.dim() == 2 else t.reshape(t.shape[0], -1)  # (a no-op call costs per step)
 
     def matrix_B(self, tensor: Tensor | None = None) -> Tensor:
-        """(m, r) view of B (or of a tensor shaped like B)."""
+        """(m, r) view of B (or of a tensor shaped like B); (E, m, r) for MoE experts (a strided
+        view: B's columns are interleaved by expert)."""
         t = self.B if tensor is None else tensor
+        if self.experts > 1:
+            return t.reshape(t.shape[0], -1, self.experts).permute(2, 0, 1)
         return t if t.dim() == 2 else t.reshape(t.shape[0], t.shape[1])
+
+    def param_A(self, matrix: Tensor) -> Tensor:
+        """The inverse of :meth:`matrix_A`: a tensor shaped like A (a view where possible)."""
+        return matrix if matrix.shape == self.A.shape else matrix.reshape(self.A.shape)
+
+    def param_B(self, matrix: Tensor) -> Tensor:
+        """The inverse of :meth:`matrix_B`: a tensor shaped like B (MoE experts: a copy that
+        interleaves the experts' columns again)."""
+        if self.experts > 1:
+            return matrix.permute(1, 2, 0).reshape(self.B.shape)
+        return matrix if matrix.shape == self.B.shape else matrix.reshape(self.B.shape)
 
     @property
     def base_weight(self) -> Tensor:
-        """The frozen base weight W0 this pair adapts (full mode scales it for weight decay)."""
+        """The frozen base weight W0 this pair adapts (full mode scales it for weight decay); for
+        ``target_parameters``, the wrapped parameter (3-D for MoE experts)."""
+        if self.kind == "parameter":
+            return self.layer.get_param()
         return self.layer.get_base_layer().weight
 
 
@@ -86,15 +117,18 @@ def _variant_name(layer: nn.Module, adapter: str) -> str | None:
 
 
 def _pair_of(name: str, layer: nn.Module, adapter: str) -> LoRAPair | None:
+    experts = 1
     if adapter in getattr(layer, "lora_A", {}):
         A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         kind: PairKind = "conv" if A.dim() > 2 else "linear"
+        if hasattr(layer, "parameter_name") and hasattr(layer, "get_param"):  # PEFT's ParamWrapper
+            kind, experts = "parameter", int(getattr(layer, "num_experts", 1))
     elif adapter in getattr(layer, "lora_embedding_A", {}):
         A, B = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
         kind = "embedding"
     else:
         return None
-    return LoRAPair(name=name, adapter=adapter, layer=layer, kind=kind, A=A, B=B)
+    return LoRAPair(name=name, adapter=adapter, layer=layer, kind=kind, A=A, B=B, experts=experts)
 
 
 def _check_supported(pair: LoRAPair) -> None:
@@ -115,23 +149,16 @@ def _check_supported(pair: LoRAPair) -> None:
             "the LoRA-Pro closed form does not model. Exclude this layer from target_modules (or "
             "freeze both of its factors)."
         )
-    trainable = (pair.A.requires_grad, pair.B.requires_grad)
-    if trainable != (True, True):
-        prefix = "lora_embedding_" if pair.kind == "embedding" else "lora_"
-        frozen = prefix + ("A" if not trainable[0] else "B")
-        raise LoRAProConfigError(
-            f"{name} (adapter {adapter!r}): {frozen} is frozen but its partner is trainable. "
-            "LoRA-Pro adjusts A and B together; unfreeze both factors (requires_grad_(True)), or "
-            "use a plain optimizer for a one-factor method such as LoRA-FA."
-        )
 
 
 def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     """All trainable LoRA factor pairs of the model's active adapters, in module order.
 
-    Raises :class:`LoRAProConfigError` for adapters LoRA-Pro cannot handle: DoRA and other
-    LoRA variants (the paper's stated limitation), grouped convolutions, and pairs with one
-    factor frozen. Pairs with both factors frozen are not trained and are left out.
+    A pair is trainable when at least one factor is: with one factor frozen, LoRA-Pro gives the
+    other one Theorem 2.1's one-factor optimum (A frozen: LoRA-FA's ``grad_B (A A^T)^+ / s^2``).
+    Pairs with both factors frozen are not trained and are left out. Raises
+    :class:`LoRAProConfigError` for adapters LoRA-Pro cannot handle: DoRA and other LoRA
+    variants (the paper's stated limitation) and grouped convolutions.
     """
     lora_layer = _lora_layer_class()
     pairs: list[LoRAPair] = []
@@ -149,17 +176,32 @@ def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     return pairs
 
 
+def adapter_pairs(model: nn.Module) -> list[LoRAPair]:
+    """The (A, B) pairs of *every* adapter of every LoRA layer, active or not, trainable or not,
+    with no support check: what :func:`lorapro.attach` hooks, so that an adapter switched on
+    later is adjusted even by a forward pass that bypasses the attached model."""
+    lora_layer = _lora_layer_class()
+    pairs: list[LoRAPair] = []
+    for name, module in model.named_modules():
+        if isinstance(module, lora_layer):
+            for adapter in (*getattr(module, "lora_A", {}), *getattr(module, "lora_embedding_A", {})):
+                pair = _pair_of(name, module, adapter)
+                if pair is not None:
+                    pairs.append(pair)
+    return pairs
+
+
 def _signature(model: nn.Module) -> tuple[tuple, list[nn.Module]]:
-    """What :func:`find_lora_pairs` depends on, cheaply: each LoRA layer's active adapters and the
-    identity, trainability and storage kind of their factors (no names, no checks); and the LoRA
-    layers themselves."""
+    """What :func:`find_lora_pairs` and :func:`adapter_pairs` depend on, cheaply: each LoRA layer's
+    adapters, which are active, and the identity, trainability and storage kind of their factors
+    (no names, no checks); and the LoRA layers themselves."""
     lora_layer = _lora_layer_class()
     signature: list = []
     layers: list[nn.Module] = []
     for m in model.modules():
         if isinstance(m, lora_layer):
             layers.append(m)
-            for adapter in m.active_adapters:
+            for adapter in (*getattr(m, "lora_A", {}), *getattr(m, "lora_embedding_A", {})):
                 pair = _pair_of("", m, adapter)
                 factors = () if pair is None else (pair.A, pair.B)
                 signature += [(id(p), p.requires_grad, type(p), hasattr(p, "ds_id")) for p in factors]
@@ -174,8 +216,8 @@ class PairTracker:
     optimizer step. So :meth:`pairs` walks the model the first time, and after that only when a
     cheap check of the LoRA layers already known changes: their active adapters and number of
     adapters, the model's PEFT adapter names, whether every known pair's factors are still the
-    tensors their layer holds (a wrapper may swap parameters, as FSDP2 does), and whether
-    DeepSpeed has converted them in place (ZeRO-3 adds ``ds_id``).
+    tensors their layer holds (a wrapper may swap parameters, as FSDP2 does), whether they are
+    still trainable, and whether DeepSpeed has converted them in place (ZeRO-3 adds ``ds_id``).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -184,7 +226,8 @@ class PairTracker:
         self._layers: list[nn.Module] = []
         self._signature: tuple | None = None
         self._quick: tuple | None = None
-        self._converted: list[bool] = []  # per pair: did DeepSpeed ZeRO-3 own its A when found?
+        # per pair, when found: did DeepSpeed ZeRO-3 own its A, and which factors were trainable?
+        self._states: list[tuple[bool, bool, bool]] = []
 
     def pairs(self, *, walk: bool = False) -> tuple[list[LoRAPair], bool]:
         """The active trainable pairs, and whether they changed since the last call.
@@ -194,15 +237,19 @@ class PairTracker:
             changed = signature != self._signature or self._pairs is None
             if changed:
                 self._pairs = find_lora_pairs(self.model)
-                self._converted = [hasattr(pair.A, "ds_id") for pair in self._pairs]
+                self._states = [_state(pair) for pair in self._pairs]
                 self._signature = signature
             self._quick = self._quick_signature()
             return self._pairs, changed
         return self._pairs, False
 
+    def looks_changed(self) -> bool:
+        """Does the cheap check see a change since the last :meth:`pairs`? (nothing is updated)"""
+        return self._pairs is None or self._quick_signature() != self._quick
+
     def invalidate(self) -> None:
         """Walk the model at the next call (e.g. after the caller refused the pairs it got)."""
-        self._pairs, self._converted = None, []
+        self._pairs, self._states = None, []
 
     def _quick_signature(self) -> tuple:
         config = getattr(self.model, "peft_config", None)
@@ -213,8 +260,8 @@ class PairTracker:
 
     def _factors_held(self) -> bool:
         """Does every known pair's layer still hold its factors, as they were when found (ZeRO-3
-        converts them in place, adding ``ds_id``)?"""
-        for pair, converted in zip(self._pairs or (), self._converted, strict=True):
+        converts them in place, adding ``ds_id``; a factor may be frozen or unfrozen)?"""
+        for pair, state in zip(self._pairs or (), self._states, strict=True):
             layer, adapter = pair.layer, pair.adapter
             if pair.kind == "embedding":
                 held = layer.lora_embedding_A.get(adapter), layer.lora_embedding_B.get(adapter)
@@ -222,6 +269,10 @@ class PairTracker:
                 held = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             else:
                 return False  # the adapter was deleted
-            if held[0] is not pair.A or held[1] is not pair.B or hasattr(pair.A, "ds_id") != converted:
+            if held[0] is not pair.A or held[1] is not pair.B or _state(pair) != state:
                 return False
         return True
+
+
+def _state(pair: LoRAPair) -> tuple[bool, bool, bool]:
+    return hasattr(pair.A, "ds_id"), pair.A.requires_grad, pair.B.requires_grad
