@@ -8,7 +8,8 @@ STAMP := $(VENV)/.lorapro-installed
 LOCK := constraints.txt
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c $(LOCK)
 
-.PHONY: demo test lint install clean fashion-data dist wheel-smoke lock
+.PHONY: demo test lint install clean fashion-data dist wheel-smoke lock test-frameworks \
+	venv-llamafactory venv-swift venv-axolotl
 
 install: $(STAMP)
 
@@ -59,8 +60,34 @@ wheel-smoke: dist
 lock: $(STAMP)
 	$(PY) scripts/check_lock.py --write $(LOCK)
 
+# LLaMA-Factory, ms-swift and axolotl pin other transformers/peft/trl versions than ours, so
+# each gets a venv of its own under .venvs/, built from its lock envs/<framework>/requirements.txt
+# (torch==2.13.0 first, then every other package at its exact version with --no-deps, then
+# lorapro itself), and runs tests/frameworks/test_<framework>.py there.
+FRAMEWORKS := llamafactory swift axolotl
+FW_VENVS := .venvs
+FW_PIP := --quiet --disable-pip-version-check
+
+venv-llamafactory venv-swift venv-axolotl: venv-%: $(FW_VENVS)/%/.installed
+
+$(FW_VENVS)/%/.installed: envs/%/requirements.txt
+	rm -rf $(FW_VENVS)/$*
+	$(PYTHON) -m venv $(FW_VENVS)/$* || python3 -m venv $(FW_VENVS)/$*
+	$(FW_VENVS)/$*/bin/pip install $(FW_PIP) torch==2.13.0
+	$(FW_VENVS)/$*/bin/pip install $(FW_PIP) --no-deps -r envs/$*/requirements.txt
+	$(FW_VENVS)/$*/bin/pip install $(FW_PIP) --no-deps -e .
+	@if [ -x envs/$*/after-install.sh ]; then envs/$*/after-install.sh $(FW_VENVS)/$*; fi
+	@touch $@
+
+# One framework after the other (each run uses both cores); -s shows the figures the tests print.
+test-frameworks: $(foreach fw,$(FRAMEWORKS),$(FW_VENVS)/$(fw)/.installed)
+	@for fw in $(FRAMEWORKS); do \
+	  echo "== tests/frameworks/test_$$fw.py ($(FW_VENVS)/$$fw)"; \
+	  $(FW_VENVS)/$$fw/bin/python -m pytest -s tests/frameworks/test_$$fw.py || exit 1; \
+	done
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples scripts
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(FW_VENVS) build dist src/*.egg-info .pytest_cache

@@ -68,36 +68,49 @@ def config(tiny: Path, name: str, *, lorapro: bool = True, **overrides) -> Path:
     return path
 
 
-def test_first_step_gradients_are_lora_pro(tiny):
-    """What the optimizer receives at step 1 equals Theorems 2.1 + 2.3 (float64) applied to the
-    plain run's LoRA gradients of the same batch, at the same (A, B ≠ 0)."""
+@pytest.fixture(scope="module")
+def runs(tiny) -> dict[str, str]:
+    """The plain run (1 step) and the LoRA-Pro run (4 steps, a checkpoint every 2), both through
+    LLaMA-Factory's Python entry point with the capture callback, from the same A and B != 0,
+    clipping off (it would scale the two runs' gradients differently)."""
     driver = str(Path(__file__).with_name("llamafactory_driver.py"))
-    files = {}
-    for mode in ("plain", "lorapro"):
-        cfg = config(tiny, f"grad-{mode}", lorapro=mode == "lorapro", max_steps=1, max_grad_norm=0.0)
-        files[mode] = tiny / f"{mode}.pt"
-        env = {"CAPTURE_FIRST_STEP": str(files[mode]), "CAPTURE_SET_FACTORS": "1"}
-        output = run([sys.executable, driver, mode, str(cfg)], cwd=tiny, env=env)
-        assert ("LoRA-Pro is on (LLaMA-Factory)" in output) == (mode == "lorapro")
-    result = first_step(files["plain"], files["lorapro"])
+    outputs = {}
+    for mode, steps in (("plain", 1), ("lorapro", 4)):
+        cfg = config(tiny, mode, lorapro=mode == "lorapro", max_steps=steps, max_grad_norm=0.0)
+        env = {"CAPTURE_FIRST_STEP": str(tiny / f"{mode}.pt"), "CAPTURE_SET_FACTORS": "1"}
+        outputs[mode] = run([sys.executable, driver, mode, str(cfg)], cwd=tiny, env=env)
+    return outputs
+
+
+def test_first_step_gradients_are_lora_pro(tiny, runs):
+    """What the optimizer receives at step 1 equals Theorems 2.1 + 2.3 (float64) applied to the
+    plain run's LoRA gradients of the same batch, at the same (A, B)."""
+    assert (
+        "[lorapro] LoRA-Pro is on (LLaMA-Factory): lorapro.attach adjusts the gradients of 14"
+        in runs["lorapro"]
+    )
+    assert "LoRA-Pro is on" not in runs["plain"]
+    result = first_step(tiny / "plain.pt", tiny / "lorapro.pt")
     print(f"\nLLaMA-Factory first step: {result}")
     assert result.layers == 14  # q, k, v, o, gate, up, down in 2 blocks: lora_target: all
     assert result.error < 1e-5
     assert result.plain_distance > 0.1  # plain LoRA is far from it: the check can fail
 
 
-def test_cli_trains_and_resumes(tiny):
-    """``lorapro-llamafactory train`` says LoRA-Pro is on, the loss falls on the repeated batch,
-    and a run resumed from step 2 ends where the uninterrupted one did."""
-    full = run([str(BIN / "lorapro-llamafactory"), "train", str(config(tiny, "full"))], cwd=tiny)
-    assert "[lorapro] LoRA-Pro is on (LLaMA-Factory): lorapro.attach adjusts the gradients of 14 LoRA" in full
-    losses = trainer_losses(tiny / "full" / "checkpoint-4")
+def test_loss_falls(tiny, runs):
+    losses = trainer_losses(tiny / "lorapro" / "checkpoint-4")
     print(f"\nLLaMA-Factory losses: {losses}")
-    assert len(losses) == 4 and losses[-1] < losses[0] - 0.05
-    resumed_cfg = config(tiny, "resumed", resume_from_checkpoint=str(tiny / "full" / "checkpoint-2"))
-    resumed = run([str(BIN / "lorapro-llamafactory"), "train", str(resumed_cfg)], cwd=tiny)
-    assert "LoRA-Pro is on (LLaMA-Factory)" in resumed
-    difference = max_difference(adapter_weights(tiny / "full"), adapter_weights(tiny / "resumed"))
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.05  # the same 4 examples at every step
+
+
+def test_cli_resumes_where_the_run_left_off(tiny, runs):
+    """``lorapro-llamafactory train`` resumed from step 2 ends where the uninterrupted run did."""
+    cfg = config(
+        tiny, "resumed", max_grad_norm=0.0, resume_from_checkpoint=str(tiny / "lorapro" / "checkpoint-2")
+    )
+    resumed = run([str(BIN / "lorapro-llamafactory"), "train", str(cfg)], cwd=tiny)
+    assert "[lorapro] LoRA-Pro is on (LLaMA-Factory)" in resumed
+    difference = max_difference(adapter_weights(tiny / "lorapro"), adapter_weights(tiny / "resumed"))
     print(f"LLaMA-Factory resumed vs uninterrupted: {difference:.2e}")
     assert difference < 1e-6
 
