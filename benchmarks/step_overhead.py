@@ -16,6 +16,10 @@ model), so that machine noise hits all alike. Also printed: optimizer-state byte
 step's transient peak, the most memory torch allocated at once during one step beyond what it
 held before (from the profiler's allocation events; the CPU allocator keeps no peak).
 
+``--baseline SRC`` adds lorapro's optimizers from another checkout (its ``src`` folder, e.g.
+``git archive COMMIT src | tar -x -C /tmp/base``) to the same interleaved run: a change's cost,
+before and after, side by side.
+
 Example: python benchmarks/step_overhead.py --blocks 4 --rank 8
 (--trials 8 --skip-full --skip-reference: eight fresh processes, and the spread of the ratio)
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import resource
 import statistics
@@ -32,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -54,6 +60,22 @@ SHAPES = {  # name: (out, in)
 #: Divides every shape (``--shrink``): with tiny layers the arithmetic is negligible and a
 #: step costs what running its torch calls from Python costs.
 SHRINK = 1
+
+
+def load_baseline(src: str) -> ModuleType:
+    """The lorapro package under ``src`` (a checkout's src folder), imported as ``lorapro_baseline``
+    beside this checkout's ``lorapro``."""
+    init = Path(src) / "lorapro" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline {src}: no lorapro/__init__.py there (give a checkout's src folder)")
+    spec = importlib.util.spec_from_file_location(
+        "lorapro_baseline", init, submodule_search_locations=[str(init.parent)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lorapro_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class Block(nn.Module):
@@ -195,6 +217,7 @@ def main() -> None:
         help="run the comparison in this many fresh processes, one after another, and summarise the "
         "efficient-mode ratios (on a shared machine they vary from process to process)",
     )  # fmt: skip
+    parser.add_argument("--baseline", help="src folder of another lorapro checkout, run side by side")
     args = parser.parse_args()
     if args.trials > 1:
         run_trials(args.trials)
@@ -212,20 +235,28 @@ def main() -> None:
     def adamw(**kwargs):
         return lambda m, p: torch.optim.AdamW(p, lr=lr, **kwargs)
 
+    base = load_baseline(args.baseline) if args.baseline else None
     rows: list = []
-    compare(rows, args.blocks, args.rank, args.repeats, {
+    makers = {
         foreach: adamw(foreach=True),
         "torch AdamW (fused)": adamw(fused=True),
         "LoRAProAdamW efficient": lambda m, p: lorapro.LoRAProAdamW(m, lr=lr),
         "LoRAProAdamW efficient, foreach Adam": lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, fused=False),
         "LoRAProSGD": lambda m, p: lorapro.LoRAProSGD(m, lr=lr),
         "LoRAProAdamW factored": lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, mode="factored"),
-    })  # fmt: skip
+    }
+    if base is not None:
+        makers["LoRAProAdamW efficient (baseline)"] = lambda m, p: base.LoRAProAdamW(m, lr=lr)
+        makers["LoRAProSGD (baseline)"] = lambda m, p: base.LoRAProSGD(m, lr=lr)
+    compare(rows, args.blocks, args.rank, args.repeats, makers)
     if not args.skip_full:
         full = lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, mode="full")  # noqa: E731
-        compare(rows, args.full_blocks, args.rank, max(3, args.repeats // 4), {
-            foreach: adamw(foreach=True), "LoRAProAdamW full": full,
-        })  # fmt: skip
+        full_makers = {foreach: adamw(foreach=True), "LoRAProAdamW full": full}
+        if base is not None:
+            full_makers["LoRAProAdamW full (baseline)"] = lambda m, p: base.LoRAProAdamW(
+                m, lr=lr, mode="full"
+            )
+        compare(rows, args.full_blocks, args.rank, max(3, args.repeats // 4), full_makers)
     if not args.skip_reference:
         compare(rows, args.reference_blocks, args.rank, max(3, args.repeats // 4), {
             foreach: adamw(foreach=True), "per-layer reference": lambda m, p: ReferenceStep(m, lr),

@@ -12,6 +12,10 @@ in its own hooks (``LoRAProHandle.seconds``) as a share of the LoRA step.
 SmolLM2's first load on a machine dequantises its GGUF file and caches the result (~30 s,
 once; see lorapro.bench.smollm2).
 
+``--baseline SRC`` adds a fourth model attached with another version of lorapro, imported from
+the ``src`` folder of its checkout (e.g. ``git archive COMMIT src | tar -x -C /tmp/base``), so
+that a change's cost is measured before and after, side by side in one run.
+
 Example: python benchmarks/train_step_overhead.py --steps 10 --accumulation 1,8 --models minilm,smollm2
 """
 
@@ -23,9 +27,10 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
-from step_overhead import state_bytes, transient_peak_bytes  # this directory (run as a script)
+from step_overhead import load_baseline, state_bytes, transient_peak_bytes  # this directory (run as a script)
 
 import lorapro
 from lorapro.bench import models
@@ -69,6 +74,7 @@ def smollm2_setup(batch_size: int, seq_len: int):
 SETUPS: dict[str, Callable] = {"minilm": minilm_setup, "smollm2": smollm2_setup}
 FUSED = "LoRA + torch AdamW (fused)"
 ATTACH = "attach + torch AdamW (fused)"
+BASELINE = "attach (baseline) + torch AdamW (fused)"
 PRO = "LoRAProAdamW (efficient)"
 
 
@@ -84,32 +90,38 @@ def timed_step(model, optimizer, batch, accumulation: int = 1) -> tuple[float, f
     return end - start, end - mid
 
 
-def compare(name: str, steps: int, batch_size: int, seq_len: int, accumulation: int) -> None:
+def compare(
+    name: str, steps: int, batch_size: int, seq_len: int, accumulation: int, baseline: ModuleType | None
+) -> None:
     try:
         base, batch = SETUPS[name](batch_size, seq_len)
     except Exception as exc:  # a missing optional model package: say so and go on
         print(f"{name}: skipped ({type(exc).__name__}: {exc})")
         return
-    models_ = [base, copy.deepcopy(base), copy.deepcopy(base)]
+    models_ = [base] + [copy.deepcopy(base) for _ in range(3 if baseline is not None else 2)]
 
     def trainable(model):
         return [p for p in model.parameters() if p.requires_grad]
 
-    handle = lorapro.attach(models_[1])
+    handles = {ATTACH: lorapro.attach(models_[1])}
     runs = {
         FUSED: (models_[0], torch.optim.AdamW(trainable(models_[0]), lr=1e-5, fused=True)),
         ATTACH: (models_[1], torch.optim.AdamW(trainable(models_[1]), lr=1e-5, fused=True)),
         PRO: (models_[2], lorapro.LoRAProAdamW(models_[2], lr=1e-5)),
     }
+    if baseline is not None:
+        handles[BASELINE] = baseline.attach(models_[3])
+        runs[BASELINE] = (models_[3], torch.optim.AdamW(trainable(models_[3]), lr=1e-5, fused=True))
+    handle = handles[ATTACH]
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     for _ in range(2):  # warm-up: state creation, allocator
         for model, opt in runs.values():
             timed_step(model, opt, batch, accumulation)
-    hook_seconds = handle.seconds
+    hook_start = {k: h.seconds for k, h in handles.items()}
     for _ in range(steps):
         for key, (model, opt) in runs.items():
             times[key].append(timed_step(model, opt, batch, accumulation))
-    hook_seconds = (handle.seconds - hook_seconds) / steps
+    hook_time = {k: (h.seconds - hook_start[k]) / steps for k, h in handles.items()}
     n_pairs = len(handle.pairs)
     print(
         f"\n{name}: micro-batch {batch_size} x {seq_len} tokens, accumulation {accumulation}, "
@@ -134,18 +146,26 @@ def compare(name: str, steps: int, batch_size: int, seq_len: int, accumulation: 
         print(f"| {key} | " + " | ".join(cells) + " |")
     # The step ratios carry the noise of the forward and backward passes (a few % here); the
     # time attach itself spent (its hooks and forward pre-hook, timed inside) is the sharp figure.
-    print(
-        f"{ATTACH}: time in lorapro's hooks {hook_seconds * 1e3:.2f} ms per step = "
-        f"{hook_seconds / medians[FUSED]:+.2%} of the LoRA step"
-    )
-    for method in (ATTACH, PRO):
+    for key, seconds in hook_time.items():
+        print(
+            f"{key}: time in lorapro's hooks {seconds * 1e3:.2f} ms per step = "
+            f"{seconds / medians[FUSED]:+.2%} of the LoRA step"
+        )
+    for method in (ATTACH, PRO, *((BASELINE,) if baseline is not None else ())):
         ratio = medians[method] / medians[FUSED]
         extra = opt_medians[method] - opt_medians[FUSED]
         print(
             f"{method} / {FUSED}: training-step ratio {ratio:.3f} (overhead {ratio - 1:+.1%}); "
             f"optimizer-time difference {extra * 1e3:+.2f} ms = {extra / medians[FUSED]:+.2%} of the step"
         )
-    handle.remove()
+    if baseline is not None:
+        print(
+            f"{ATTACH} / {BASELINE}: training-step ratio {medians[ATTACH] / medians[BASELINE]:.3f}, "
+            f"hook-time difference {(hook_time[ATTACH] - hook_time[BASELINE]) / medians[FUSED]:+.2%} of the "
+            "LoRA step"
+        )
+    for h in handles.values():
+        h.remove()
 
 
 def main() -> None:
@@ -157,11 +177,13 @@ def main() -> None:
     parser.add_argument("--accumulation", default="1", help="comma-separated micro-batch counts per step")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--baseline", help="src folder of another lorapro checkout, run side by side")
     args = parser.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for name in args.models.split(","):
         for accumulation in (int(a) for a in args.accumulation.split(",")):
-            compare(name.strip(), args.steps, args.batch_size, args.seq_len, accumulation)
+            compare(name.strip(), args.steps, args.batch_size, args.seq_len, accumulation, baseline)
 
 
 if __name__ == "__main__":

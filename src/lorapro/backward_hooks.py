@@ -668,9 +668,12 @@ class LoRAProHandle:
             ratio = diff / size.clamp_min(torch.finfo(SOLVE_DTYPE).tiny)
             ratio = torch.where(torch.isfinite(ratio), ratio, torch.zeros_like(ratio))  # GradScaler overflow
             counts = [rhs_a.numel() // (r * r) for _, rhs_a, _ in group]
-            ratios += [part.amax() for part in ratio.split(counts)]
+            if len(counts) == len(ratio):
+                ratios.append(ratio)  # one problem per layer
+            else:  # MoE experts: a layer's worst expert
+                ratios.append(torch.stack([part.amax() for part in ratio.split(counts)]))
             order += [e for e, _, _ in group]
-        values = torch.stack(ratios).tolist()  # one host sync
+        values = torch.cat(ratios).tolist()  # one host sync
         worst = max(range(len(values)), key=values.__getitem__)
         ratio, entry = values[worst], order[worst]
         precision = self._gradient_precision(entry.pair)
