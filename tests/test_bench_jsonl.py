@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from lorapro.bench.tasks import TaskOptions, get_task
-from lorapro.bench.tasks.jsonl import JsonlFormatError, encode_records, final_answer, read_jsonl
+from lorapro.bench.tasks.jsonl_format import JsonlFormatError, final_answer, read_jsonl
+from lorapro.bench.tasks.jsonl_tokens import encode_records
 from lorapro.cli import main
 from tiny_llama import save_tiny_llama
 

@@ -23,6 +23,7 @@ __all__ = [
     "PreparedTask",
     "Task",
     "TaskOptions",
+    "hf_model_loss",
 ]
 
 
@@ -61,6 +62,12 @@ class TaskOptions:
     #: Seed of the train/validation/test split. It stays fixed while training seeds vary,
     #: so the seeds measure the spread of training, not of the data draw.
     data_seed: int = 0
+
+
+def hf_model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss a Hugging Face model computes itself from the batch's ``labels``: the training
+    loss of every task whose model has the head for it (sequence classification, causal LM)."""
+    return model(**batch).loss
 
 
 @dataclass

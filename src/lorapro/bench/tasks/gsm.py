@@ -1,9 +1,9 @@
 """``gsm``: grade-school maths word problems (reasoning-gym ``gsm_symbolic``) with SmolLM2-135M-Instruct.
 
 The model is fine-tuned on worked solutions, generated offline by reasoning-gym from
-GSM8K templates with fresh names and numbers. It sees the question as the user turn of
-its own chat template and learns to answer with the solution followed by a last line
-``#### <answer>`` and its end-of-turn token. Two metrics:
+GSM8K templates with fresh names and numbers (:mod:`.gsm_problems`). It sees the question
+as the user turn of its own chat template and learns to answer with the solution followed
+by a last line ``#### <answer>`` and its end-of-turn token. Two metrics:
 
 - ``loss``: mean cross-entropy per solution token (prompt and padding are masked with
   -100). Cheap and smooth, so the harness picks learning rates on it (validation).
@@ -11,31 +11,39 @@ its own chat template and learns to answer with the solution followed by a last 
   the greedy decoding, equals the reference answer numerically.
 
 Splits are disjoint by question text and depend only on ``data_seed`` and their own
-sizes (see :func:`generate_splits`). The questions come from ~85 templates, so test
-questions share templates, not numbers, with training ones: the task measures learning
-the format and the arithmetic pattern, as GSM-symbolic intends.
+sizes. The questions come from ~85 templates, so test questions share templates, not
+numbers, with training ones: the task measures learning the format and the arithmetic
+pattern, as GSM-symbolic intends.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
-import math
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data import MissingAssetError
 from ..records import Scores, example_outcomes
 from ..smollm2 import decoder_linear_names, load_smollm2, load_smollm2_tokenizer, smollm2_gguf_path
-from .base import Metric, PreparedTask, Task, TaskOptions
+from .base import Metric, PreparedTask, Task, TaskOptions, hf_model_loss
+from .causal_lm import PromptResponseSplit, greedy_answers, loss_scores
+from .gsm_problems import (
+    ANSWER_MARKER,
+    DATASET,
+    REASONING_GYM_INSTALL,
+    GSMProblem,
+    answers_match,
+    format_solution,
+    generate_splits,
+    parse_final_number,
+    require_reasoning_gym,
+)
 from .registry import register_task
 
+# The problems' names stay importable from here: they are this task's vocabulary
+# (``gsm.parse_final_number``, ``gsm.GSMProblem``), whichever module defines them.
 __all__ = [
     "ANSWER_MARKER",
     "REASONING_GYM_INSTALL",
@@ -52,189 +60,20 @@ __all__ = [
     "loss_scores",
     "parse_final_number",
     "prompt_text",
-    "solution_loss",
-    "solution_losses",
 ]
 
-REASONING_GYM_INSTALL = "pip install reasoning-gym==0.1.25"
-DATASET = "gsm_symbolic"
-#: The solutions' own convention (GSM8K's): the last line is ``#### <answer>``.
-ANSWER_MARKER = "####"
-#: reasoning-gym seeds item ``i`` of a data set with ``Random(seed + i)``, so two data sets
-#: whose seeds are close share item streams. Seeds this far apart never do (for splits of
-#: fewer than a million items).
-_SEED_STRIDE = 1_000_000
-#: Test first: its questions never change with the other sizes. Validation avoids test's
-#: questions, and training avoids both.
-_SPLIT_ORDER = ("test", "validation", "train")
 #: Bumped when prompt or target formatting changes, so cached results are not mixed.
 _FORMAT_VERSION = 1
-
-# A number as a solution writes it: optional sign (a minus directly after a digit, word or
-# ')' is subtraction, not a sign), digits with optional thousands commas, optional decimals.
-# A trailing full stop is not a decimal point, since decimals need a digit after the point.
-_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-
-
-# --------------------------------------------------------------------------- answers
-
-
-def parse_final_number(text: str) -> float | None:
-    """The final answer of a solution: the first number after the last ``####``; without a
-    ``####`` (or with no number after it), the last number of the text; None if there is none.
-
-    The fallback gives models that never learnt the marker (the base model) a fair reading:
-    their last number is usually their answer.
-    """
-    head, marker, tail = text.rpartition(ANSWER_MARKER)
-    if marker:
-        found = _NUMBER.search(tail)
-        if found is not None:
-            return _to_float(found.group())
-        text = head
-    numbers = _NUMBER.findall(text)
-    return _to_float(numbers[-1]) if numbers else None
-
-
-def _to_float(number: str) -> float:
-    return float(number.replace(",", ""))
-
-
-def answers_match(predicted: float | None, reference: float) -> bool:
-    """Numeric equality, with a relative tolerance for answers printed as decimals (``8.0``)."""
-    if predicted is None or not math.isfinite(predicted):
-        return False
-    return math.isclose(predicted, reference, rel_tol=1e-6, abs_tol=1e-9)
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class GSMProblem:
-    """One generated problem: the question, its worked solution (ending ``#### answer``), the answer."""
-
-    question: str
-    solution: str
-    answer: float
-
-
-def format_solution(worked: str, answer: str) -> str:
-    """The training target: the worked solution with exactly one final line ``#### <answer>``.
-
-    reasoning-gym's solutions already end that way, but ~4% print the value as a decimal
-    (``#### 8.0`` for answer ``8``); rewriting the line with the reference answer keeps the
-    target and the scored answer identical.
-    """
-    body = worked.strip()
-    cut = body.rfind(ANSWER_MARKER)
-    if cut >= 0:
-        body = body[:cut].rstrip()
-    return f"{body}\n{ANSWER_MARKER} {answer.strip()}"
-
-
-def _require_reasoning_gym() -> None:
-    if importlib.util.find_spec("reasoning_gym") is None:
-        raise MissingAssetError(
-            "The gsm task generates its problems with the reasoning-gym package, which is not "
-            f"installed. Install it with `{REASONING_GYM_INSTALL}`."
-        )
-
-
-def _unique_problems(seed: int, count: int, exclude: set[str]) -> list[GSMProblem]:
-    """The first ``count`` problems of the data set with this seed whose questions are new."""
-    import reasoning_gym
-
-    problems: list[GSMProblem] = []
-    seen = set(exclude)
-    size = count + count // 4 + 16  # headroom for the few repeats (~0.5% at these sizes)
-    start = 0
-    while len(problems) < count:
-        # A larger data set with the same seed repeats the smaller one's items (item i
-        # depends only on seed + i and a prefix of one choice sequence), so growing it
-        # and going on from `start` keeps earlier items unchanged.
-        data = reasoning_gym.create_dataset(DATASET, size=size, seed=seed)
-        for index in range(start, size):
-            item = data[index]
-            question = item["question"].strip()
-            if question in seen:
-                continue
-            seen.add(question)
-            answer = str(item["answer"])
-            problems.append(
-                GSMProblem(question, format_solution(item["metadata"]["answer_cot"], answer), float(answer))
-            )
-            if len(problems) == count:
-                break
-        start, size = size, size * 2
-        if start > 50 * count + 1000:
-            raise RuntimeError(f"reasoning-gym {DATASET} repeats its questions too often to draw {count}")
-    return problems
-
-
-def generate_splits(data_seed: int, sizes: dict[str, int]) -> dict[str, list[GSMProblem]]:
-    """Disjoint test, validation and train problems, determined by ``data_seed`` and the sizes.
-
-    Each split draws from its own reasoning-gym seed. Test depends on its own size only;
-    validation drops questions that are in test, train drops those of both, so a larger
-    training set never moves the evaluation sets.
-    """
-    _require_reasoning_gym()
-    taken: set[str] = set()
-    splits: dict[str, list[GSMProblem]] = {}
-    for offset, name in enumerate(_SPLIT_ORDER):
-        seed = (data_seed * len(_SPLIT_ORDER) + offset) * _SEED_STRIDE
-        splits[name] = _unique_problems(seed, sizes[name], taken)
-        taken.update(p.question for p in splits[name])
-    return splits
 
 
 # --------------------------------------------------------------------------- tokens
 
 
 @dataclass
-class GSMSplit:
-    """A tokenised split: prompt ids (for generation) and solution ids (for the loss) apart.
+class GSMSplit(PromptResponseSplit):
+    """Tokenised problems (prompts, and solutions as the targets) with their numeric answers."""
 
-    ``batch`` concatenates them, right-padded, with labels -100 on the prompt and the
-    padding; ``prompt_batch`` left-pads the prompts alone, as batched decoding needs.
-    """
-
-    prompts: list[list[int]]
-    targets: list[list[int]]
-    answers: list[float]
-    pad_token_id: int
-    #: Examples whose solution was cut to fit max_length (the loss sees only the kept part).
-    truncated: int = 0
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        rows = [(self.prompts[i], self.targets[i]) for i in indices]
-        width = max(len(p) + len(t) for p, t in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for j, (prompt, target) in enumerate(rows):
-            n, m = len(prompt), len(target)
-            ids[j, : n + m] = torch.tensor(prompt + target, dtype=torch.long)
-            mask[j, : n + m] = 1
-            labels[j, n : n + m] = torch.tensor(target, dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    def prompt_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        rows = [self.prompts[i] for i in indices]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[j, width - len(r) :] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-    def target_tokens(self) -> int:
-        return sum(len(t) for t in self.targets)
+    answers: list[float] = field(default_factory=list)
 
 
 def prompt_text(tokenizer: Any, question: str, system_prompt: str | None = None) -> str:
@@ -279,99 +118,10 @@ def encode_problems(
             truncated += 1
             solution = solution[:room]
         targets.append(solution)
-    return GSMSplit(prompts, targets, [p.answer for p in problems], int(pad), truncated)
+    return GSMSplit(prompts, targets, int(pad), truncated=truncated, answers=[p.answer for p in problems])
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def _causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**batch).loss
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def solution_losses(
-    model: nn.Module, split: GSMSplit, batch_size: int = 4
-) -> tuple[float, list[float], list[int]]:
-    """Mean cross-entropy per solution token over the whole split (not a mean of batch means,
-    which would weight short solutions more), and per example (in the split's order) its mean
-    loss per solution token and its number of solution tokens, whose weighted mean is the first.
-
-    Batches of 4, like training's default: the logits (batch x length x 49k vocabulary, fp32)
-    dominate memory, and a larger evaluation batch would set the run's peak, not training.
-    """
-    if len(split) == 0:
-        return float("nan"), [], []
-    device = _device_of(model)
-    # Length-sorted batches waste little on padding; the order does not change the sum.
-    order = sorted(range(len(split)), key=lambda i: len(split.prompts[i]) + len(split.targets[i]))
-    total, tokens = 0.0, 0
-    losses, counts = [0.0] * len(split), [0] * len(split)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in split.batch(chunk).items()}
-        # The model's loss is the mean over the tokens it predicts, which are exactly the
-        # labelled ones (every label follows at least one prompt token).
-        labels = batch["labels"]
-        n = int((labels != -100).sum())
-        output = model(**batch)
-        total += float(output.loss) * n
-        tokens += n
-        # Per example: position t's logits predict label t + 1, as in the model's own loss.
-        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-        logits = output.logits
-        per_token = F.cross_entropy(
-            logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100, reduction="none"
-        ).view(shifted.shape)
-        del output, logits
-        row_n = (shifted != -100).sum(dim=1)
-        row_sum = per_token.sum(dim=1)
-        for i, m, loss_sum in zip(chunk, row_n.tolist(), row_sum.tolist(), strict=True):
-            counts[i] = int(m)
-            losses[i] = loss_sum / m if m else 0.0
-    return total / tokens, losses, counts
-
-
-def solution_loss(model: nn.Module, split: GSMSplit, batch_size: int = 4) -> float:
-    """Mean cross-entropy per solution token over the whole split (see :func:`solution_losses`)."""
-    return solution_losses(model, split, batch_size)[0]
-
-
-def loss_scores(model: nn.Module, split: GSMSplit, batch_size: int = 4) -> Scores:
-    """``{"loss": ...}`` with each example's loss per token and token count (its weight)."""
-    loss, losses, counts = solution_losses(model, split, batch_size)
-    return Scores({"loss": loss}, {"loss": example_outcomes(losses, counts)} if counts else {})
-
-
-@torch.no_grad()
-def greedy_answers(
-    model: nn.Module, split: GSMSplit, tokenizer: Any, max_new_tokens: int, batch_size: int = 16
-) -> list[str]:
-    """Greedy decodings of the split's prompts (left-padded batches, KV cache), in split order."""
-    device = _device_of(model)
-    eos = tokenizer.eos_token_id
-    order = sorted(range(len(split)), key=lambda i: len(split.prompts[i]))
-    texts: list[str] = [""] * len(split)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in split.prompt_batch(chunk).items()}
-        out = model.generate(
-            **batch,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            use_cache=True,
-            eos_token_id=eos,
-            pad_token_id=split.pad_token_id,
-        )
-        width = batch["input_ids"].shape[1]
-        for i, row in zip(chunk, out[:, width:].tolist(), strict=True):
-            texts[i] = tokenizer.decode(row, skip_special_tokens=True)
-    return texts
+# --------------------------------------------------------------------------- exact match
 
 
 def exact_match_hits(
@@ -435,7 +185,7 @@ class GSMSymbolicTask(Task):
 
     def check(self) -> None:
         smollm2_gguf_path()
-        _require_reasoning_gym()
+        require_reasoning_gym()
 
     def identity(self) -> dict[str, Any]:
         # The problems are generated, so the generator's version is part of the data.
@@ -495,7 +245,7 @@ class GSMSymbolicTask(Task):
             test=encoded["test"],
             load_model=load_model,
             lora_targets=decoder_linear_names,
-            loss=_causal_lm_loss,
+            loss=hf_model_loss,
             evaluate=evaluate,
             peft_task_type="CAUSAL_LM",
             modules_to_save=None,

@@ -29,11 +29,9 @@ Validation and test are drawn from the file (seeded by ``--data-seed``), or from
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +40,13 @@ from torch import nn
 from ..model_folder import ModelFolder
 from ..records import Scores, example_outcomes
 from ..targets import body_linear_names
-from .base import Metric, PreparedTask, Task, TaskOptions
-from .gsm import GSMSplit, greedy_answers, loss_scores
+from .base import Metric, PreparedTask, Task, TaskOptions, hf_model_loss
+from .causal_lm import greedy_answers, loss_scores
+from .jsonl_format import JsonlFormatError, JsonlRecord, final_answer, read_jsonl, refuse_lines
+from .jsonl_tokens import ResponseSplit, encode_records, subset
 from .registry import register_task
 
-__all__ = [
-    "JsonlFormatError",
-    "JsonlRecord",
-    "JsonlTask",
-    "ResponseSplit",
-    "encode_records",
-    "final_answer",
-    "read_jsonl",
-]
+__all__ = ["JsonlTask"]
 
 #: Bumped when rendering or tokenising changes, so cached results are not mixed.
 _FORMAT_VERSION = 1
@@ -64,252 +56,6 @@ _EVAL_SHARE = 0.1
 _EVAL_CAP = 200
 #: Tokens the decoding may run beyond the longest reference response of the test split.
 _DECODE_SLACK = 16
-_JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "an array",
-               dict: "an object", type(None): "null"}  # fmt: skip
-
-
-class JsonlFormatError(ValueError):
-    """A JSONL file cannot be used; the message names the file, the line and the fix."""
-
-
-@dataclass(frozen=True)
-class JsonlRecord:
-    """One line: either a prompt and a response, or chat messages ending with the assistant's."""
-
-    source: Path
-    line: int
-    prompt: str | None = None
-    response: str | None = None
-    messages: tuple[dict[str, str], ...] | None = None
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
-
-    @property
-    def reference(self) -> str:
-        """The response text: what the answer regex reads on the reference side."""
-        if self.messages is not None:
-            return self.messages[-1]["content"]
-        assert self.response is not None
-        return self.response
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _json_type(value: Any) -> str:
-    return _JSON_TYPES.get(type(value), type(value).__name__)
-
-
-def _text_field(obj: dict[str, Any], name: str, where: str = "field") -> str:
-    """The named field as a non-empty string, or a ValueError saying what is wrong with it."""
-    if name not in obj:
-        raise ValueError(f"missing {where} {name!r}")
-    value = obj[name]
-    if not isinstance(value, str):
-        raise ValueError(f"{where} {name!r} must be a string, got {_json_type(value)}")
-    if not value.strip():
-        raise ValueError(f"empty {where} {name!r}")
-    return value
-
-
-def _messages(value: Any) -> tuple[dict[str, str], ...]:
-    if not isinstance(value, list) or not value:
-        got = "an empty array" if value == [] else _json_type(value)
-        raise ValueError(
-            f"field 'messages' must be a non-empty array of {{role, content}} objects, got {got}"
-        )
-    messages = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise ValueError(
-                f"messages[{i}] must be an object with 'role' and 'content', got {_json_type(item)}"
-            )
-        where = f"messages[{i}] field"
-        messages.append(
-            {"role": _text_field(item, "role", where), "content": _text_field(item, "content", where)}
-        )
-    if messages[-1]["role"] != "assistant":
-        raise ValueError(
-            "the last message must be the reply to learn (role 'assistant'), "
-            f"got role {messages[-1]['role']!r}"
-        )
-    if len(messages) < 2:
-        raise ValueError("'messages' needs at least one message before the assistant's reply")
-    return tuple(messages)
-
-
-def _record(source: Path, line: int, text: str) -> JsonlRecord:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{_json_type(obj)}, not an object with 'prompt' and 'response' (or 'messages')")
-    has_pair = "prompt" in obj or "response" in obj
-    if "messages" in obj and has_pair:
-        raise ValueError("has both 'messages' and 'prompt'/'response'; give one of the two formats per line")
-    if "messages" in obj:
-        return JsonlRecord(source, line, messages=_messages(obj["messages"]))
-    if not has_pair:
-        raise ValueError("missing fields 'prompt' and 'response' (or 'messages')")
-    return JsonlRecord(source, line, prompt=_text_field(obj, "prompt"), response=_text_field(obj, "response"))
-
-
-def _refuse(errors: Sequence[str]) -> None:
-    if errors:
-        more = (
-            f" (and {len(errors) - 1} more bad line{'s' if len(errors) > 2 else ''})"
-            if len(errors) > 1
-            else ""
-        )
-        raise JsonlFormatError(errors[0] + more)
-
-
-def read_jsonl(path: str | Path) -> list[JsonlRecord]:
-    """Every record of the file; raises JsonlFormatError naming the first bad line (and how many more)."""
-    path = Path(path)
-    if not path.is_file():
-        raise JsonlFormatError(
-            f"{path}: no such file; pass jsonl:PATH with a JSONL file (one JSON object a line)"
-        )
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise JsonlFormatError(
-            f"{path}:{line}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
-        ) from None
-    records: list[JsonlRecord] = []
-    errors: list[str] = []
-    # Lines end at \n only: JSON strings cannot hold a raw newline, but may hold other line
-    # separators (U+2028) that str.splitlines would split on.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(_record(path, number, line))
-        except ValueError as exc:
-            errors.append(f"{path}:{number}: {exc}")
-    _refuse(errors)
-    if not records:
-        raise JsonlFormatError(
-            f"{path}: no JSON lines; write one object with 'prompt' and 'response' per line"
-        )
-    return records
-
-
-def final_answer(regex: re.Pattern[str], text: str) -> str | None:
-    """The final answer in ``text``: the regex's first group (its whole match if it has no
-    group) at the first match, stripped; None without a match."""
-    found = regex.search(text)
-    if found is None:
-        return None
-    answer = found.group(1) if regex.groups else found.group(0)
-    return (answer or "").strip()
-
-
-# --------------------------------------------------------------------------- tokens
-
-
-@dataclass
-class ResponseSplit(GSMSplit):
-    """Tokenised records (the gsm task's layout: prompt ids and response ids apart).
-
-    ``answers`` (gsm's numeric references) stays empty; ``references`` holds the reference
-    responses, ``where`` each example's file and line, ``cut`` whether its response was cut.
-    """
-
-    references: list[str] = field(default_factory=list)
-    where: list[str] = field(default_factory=list)
-    cut: list[bool] = field(default_factory=list)
-
-
-def _render(record: JsonlRecord, tokenizer: Any) -> tuple[list[int], list[int]]:
-    """Prompt ids and response ids (ending with the end-of-sequence token) of one record."""
-    eos = tokenizer.eos_token_id
-    if record.messages is None:
-        prompt = tokenizer(record.prompt)["input_ids"]  # with the tokenizer's own BOS, if it adds one
-        return list(prompt), tokenizer(record.response, add_special_tokens=False)["input_ids"] + [eos]
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "'messages' need the tokenizer's chat template, and this model's tokenizer has none; "
-            "write the line as 'prompt' and 'response' instead"
-        )
-    turns = [dict(m) for m in record.messages]
-    try:
-        prompt_text = tokenizer.apply_chat_template(turns[:-1], add_generation_prompt=True, tokenize=False)
-        whole = tokenizer.apply_chat_template(turns, tokenize=False)
-    except Exception as exc:  # jinja's TemplateError and whatever a template raises on purpose
-        raise ValueError(f"the chat template refuses these messages: {exc}") from None
-    # The template's own text already holds any BOS: no special tokens added on top.
-    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    if whole.startswith(prompt_text):
-        # The reply as the template writes it, end-of-turn marker included; anything after
-        # the last end-of-sequence token (a newline) is never generated, so not trained.
-        response = tokenizer(whole[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-        if eos in response:
-            response = response[: len(response) - response[::-1].index(eos)]
-        else:
-            response.append(eos)
-    else:  # a template that renders earlier turns differently once a reply follows
-        response = tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"] + [eos]
-    return list(prompt), list(response)
-
-
-def encode_records(
-    records: Sequence[JsonlRecord], tokenizer: Any, max_length: int
-) -> tuple[ResponseSplit, list[str]]:
-    """All records tokenised, and the errors of the ones that cannot be used (file:line: reason).
-
-    A response that does not fit after its prompt loses its end (counted in ``truncated``);
-    a prompt of ``max_length`` tokens or more leaves nothing of the response: an error.
-    """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise JsonlFormatError("the model's tokenizer has no end-of-sequence token (eos_token)")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    split = ResponseSplit([], [], [], int(pad))
-    errors: list[str] = []
-    for record in records:
-        try:
-            prompt, response = _render(record, tokenizer)
-        except ValueError as exc:
-            errors.append(f"{record.where}: {exc}")
-            continue
-        room = max_length - len(prompt)
-        if room < 1:
-            errors.append(
-                f"{record.where}: nothing of the response is left after truncation: the prompt alone takes "
-                f"{len(prompt)} tokens of --max-length {max_length}; raise --max-length or shorten the prompt"
-            )
-            continue
-        split.cut.append(len(response) > room)
-        split.truncated += split.cut[-1]
-        response = response[:room]
-        split.prompts.append(prompt)
-        split.targets.append(response)
-        split.references.append(record.reference)
-        split.where.append(record.where)
-    return split, errors
-
-
-def _subset(split: ResponseSplit, indices: Sequence[int]) -> ResponseSplit:
-    return ResponseSplit(
-        [split.prompts[i] for i in indices],
-        [split.targets[i] for i in indices],
-        [],
-        split.pad_token_id,
-        truncated=sum(split.cut[i] for i in indices),
-        references=[split.references[i] for i in indices],
-        where=[split.where[i] for i in indices],
-        cut=[split.cut[i] for i in indices],
-    )
-
-
-# --------------------------------------------------------------------------- the task
 
 
 def _sha256(path: Path) -> str | None:
@@ -447,7 +193,7 @@ class JsonlTask(Task):
         eval_records = read_jsonl(self.eval_file) if self.eval_file is not None else []
         regex = self.answer_regex
         if regex is not None:
-            _refuse(
+            refuse_lines(
                 [
                     f"{r.where}: the response has no match of --answer-regex {regex.pattern!r}"
                     for r in [*records, *eval_records]
@@ -458,81 +204,32 @@ class JsonlTask(Task):
         tokenizer = folder.tokenizer()
         encoded, errors = encode_records(records, tokenizer, max_length)
         encoded_eval, eval_errors = encode_records(eval_records, tokenizer, max_length)
-        _refuse(errors + eval_errors)
+        refuse_lines(errors + eval_errors)
         skeleton = folder.skeleton("causal-lm")
         body_linear_names(skeleton)  # a model without blocks is refused before anything trains
         del skeleton
 
-        # Evaluation sets first, so that they do not change with --train-size.
-        rng = random.Random(options.data_seed)
-        if self.eval_file is None:
-            val_n, test_n, train_n = self._sizes(options, len(encoded), None)
-            order = list(range(len(encoded)))
-            rng.shuffle(order)
-            pools = {"validation": (encoded, order[:val_n]), "test": (encoded, order[val_n : val_n + test_n]),
-                     "train": (encoded, order[val_n + test_n : val_n + test_n + train_n])}  # fmt: skip
-        else:
-            val_n, test_n, train_n = self._sizes(options, len(encoded_eval), len(encoded))
-            held = list(range(len(encoded_eval)))
-            rng.shuffle(held)
-            order = list(range(len(encoded)))
-            rng.shuffle(order)
-            pools = {"validation": (encoded_eval, held[:val_n]),
-                     "test": (encoded_eval, held[val_n : val_n + test_n]),
-                     "train": (encoded, order[:train_n])}  # fmt: skip
-        splits = {name: _subset(source, indices) for name, (source, indices) in pools.items()}
-        seen = {tuple(p) for p in splits["train"].prompts}
-        shared = sum(tuple(p) in seen for p in splits["test"].prompts)
+        splits = self._draw(options, encoded, encoded_eval)
         max_new_tokens = max(len(t) for t in splits["test"].targets) + _DECODE_SLACK
         dtype = self.load_dtype
-        generation_batch = self.generation_batch_size
 
         def load_model() -> nn.Module:
             return folder.load("causal-lm", dtype)
 
-        def evaluate(model: nn.Module, split: str) -> Scores:
-            data = splits[split]
-            was_training = model.training
-            model.eval()
-            try:
-                scores = loss_scores(model, data)
-                if split == "test" and regex is not None:
-                    texts = greedy_answers(model, data, tokenizer, max_new_tokens, generation_batch)
-                    hits = [
-                        int(
-                            (answer := final_answer(regex, text)) is not None
-                            and answer == final_answer(regex, ref)
-                        )
-                        for text, ref in zip(texts, data.references, strict=True)
-                    ]
-                    scores["exact_match"] = sum(hits) / len(data)
-                    scores.examples["exact_match"] = example_outcomes(hits)
-            finally:
-                model.train(was_training)
-            return scores
-
-        formats = sum(r.messages is not None for r in [*records, *eval_records])
-        notes = [
-            f"{formats} chat-message line(s) rendered with the tokenizer's chat template, "
-            f"{len(records) + len(eval_records) - formats} prompt/response line(s) as plain text",
-            "loss on the response tokens only (prompt and padding masked)",
-        ]
-        if shared:
-            notes.append(f"{shared} test prompt(s) also occur in training")
         return PreparedTask(
             train=splits["train"],
             validation=splits["validation"],
             test=splits["test"],
             load_model=load_model,
             lora_targets=body_linear_names,
-            loss=_causal_lm_loss,
-            evaluate=evaluate,
+            loss=hf_model_loss,
+            evaluate=_evaluator(splits, tokenizer, regex, max_new_tokens, self.generation_batch_size),
             peft_task_type="CAUSAL_LM",
             model_skeleton=lambda: folder.skeleton("causal-lm"),
             info={
                 "data": str(self.path)
                 + (f" (validation and test from {self.eval_file})" if self.eval_file else ""),
-                "data_notes": notes,
+                "data_notes": _data_notes([*records, *eval_records], splits),
                 "sizes": {
                     "train": len(splits["train"]),
                     "validation": len(splits["validation"]),
@@ -551,9 +248,77 @@ class JsonlTask(Task):
             },
         )
 
+    def _draw(
+        self, options: TaskOptions, encoded: ResponseSplit, encoded_eval: ResponseSplit
+    ) -> dict[str, ResponseSplit]:
+        """The train, validation and test splits, seeded by ``data_seed``: the evaluation sets are
+        drawn first, so that they do not change with --train-size."""
+        rng = random.Random(options.data_seed)
+        if self.eval_file is None:
+            val_n, test_n, train_n = self._sizes(options, len(encoded), None)
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
+            pools = {"validation": (encoded, order[:val_n]), "test": (encoded, order[val_n : val_n + test_n]),
+                     "train": (encoded, order[val_n + test_n : val_n + test_n + train_n])}  # fmt: skip
+        else:
+            val_n, test_n, train_n = self._sizes(options, len(encoded_eval), len(encoded))
+            held = list(range(len(encoded_eval)))
+            rng.shuffle(held)
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
+            pools = {"validation": (encoded_eval, held[:val_n]),
+                     "test": (encoded_eval, held[val_n : val_n + test_n]),
+                     "train": (encoded, order[:train_n])}  # fmt: skip
+        return {name: subset(source, indices) for name, (source, indices) in pools.items()}
 
-def _causal_lm_loss(model: nn.Module, batch: dict[str, Any]) -> Any:
-    return model(**batch).loss
+
+def _evaluator(
+    splits: dict[str, ResponseSplit],
+    tokenizer: Any,
+    regex: re.Pattern[str] | None,
+    max_new_tokens: int,
+    generation_batch: int,
+):
+    """The task's ``evaluate``: the loss per response token, and with an answer regex the test
+    split's exact match of the final answers."""
+
+    def evaluate(model: nn.Module, split: str) -> Scores:
+        data = splits[split]
+        was_training = model.training
+        model.eval()
+        try:
+            scores = loss_scores(model, data)
+            if split == "test" and regex is not None:
+                texts = greedy_answers(model, data, tokenizer, max_new_tokens, generation_batch)
+                hits = [
+                    int(
+                        (answer := final_answer(regex, text)) is not None
+                        and answer == final_answer(regex, ref)
+                    )
+                    for text, ref in zip(texts, data.references, strict=True)
+                ]
+                scores["exact_match"] = sum(hits) / len(data)
+                scores.examples["exact_match"] = example_outcomes(hits)
+        finally:
+            model.train(was_training)
+        return scores
+
+    return evaluate
+
+
+def _data_notes(records: Sequence[JsonlRecord], splits: dict[str, ResponseSplit]) -> list[str]:
+    """What the report says about the data: the lines' formats, and test prompts seen in training."""
+    formats = sum(r.messages is not None for r in records)
+    notes = [
+        f"{formats} chat-message line(s) rendered with the tokenizer's chat template, "
+        f"{len(records) - formats} prompt/response line(s) as plain text",
+        "loss on the response tokens only (prompt and padding masked)",
+    ]
+    seen = {tuple(p) for p in splits["train"].prompts}
+    shared = sum(tuple(p) in seen for p in splits["test"].prompts)
+    if shared:
+        notes.append(f"{shared} test prompt(s) also occur in training")
+    return notes
 
 
 register_task("jsonl", JsonlTask, takes_argument=True)
