@@ -23,16 +23,14 @@ import lorapro.bench.tasks.mnist5k as mnist5k
 from lorapro.bench.data import MissingAssetError
 from lorapro.bench.methods import BuildContext, get_method
 from lorapro.bench.tasks.base import PreparedTask, TaskOptions
-from lorapro.bench.tasks.image_classification import (
+from lorapro.bench.tasks.efficientnet import (
     EFFICIENTNET_HEAD,
-    ImagePools,
-    LabelledImages,
-    draw_splits,
     efficientnet_lite0_weights,
     load_efficientnet_lite0,
     pointwise_conv_names,
-    read_idx,
 )
+from lorapro.bench.tasks.image_files import read_idx
+from lorapro.bench.tasks.image_splits import ImagePools, LabelledImages, draw_splits
 from lorapro.bench.tasks.registry import get_task
 from lorapro.bench.train import TrainConfig, train_and_evaluate
 

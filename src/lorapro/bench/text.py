@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .data import Split
+from .devices import model_device
 from .records import Scores, accuracy_scores_of
 
 __all__ = ["Encoded", "accuracy_scores", "correct_predictions", "encode", "evaluate_accuracy"]
@@ -57,8 +58,7 @@ def correct_predictions(model: nn.Module, data: Encoded, batch_size: int = 128) 
         return []
     was_training = model.training
     model.eval()
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = model_device(model)
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     correct = [0] * len(data)
     try:

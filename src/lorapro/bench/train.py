@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .devices import model_device
 from .memory import PeakMemory
 from .methods import BuildContext, MethodSpec, get_method
 from .records import EXAMPLES_KEY, VALIDATION_CURVE_KEY, RunResult, TrainConfig
@@ -47,11 +48,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 # --------------------------------------------------------------------------- the loop
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """The forward's precision: float32 as stored, or torch.autocast to a 16-bit dtype."""
     if dtype is None or dtype == torch.float32:
@@ -63,7 +59,7 @@ def _on_model_device(loss: Callable[[nn.Module, dict], torch.Tensor]) -> Callabl
     """A task's loss whose batch (built on the CPU) is first moved to the model's device."""
 
     def moved(model: nn.Module, batch: dict) -> torch.Tensor:
-        device = _device_of(model)
+        device = model_device(model)
         return loss(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
 
     return moved
@@ -137,9 +133,9 @@ def train_and_evaluate(
         task = dataclasses.replace(task, loss=_on_model_device(task.loss))
     torch.manual_seed(cfg.seed)
     model = task.load_model()
-    if target is not None and _device_of(model) != target:
+    if target is not None and model_device(model) != target:
         model = model.to(target)
-    run_device = _device_of(model)
+    run_device = model_device(model)
     precision = dtype if dtype is not None and dtype != torch.float32 else None
     with PeakMemory(run_device) as memory:
         built = spec.build(model, BuildContext(cfg, task, total_steps))

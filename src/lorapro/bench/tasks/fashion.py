@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import MissingAssetError
-from .image_classification import ImageClassificationTask, ImagePools, LabelledImages, read_idx
+from .image_classification import ImageClassificationTask
+from .image_files import read_idx
+from .image_splits import ImagePools, LabelledImages
 from .registry import register_task
 
 __all__ = ["FASHION_CLASSES", "FASHION_MNIST_DIR", "FashionMNIST", "load_fashion_mnist"]

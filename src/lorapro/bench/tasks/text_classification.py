@@ -10,7 +10,6 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..data import LabelledTexts, split_dataset
@@ -19,13 +18,9 @@ from ..models import encoder_linear_names, load_minilm, load_minilm_tokenizer, m
 from ..records import Scores
 from ..targets import body_linear_names
 from ..text import Encoded, accuracy_scores, encode
-from .base import Metric, PreparedTask, Task, TaskOptions
+from .base import Metric, PreparedTask, Task, TaskOptions, hf_model_loss
 
 __all__ = ["TextClassificationTask"]
-
-
-def _sequence_classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**batch).loss
 
 
 class TextClassificationTask(Task):
@@ -128,7 +123,7 @@ class TextClassificationTask(Task):
             test=encoded["test"],
             load_model=load_model,
             lora_targets=lora_targets,
-            loss=_sequence_classification_loss,
+            loss=hf_model_loss,
             evaluate=evaluate,
             peft_task_type="SEQ_CLS",
             model_skeleton=skeleton,
