@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .config import DEFAULT_LR_GRID, DEVICES, DTYPES, BenchConfig, BenchConfigError, resolve_device
+from .config import DTYPES, BenchConfig, BenchConfigError, resolve_device
 from .data_checks import check_labels, overlap_warnings, split_overlap, unseen_test_classes
 from .errors import MethodUnavailableError
 from .grid import (
@@ -48,22 +47,18 @@ from .methods import get_method
 from .opening import check_methods, check_task
 from .outcomes import BenchResult, MethodOutcome
 from .report import write_reports
+from .run_plan import describe_sizes, interrupted_message, pace_estimate, plan_text, run_plan
+from .run_store import RunStore
 from .stats import spread
-from .tasks import Task, TaskOptions, get_task
+from .tasks import PreparedTask, Task, TaskOptions, get_task
 from .train import RunResult, TrainConfig, train_and_evaluate
 
 __all__ = [
-    "DEFAULT_LR_GRID",
-    "DEVICES",
-    "DTYPES",
-    "BenchConfig",
-    "BenchConfigError",
     "BenchResult",
     "MethodOutcome",
-    "resolve_device",
+    "environment",
     "run_benchmark",
     "run_hash",
-    "run_plan",
     "unseen_test_classes",
 ]
 
@@ -94,62 +89,6 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
     }
-
-
-class _RunStore:
-    """One JSON file per finished run under ``out/runs/<method>/``."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def path(self, method: str, lr: float, seed: int, digest: str) -> Path:
-        return self.root / method / f"lr{lr:g}-seed{seed}-{digest}.json"
-
-    def load(self, path: Path, digest: str) -> RunResult | None:
-        if not path.is_file():
-            return None
-        try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None  # a torn file from a killed run: run it again
-        if payload.get("hash") != digest:
-            return None
-        return RunResult.from_dict(payload["result"])
-
-    @staticmethod
-    def _refusal_path(path: Path) -> Path:
-        return path.with_name(path.stem + ".unavailable.json")
-
-    def refusal(self, path: Path, digest: str, env: dict) -> str | None:
-        """Why this run could not be built, if an earlier invocation found out with the same PEFT."""
-        marker = self._refusal_path(path)
-        if not marker.is_file():
-            return None
-        try:
-            payload = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        if payload.get("hash") != digest or payload.get("peft") != env.get("peft"):
-            return None  # another configuration or PEFT release: try again
-        return str(payload["reason"])
-
-    def save_refusal(self, path: Path, digest: str, reason: str, env: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"hash": digest, "reason": reason, "peft": env.get("peft")}
-        self._refusal_path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-
-    def save(self, path: Path, digest: str, key: dict[str, Any], result: RunResult, env: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "hash": digest,
-            "key": key,
-            "result": result.to_dict(),
-            "environment": env,
-            "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        }
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)  # atomic: a killed run leaves no half-written result
 
 
 def _train_config(cfg: BenchConfig, task: Task, lr: float, seed: int, n_train: int) -> TrainConfig:
@@ -194,6 +133,64 @@ def run_benchmark(
     cfg.validate()
     device = resolve_device(cfg.device)
     task = task or _get_task(cfg.task)
+    options, prepared = _prepare(cfg, task)
+    check_labels(prepared, BenchConfigError)  # classes the training split cannot teach: refused
+    overlap = split_overlap(prepared)
+    out = Path(cfg.out)
+    env = environment()
+    env["device"] = device
+    if device == "cuda":
+        env["cuda_device"] = torch.cuda.get_device_name()
+    base_key = {
+        "harness_version": HARNESS_VERSION,
+        "task": task.identity(),
+        "options": asdict(options),
+        # Sizes, not the whole info dict: rewording a note must not invalidate finished runs.
+        "sizes": prepared.info.get("sizes"),
+        **_runtime_key(cfg, device),
+    }
+    runner = _Runner(cfg, task, prepared, RunStore(out / "runs"), env, base_key, device, report_only, log)
+    if progress:
+        runner.show_progress()
+    log(_opening(cfg, task, prepared, env, device, out))
+    data_warnings = unseen_test_classes(prepared) + overlap_warnings(overlap)
+    for warning in data_warnings:
+        log(f"warning: {warning}")
+    if not report_only:
+        log(plan_text(cfg, len(runner.grid), runner.planned, runner.at_most, out))
+    # Two phases, so that an interrupted benchmark has tuned every method before it spends
+    # time on extra seeds: first the whole grid at seed 0 for all methods, then the seeds.
+    outcomes = [MethodOutcome(m, get_method(m).description) for m in cfg.methods]
+    try:
+        tuning = {outcome.method: runner.tune(outcome) for outcome in outcomes}
+        for outcome in outcomes:
+            runner.repeat_best(outcome, tuning[outcome.method])
+    except KeyboardInterrupt:
+        runner.close_progress()  # before the message, so that it is not drawn over
+        log(interrupted_message(out, runner.executed, resume_command))
+        raise
+    finally:
+        runner.close_progress()
+
+    result = BenchResult(
+        config=cfg,
+        task=task,
+        task_info=prepared.info,
+        outcomes=outcomes,
+        all_runs=runner.all_runs,
+        out=out,
+        environment=env,
+        runs_executed=runner.executed,
+        runs_reused=runner.reused,
+        data_warnings=data_warnings,
+        overlap=overlap,
+    )
+    write_reports(result, log=log)
+    return result
+
+
+def _prepare(cfg: BenchConfig, task: Task) -> tuple[TaskOptions, PreparedTask]:
+    """The task checked with its options, and its data prepared once for every run."""
     task.load_dtype = DTYPES[cfg.dtype]
     given = {"model": cfg.model, "eval_file": cfg.eval_file, "answer_regex": cfg.answer_regex}
     check_task(task, BenchConfigError, **given)
@@ -211,227 +208,162 @@ def run_benchmark(
             prepared = _with_targets(prepared, cfg.target_modules)
     except ValueError as exc:
         raise BenchConfigError(str(exc)) from None
-    check_labels(prepared, BenchConfigError)  # classes the training split cannot teach: refused
-    overlap = split_overlap(prepared)
-    out = Path(cfg.out)
-    store = _RunStore(out / "runs")
-    env = environment()
-    env["device"] = device
-    if device == "cuda":
-        env["cuda_device"] = torch.cuda.get_device_name()
-    base_key = {
-        "harness_version": HARNESS_VERSION,
-        "task": task.identity(),
-        "options": asdict(options),
-        # Sizes, not the whole info dict: rewording a note must not invalidate finished runs.
-        "sizes": prepared.info.get("sizes"),
-        **_runtime_key(cfg, device),
-    }
-    seeds = list(range(cfg.seeds))
-    grid = sorted(cfg.lr_grid)  # ascending: ties then keep the smaller rate
-    selection = task.selection_metric
+    return options, prepared
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=len(cfg.methods) * (len(grid) + len(seeds) - 1),
-            desc=f"bench {task.name}",
-            unit="run",
-            position=0,
-            dynamic_ncols=True,
-        )
+def _opening(
+    cfg: BenchConfig, task: Task, prepared: PreparedTask, env: dict[str, Any], device: str, out: Path
+) -> str:
+    """The lines that say what the benchmark runs: the task, data, methods, grid and device."""
+    grid = sorted(cfg.lr_grid)
     accumulate = f", {cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1 else ""
     steps = f", {cfg.max_steps} steps per run" if cfg.max_steps is not None else ""
-    log(
+    return (
         f"Task {task.name}: {task.description}\n"
         f"Data: {describe_sizes(prepared.info.get('sizes'))}; methods: {', '.join(cfg.methods)}; lr grid: "
         f"{', '.join(f'{x:g}' for x in grid)}; seeds: {cfg.seeds}; results under {out}\n"
         f"Device: {env.get('cuda_device', device)}, {cfg.dtype}{accumulate}{steps}\n"
         f"{grid_plan(cfg.lr_grid, cfg.extend_grid, cfg.refine)}"
     )
-    data_warnings = unseen_test_classes(prepared) + overlap_warnings(overlap)
-    for warning in data_warnings:
-        log(f"warning: {warning}")
-    planned, at_most = run_plan(cfg)
-    if not report_only:
-        log(_plan_text(cfg, len(grid), planned, at_most, out))
-    counters = {"executed": 0, "reused": 0}
-    all_runs: list[RunResult] = []
 
-    def run(method: str, lr: float, seed: int) -> RunResult:
-        train_cfg = _train_config(cfg, task, lr, seed, len(prepared.train))
-        key = {**base_key, "method": method, "train": train_cfg.to_dict()}
+
+class _Runner:
+    """The benchmark's runs, one at a time: each reused from the store when its hash is there,
+    else trained and stored, and counted (executed or reused) and shown in the progress bar."""
+
+    def __init__(
+        self,
+        cfg: BenchConfig,
+        task: Task,
+        prepared: PreparedTask,
+        store: RunStore,
+        env: dict[str, Any],
+        base_key: dict[str, Any],
+        device: str,
+        report_only: bool,
+        log: Callable[[str], None],
+    ) -> None:
+        self.cfg, self.task, self.prepared, self.store = cfg, task, prepared, store
+        self.env, self.base_key, self.device, self.report_only, self.log = (
+            env,
+            base_key,
+            device,
+            report_only,
+            log,
+        )
+        self.seeds = list(range(cfg.seeds))
+        self.grid = sorted(cfg.lr_grid)  # ascending: ties then keep the smaller rate
+        self.planned, self.at_most = run_plan(cfg)
+        self.executed = self.reused = 0
+        self.all_runs: list[RunResult] = []
+        self.bar: Any = None
+
+    def show_progress(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=len(self.cfg.methods) * (len(self.grid) + len(self.seeds) - 1),
+            desc=f"bench {self.task.name}",
+            unit="run",
+            position=0,
+            dynamic_ncols=True,
+        )
+
+    def close_progress(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def run(self, method: str, lr: float, seed: int) -> RunResult:
+        """The run of ``method`` at ``lr`` and ``seed``: stored, or trained now and stored."""
+        train_cfg = _train_config(self.cfg, self.task, lr, seed, len(self.prepared.train))
+        key = {**self.base_key, "method": method, "train": train_cfg.to_dict()}
         digest = run_hash(key)
-        path = store.path(method, lr, seed, digest)
-        result = store.load(path, digest)
-        refused = store.refusal(path, digest, env)
+        path = self.store.path(method, lr, seed, digest)
+        result = self.store.load(path, digest)
+        refused = self.store.refusal(path, digest, self.env)
         if refused is not None:
             raise MethodUnavailableError(refused)
-        if result is None and report_only:
+        if result is None and self.report_only:
             raise _NotRunYet(f"lr {lr:g} seed {seed}")
         if result is None:
-            started = time.perf_counter()
-            try:
-                result = train_and_evaluate(
-                    method,
-                    prepared,
-                    train_cfg,
-                    progress=progress,
-                    progress_position=1,
-                    max_steps=cfg.max_steps,
-                    device=device,
-                    dtype=DTYPES[cfg.dtype],
-                    grad_accum=cfg.grad_accum,
-                    eval_every=cfg.eval_every,
-                )
-            except MethodUnavailableError as exc:
-                store.save_refusal(path, digest, str(exc), env)
-                raise
-            store.save(path, digest, key, result, env)
-            counters["executed"] += 1
-            if counters["executed"] == 1:
-                seconds = time.perf_counter() - started
-                left = (bar.total - bar.n - 1) if bar is not None else planned - len(all_runs) - 1
-                note = _estimate(seconds, max(0, left), max(0, at_most - planned))
-                (bar.write if bar is not None else log)(note)
+            result = self._train(method, train_cfg, path, digest, key)
         else:
-            counters["reused"] += 1
-        if bar is not None:
-            bar.update(1)
-        all_runs.append(result)
+            self.reused += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        self.all_runs.append(result)
         return result
 
-    # Two phases, so that an interrupted benchmark has tuned every method before it spends
-    # time on extra seeds: first the whole grid at seed 0 for all methods, then the seeds.
-    outcomes = [MethodOutcome(m, get_method(m).description) for m in cfg.methods]
-    tuning: dict[str, dict[float, RunResult]] = {m: {} for m in cfg.methods}
-    try:
-        for outcome in outcomes:
-            runs = tuning[outcome.method]
-            try:
-                for lr in grid:
-                    runs[lr] = run(outcome.method, lr, seeds[0])
-                    outcome.origins[lr] = COARSE
-                at_seed0 = lambda lr, m=outcome.method: run(m, lr, seeds[0])  # noqa: E731
-                for lr in extend_at_edges(runs, cfg.extend_grid, selection, bar, at_seed0):
-                    outcome.origins[lr] = EDGE
-                for lr in refine_around_best(runs, cfg.refine, selection, bar, at_seed0):
-                    outcome.origins[lr] = REFINED
-            except _NotRunYet as missing:
-                outcome.pending = f"tuning not finished ({missing} not run yet)"
-            except MethodUnavailableError as exc:
-                outcome.unavailable = str(exc)
-                log(f"{outcome.method}: not run: {exc}")
-                if bar is not None:
-                    bar.update(len(grid) + len(seeds) - 1 - len(runs))
-        for outcome in outcomes:
-            runs = tuning[outcome.method]
-            outcome.grid = {lr: runs[lr].validation for lr in sorted(runs)}
-            outcome.diverged = [lr for lr in sorted(runs) if runs[lr].diverged]
-            if outcome.unavailable or outcome.pending:
-                continue
-            best = best_lr(runs, selection)
-            outcome.chosen_lr = best
-            scores = {lr: runs[lr].validation.get(selection.name, math.nan) for lr in runs}
-            outcome.rule = choice_rule(scores, best, selection, outcome.origins, outcome.diverged)
-            outcome.runs = [runs[best]]
-            for seed in seeds[1:]:
-                with contextlib.suppress(_NotRunYet):  # report_only: show the seeds run so far
-                    outcome.runs.append(run(outcome.method, best, seed))
-            if len(outcome.runs) < len(seeds):
-                outcome.pending = f"{len(outcome.runs)} of {len(seeds)} seeds run so far"
-            values = outcome.test_values(task.report_metric.name)
-            log(f"{outcome.method}: {outcome.rule}; test {task.report_metric.name} {spread(values)}")
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()  # before the message, so that it is not drawn over
-        log(_interrupted(out, counters["executed"], resume_command))
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+    def _train(self, method: str, train_cfg: TrainConfig, path: Path, digest: str, key: dict) -> RunResult:
+        started = time.perf_counter()
+        try:
+            result = train_and_evaluate(
+                method,
+                self.prepared,
+                train_cfg,
+                progress=self.bar is not None,
+                progress_position=1,
+                max_steps=self.cfg.max_steps,
+                device=self.device,
+                dtype=DTYPES[self.cfg.dtype],
+                grad_accum=self.cfg.grad_accum,
+                eval_every=self.cfg.eval_every,
+            )
+        except MethodUnavailableError as exc:
+            self.store.save_refusal(path, digest, str(exc), self.env)
+            raise
+        self.store.save(path, digest, key, result, self.env)
+        self.executed += 1
+        if self.executed == 1:
+            seconds = time.perf_counter() - started
+            bar = self.bar
+            left = (bar.total - bar.n - 1) if bar is not None else self.planned - len(self.all_runs) - 1
+            note = pace_estimate(seconds, max(0, left), max(0, self.at_most - self.planned))
+            (bar.write if bar is not None else self.log)(note)
+        return result
 
-    result = BenchResult(
-        config=cfg,
-        task=task,
-        task_info=prepared.info,
-        outcomes=outcomes,
-        all_runs=all_runs,
-        out=out,
-        environment=env,
-        runs_executed=counters["executed"],
-        runs_reused=counters["reused"],
-        data_warnings=data_warnings,
-        overlap=overlap,
-    )
-    write_reports(result, log=log)
-    return result
+    def tune(self, outcome: MethodOutcome) -> dict[float, RunResult]:
+        """The method's runs at seed 0 over the grid, its extension at the edges and refinement;
+        a method not stored yet (``report_only``) or unavailable is marked so on ``outcome``."""
+        runs: dict[float, RunResult] = {}
+        try:
+            for lr in self.grid:
+                runs[lr] = self.run(outcome.method, lr, self.seeds[0])
+                outcome.origins[lr] = COARSE
+            selection = self.task.selection_metric
+            at_seed0 = lambda lr, m=outcome.method: self.run(m, lr, self.seeds[0])  # noqa: E731
+            for lr in extend_at_edges(runs, self.cfg.extend_grid, selection, self.bar, at_seed0):
+                outcome.origins[lr] = EDGE
+            for lr in refine_around_best(runs, self.cfg.refine, selection, self.bar, at_seed0):
+                outcome.origins[lr] = REFINED
+        except _NotRunYet as missing:
+            outcome.pending = f"tuning not finished ({missing} not run yet)"
+        except MethodUnavailableError as exc:
+            outcome.unavailable = str(exc)
+            self.log(f"{outcome.method}: not run: {exc}")
+            if self.bar is not None:
+                self.bar.update(len(self.grid) + len(self.seeds) - 1 - len(runs))
+        return runs
 
-
-def describe_sizes(sizes: dict[str, int] | None) -> str:
-    """``1000 train / 300 validation / 1000 test examples (of 5000)``; the sizes as a task gives them."""
-    if not sizes:
-        return "sizes not given"
-    text = " / ".join(f"{sizes[k]} {k}" for k in ("train", "validation", "test") if k in sizes) + " examples"
-    return text + (f" (of {sizes['pool']})" if "pool" in sizes else "")
-
-
-def run_plan(cfg: BenchConfig) -> tuple[int, int]:
-    """The runs the benchmark plans (every method: the grid on seed 0, then its chosen rate on the
-    other seeds), and the most it can take when every method's grid extends and refines."""
-    per_method = len(cfg.lr_grid) + cfg.seeds - 1
-    extra = cfg.extend_grid + 2 * cfg.refine
-    return len(cfg.methods) * per_method, len(cfg.methods) * (per_method + extra)
-
-
-def _plan_text(cfg: BenchConfig, n_rates: int, planned: int, at_most: int, out: Path) -> str:
-    seeds = cfg.seeds - 1
-    then = f", then each method's chosen rate on {seeds} more seed{'s' if seeds > 1 else ''}" if seeds else ""
-    text = f"Plan: {len(cfg.methods)} methods x {n_rates} rates on seed 0{then}: {planned} runs"
-    more = []
-    if cfg.extend_grid:
-        more.append(f"up to {cfg.extend_grid} per method where a best rate sits at the grid's edge")
-    if cfg.refine:
-        more.append(f"{2 * cfg.refine} per method for refinement")
-    if at_most > planned:
-        text += f", and up to {at_most - planned} more ({'; '.join(more)})"
-    return text + f". Runs stored under {out / 'runs'} are reused, not repeated."
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _estimate(first: float, left: int, extra: int) -> str:
-    """The time the remaining runs take at the first run's pace (methods differ in speed)."""
-    text = f"First run: {_duration(first)}; at that pace the {left} remaining planned runs take about "
-    text += _duration(first * left)
-    if extra:
-        text += f" ({_duration(first * (left + extra))} if every grid extends and refines)"
-    return text + "."
-
-
-def _stored_runs(out: Path) -> int:
-    root = out / "runs"
-    if not root.is_dir():
-        return 0
-    return sum(1 for p in root.glob("*/*.json") if not p.name.endswith(".unavailable.json"))
-
-
-def _interrupted(out: Path, executed: int, resume_command: str | None) -> str:
-    stored = _stored_runs(out)
-    again = f"rerun `{resume_command}`" if resume_command else "rerun the same command"
-    return (
-        f"\nInterrupted: {stored} finished run{'s' if stored != 1 else ''} stored under {out / 'runs'} "
-        f"({executed} of them trained in this invocation; the run in progress is lost). To resume, {again}: "
-        "stored runs are reused, not repeated."
-    )
+    def repeat_best(self, outcome: MethodOutcome, runs: dict[float, RunResult]) -> None:
+        """Record the tuning on ``outcome``, choose its rate, and run that rate on the other seeds."""
+        outcome.grid = {lr: runs[lr].validation for lr in sorted(runs)}
+        outcome.diverged = [lr for lr in sorted(runs) if runs[lr].diverged]
+        if outcome.unavailable or outcome.pending:
+            return
+        selection = self.task.selection_metric
+        best = best_lr(runs, selection)
+        outcome.chosen_lr = best
+        scores = {lr: runs[lr].validation.get(selection.name, math.nan) for lr in runs}
+        outcome.rule = choice_rule(scores, best, selection, outcome.origins, outcome.diverged)
+        outcome.runs = [runs[best]]
+        for seed in self.seeds[1:]:
+            with contextlib.suppress(_NotRunYet):  # report_only: show the seeds run so far
+                outcome.runs.append(self.run(outcome.method, best, seed))
+        if len(outcome.runs) < len(self.seeds):
+            outcome.pending = f"{len(outcome.runs)} of {len(self.seeds)} seeds run so far"
+        values = outcome.test_values(self.task.report_metric.name)
+        self.log(f"{outcome.method}: {outcome.rule}; test {self.task.report_metric.name} {spread(values)}")
 
 
 def _runtime_key(cfg: BenchConfig, device: str) -> dict[str, Any]:
