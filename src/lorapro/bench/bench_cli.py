@@ -70,7 +70,15 @@ def _dtype(text: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .methods import method_names
+    """Options of ``lorapro bench``, in the order its help lists them."""
+    _task_arguments(p)
+    _grid_arguments(p)
+    _size_arguments(p)
+    _run_arguments(p)
+
+
+def _task_arguments(p: argparse.ArgumentParser) -> None:
+    """The task, and what replaces its model, LoRA targets and evaluation data."""
     from .tasks import task_names
 
     p.add_argument(
@@ -103,6 +111,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="jsonl: also score test exact match of the final answer: the regex's first group (or whole "
         "match) in the greedy generation against the one in the reference response",
     )
+
+
+def _grid_arguments(p: argparse.ArgumentParser) -> None:
+    """The methods, the seeds and the learning-rate grid they are tuned on."""
+    from .methods import method_names
+
     p.add_argument(
         "--methods",
         default=DEFAULT_METHODS,
@@ -135,6 +149,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "between each method's best rate and its tried neighbours (half the spacing in log space, "
         "2 more runs per method and round; default 1, 0 keeps the grid's resolution)",
     )
+
+
+def _size_arguments(p: argparse.ArgumentParser) -> None:
+    """The data sizes, the training length and LoRA's hyper-parameters."""
     p.add_argument("--train-size", type=_positive_int, help="training examples (default: the task's)")
     p.add_argument("--val-size", type=_positive_int, help="validation examples (default: the task's)")
     p.add_argument("--test-size", type=_positive_int, help="test examples (default: the task's)")
@@ -166,6 +184,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seed of the train/validation/test split; it stays fixed while --seeds vary the training "
         "(default 0)",
     )
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    """Where and how runs train, where results go, and what else the command does."""
     p.add_argument(
         "--device",
         choices=DEVICES,

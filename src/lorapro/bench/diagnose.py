@@ -33,11 +33,11 @@ import torch
 from lorapro.diagnostics import GradientMonitor, LayerRecord, parse_steps, read_jsonl, summarize, write_csv
 
 from .errors import SetupError, run_command
-from .methods import METHODS
+from .methods import METHODS, MethodSpec
 from .opening import check_methods, check_task, opening_checks
 from .options import DefaultsHelpFormatter, parse_lrs, removed_if_left_empty
 from .options import positive_int as _positive_int
-from .tasks import TaskOptions, task_names
+from .tasks import PreparedTask, Task, TaskOptions, task_names
 from .train import TrainConfig, train_and_evaluate
 
 __all__ = ["DiagnoseConfigError", "DiagnoseReport", "add_arguments", "diagnose", "replot", "run"]
@@ -147,51 +147,21 @@ def diagnose(
     :func:`lorapro.diagnostics_plot.write_figures` (with both lora and lorapro, also
     ``distances_paper.png``, the paper's Figure 4 view).
     """
-    specs = check_methods(methods, DiagnoseConfigError)
+    specs = _diagnosable(methods)
     methods = [spec.name for spec in specs]
-    refused = [spec.name for spec in specs if not spec.diagnosable]
-    if refused:
-        able = ", ".join(name for name, spec in METHODS.items() if spec.diagnosable)
-        raise DiagnoseConfigError(
-            f"{', '.join(refused)}: no plain LoRA pairs (W0 + s*B*A) for the gradient monitor to measure; "
-            f"methods it measures: {able}"
-        )
     lrs = dict(lrs or {})
     if set(lrs) - set(methods):
         raise DiagnoseConfigError(
             f"learning rate given for a method not run: {sorted(set(lrs) - set(methods))}"
         )
-    try:
-        step_list = parse_steps(steps) if isinstance(steps, str) else sorted({int(s) for s in steps})
-    except ValueError as exc:
-        raise DiagnoseConfigError(str(exc)) from None
-    if not step_list or step_list[0] < 0:
-        raise DiagnoseConfigError(f"steps must be a non-empty list of integers >= 0, got {steps!r}")
-    if max_steps is None:
-        max_steps = max(step_list) + 1
-    if max_steps <= 0:
-        raise DiagnoseConfigError("max_steps must be positive")
-    if max(step_list) >= max_steps:
-        log(f"note: steps >= {max_steps} are never reached (--max-steps {max_steps})")
-
+    step_list, max_steps = _step_plan(steps, max_steps, log)
     task_obj = check_task(task, DiagnoseConfigError, model=model)
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "records.jsonl"
     jsonl.unlink(missing_ok=True)
-    # The training pool is everything the task does not hold out, unless --train-size says less.
-    options = TaskOptions(
-        train_size=train_size, val_size=val_size, test_size=test_size, max_length=max_length
-    )
-    if train_size is None:
-        probe = task_obj.prepare(replace(options, train_size=1))
-        pool = probe.info["sizes"]
-        options = replace(options, train_size=pool["pool"] - pool["validation"] - pool["test"])
-    try:
-        prepared = task_obj.prepare(options)
-    except ValueError as exc:
-        raise DiagnoseConfigError(f"cannot split task {task} that way: {exc}") from None
+    prepared = _prepare(task_obj, task, train_size, val_size, test_size, max_length)
     sizes = prepared.info["sizes"]
     env = _environment()
     log(
@@ -203,10 +173,10 @@ def diagnose(
 
     records: list[LayerRecord] = []
     runs: list[RunInfo] = []
+    metric = task_obj.selection_metric.name
     for spec in specs:
-        lr = lrs.get(spec.name, spec.default_lr)
         cfg = TrainConfig(
-            lr=lr,
+            lr=lrs.get(spec.name, spec.default_lr),
             epochs=0,
             batch_size=batch_size,
             seed=seed,
@@ -214,51 +184,12 @@ def diagnose(
             lora_alpha=alpha,
             lora_dropout=dropout,
         )
-        timed: list[_TimedMonitor] = []
-
-        def make_monitor(
-            model: torch.nn.Module, method: str = spec.name, timed: list[_TimedMonitor] = timed
-        ) -> _TimedMonitor:
-            timed.append(
-                _TimedMonitor(GradientMonitor(model, step_list, select=select, run=method, jsonl=jsonl))
-            )
-            return timed[0]
-
-        result = train_and_evaluate(
-            spec,
-            prepared,
-            cfg,
-            evaluate_on=("validation",) if sizes["validation"] else (),
-            max_steps=max_steps,
-            make_monitor=make_monitor,
-            progress=progress,
-        )
-        monitor = timed[0]
+        result, monitor = _train_measured(spec, prepared, cfg, max_steps, step_list, select, jsonl, progress)
         records += monitor.monitor.records
-        metric = task_obj.selection_metric.name
-        info = RunInfo(
-            spec.name,
-            lr,
-            result.steps,
-            monitor.counts[True],
-            monitor.seconds[True],
-            monitor.seconds[False],
-            result.validation.get(metric),
-            result.loss_curve,
-        )
-        runs.append(info)
-        acc = "n/a" if info.val_accuracy is None else f"{info.val_accuracy:.4f}"
-        per_measured = info.seconds_measured / max(1, info.measured_steps)
-        per_other = info.seconds_other / max(1, info.steps - info.measured_steps)
-        log(
-            f"{spec.name}: {info.steps} steps, final loss {_tail_mean(info.loss_curve):.4f}, validation "
-            f"{metric} {acc}; forward+backward {per_measured:.2f} s per measured step vs {per_other:.2f} s "
-            "per other step"
-        )
+        runs.append(_run_info(spec.name, cfg.lr, result, monitor, metric, log))
 
     write_csv(records, out / "records.csv")
-    summary = summarize(records)
-    table = summary_table(summary)
+    table = summary_table(summarize(records))
     (out / "summary.md").write_text(table + "\n", encoding="utf-8")
     figures = _figures(records, out, layers, log)
     config = {
@@ -290,6 +221,115 @@ def diagnose(
     log(f"Records: {jsonl} and {out / 'records.csv'}; figures: {', '.join(p.name for p in figures)}")
     log(f"Total wall time: {config['seconds']:.1f} s")
     return DiagnoseReport(records, runs, out, figures, config)
+
+
+def _diagnosable(methods: Sequence[str]) -> list[MethodSpec]:
+    """The methods' specs; refused unless each has plain LoRA pairs for the monitor to measure."""
+    specs = check_methods(methods, DiagnoseConfigError)
+    refused = [spec.name for spec in specs if not spec.diagnosable]
+    if refused:
+        able = ", ".join(name for name, spec in METHODS.items() if spec.diagnosable)
+        raise DiagnoseConfigError(
+            f"{', '.join(refused)}: no plain LoRA pairs (W0 + s*B*A) for the gradient monitor to measure; "
+            f"methods it measures: {able}"
+        )
+    return specs
+
+
+def _step_plan(
+    steps: Sequence[int] | str, max_steps: int | None, log: Callable[[str], None]
+) -> tuple[list[int], int]:
+    """The steps to measure, sorted, and the steps to train (by default the last measured + 1)."""
+    try:
+        step_list = parse_steps(steps) if isinstance(steps, str) else sorted({int(s) for s in steps})
+    except ValueError as exc:
+        raise DiagnoseConfigError(str(exc)) from None
+    if not step_list or step_list[0] < 0:
+        raise DiagnoseConfigError(f"steps must be a non-empty list of integers >= 0, got {steps!r}")
+    if max_steps is None:
+        max_steps = max(step_list) + 1
+    if max_steps <= 0:
+        raise DiagnoseConfigError("max_steps must be positive")
+    if max(step_list) >= max_steps:
+        log(f"note: steps >= {max_steps} are never reached (--max-steps {max_steps})")
+    return step_list, max_steps
+
+
+def _prepare(
+    task_obj: Task,
+    task: str,
+    train_size: int | None,
+    val_size: int,
+    test_size: int | None,
+    max_length: int | None,
+) -> PreparedTask:
+    """The task's data; the training pool is everything the task does not hold out, unless
+    ``train_size`` says less."""
+    options = TaskOptions(
+        train_size=train_size, val_size=val_size, test_size=test_size, max_length=max_length
+    )
+    if train_size is None:
+        probe = task_obj.prepare(replace(options, train_size=1))
+        pool = probe.info["sizes"]
+        options = replace(options, train_size=pool["pool"] - pool["validation"] - pool["test"])
+    try:
+        return task_obj.prepare(options)
+    except ValueError as exc:
+        raise DiagnoseConfigError(f"cannot split task {task} that way: {exc}") from None
+
+
+def _train_measured(
+    spec: MethodSpec,
+    prepared: PreparedTask,
+    cfg: TrainConfig,
+    max_steps: int,
+    steps: Sequence[int],
+    select: str | None,
+    jsonl: Path,
+    progress: bool,
+) -> tuple[Any, _TimedMonitor]:
+    """One method's run with the gradient monitor on its model, and that monitor."""
+    made: list[_TimedMonitor] = []
+
+    def make_monitor(model: torch.nn.Module) -> _TimedMonitor:
+        made.append(_TimedMonitor(GradientMonitor(model, steps, select=select, run=spec.name, jsonl=jsonl)))
+        return made[0]
+
+    result = train_and_evaluate(
+        spec,
+        prepared,
+        cfg,
+        evaluate_on=("validation",) if prepared.info["sizes"]["validation"] else (),
+        max_steps=max_steps,
+        make_monitor=make_monitor,
+        progress=progress,
+    )
+    return result, made[0]
+
+
+def _run_info(
+    method: str, lr: float, result: Any, monitor: _TimedMonitor, metric: str, log: Callable[[str], None]
+) -> RunInfo:
+    """What run.json keeps of one run, also logged in one line."""
+    info = RunInfo(
+        method,
+        lr,
+        result.steps,
+        monitor.counts[True],
+        monitor.seconds[True],
+        monitor.seconds[False],
+        result.validation.get(metric),
+        result.loss_curve,
+    )
+    acc = "n/a" if info.val_accuracy is None else f"{info.val_accuracy:.4f}"
+    per_measured = info.seconds_measured / max(1, info.measured_steps)
+    per_other = info.seconds_other / max(1, info.steps - info.measured_steps)
+    log(
+        f"{method}: {info.steps} steps, final loss {_tail_mean(info.loss_curve):.4f}, validation "
+        f"{metric} {acc}; forward+backward {per_measured:.2f} s per measured step vs {per_other:.2f} s "
+        "per other step"
+    )
+    return info
 
 
 def _tail_mean(values: Sequence[float]) -> float:
