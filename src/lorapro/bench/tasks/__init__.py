@@ -1,5 +1,8 @@
-"""Benchmark tasks. Each module registers one task; adding a task means adding one file
-and importing it below."""
+"""Benchmark tasks. Each task is one module that registers it (mr, trec, text_csv, gsm, jsonl,
+fashion, mnist5k); adding a task means adding one file and importing it below. Beside them, what
+a family of tasks shares: text_classification; causal_lm (gsm, jsonl); image_classification,
+image_files, image_splits and efficientnet (fashion, mnist5k); and each task's own data reading
+where it is large (gsm_problems, jsonl_format, jsonl_tokens)."""
 
 from __future__ import annotations
 
