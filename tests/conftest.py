@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from tiny_llama import save_tiny_llama
 
 
 @pytest.fixture
@@ -17,3 +21,10 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama and its tokenizer saved as a model folder (``--model PATH``), built once
+    per test module."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

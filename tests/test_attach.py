@@ -14,10 +14,7 @@ from torch import nn
 import lorapro
 from integration_common import lm_loss, pattern_tokens, tiny_lora_llama, trainable_state
 
-
-@pytest.fixture(autouse=True)
-def one_thread(single_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:

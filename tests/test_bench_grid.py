@@ -7,17 +7,9 @@ import math
 
 import pytest
 
+from bench_runs import run_with_score as _fake_run
 from lorapro.bench.grid import choice_rule, grid_plan, refine_around_best, resolution, selection_rule
-from lorapro.bench.records import RunResult
 from lorapro.bench.tasks import Metric
-
-
-def _fake_run(lr: float, score: float, diverged: bool = False) -> RunResult:
-    return RunResult(
-        method="m", lr=lr, seed=0, validation={"accuracy": score}, test={}, final_train_loss=0.0,
-        loss_curve=[], steps=1, trainable_params=1, optimizer_state_bytes=0, train_seconds=0.0,
-        seconds=0.0, diverged=diverged,
-    )  # fmt: skip
 
 
 def _refine(grid, peak, rounds):

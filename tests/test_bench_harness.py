@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from bench_runs import run_with_score as _fake_run
 from bench_tiny import TinyTask
 from lorapro.bench.harness import BenchConfig, BenchConfigError, run_benchmark
 from lorapro.bench.methods import METHODS, MethodSpec, MethodUnavailableError, register_method
@@ -263,16 +264,6 @@ def test_bad_options_name_the_option(tmp_path, kw, message):
 def test_unknown_task_lists_the_known_ones(tmp_path):
     with pytest.raises(BenchConfigError, match=r"unknown task 'nope'.*mr.*text-csv.*trec"):
         run_benchmark(_config(tmp_path, task="nope"), progress=False, log=lambda _: None)
-
-
-def _fake_run(lr: float, score: float, diverged: bool = False):
-    from lorapro.bench.train import RunResult
-
-    return RunResult(
-        method="m", lr=lr, seed=0, validation={"accuracy": score}, test={}, final_train_loss=0.0,
-        loss_curve=[], steps=1, trainable_params=1, optimizer_state_bytes=0, train_seconds=0.0,
-        seconds=0.0, diverged=diverged,
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench_runs import quick_bench_argv as _bench
 from lorapro.bench.tasks import TaskOptions, get_task
 from lorapro.bench.tasks.jsonl_format import JsonlFormatError, final_answer, read_jsonl
 from lorapro.bench.tasks.jsonl_tokens import encode_records
@@ -22,11 +23,6 @@ from lorapro.cli import main
 from tiny_llama import save_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +54,6 @@ def _write(path: Path, lines: list) -> Path:
 @pytest.fixture
 def data(tmp_path) -> Path:
     return _write(tmp_path / "train.jsonl", [_line(i) for i in range(30)])
-
-
-def _bench(*args: str) -> list[str]:
-    return [
-        "bench", "--no-progress", "--seeds", "1", "--extend-grid", "0", "--refine", "0",
-        "--threads", "1", *args,
-    ]  # fmt: skip
 
 
 def _task(path: Path, **options):

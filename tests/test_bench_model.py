@@ -9,20 +9,15 @@ import math
 import pytest
 import torch
 
+from bench_runs import quick_bench_argv as _bench
 from bench_tiny import TinyTask
 from lorapro.bench.harness import BenchConfig, BenchConfigError, _runtime_key, resolve_device, run_benchmark
 from lorapro.bench.train import TrainConfig, train_and_evaluate
 from lorapro.cli import main
-from tiny_llama import save_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture
@@ -32,13 +27,6 @@ def csv_file(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
     return path
-
-
-def _bench(*args: str) -> list[str]:
-    return [
-        "bench", "--no-progress", "--seeds", "1", "--extend-grid", "0", "--refine", "0",
-        "--threads", "1", *args,
-    ]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- --model

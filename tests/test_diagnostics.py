@@ -36,16 +36,10 @@ from lorapro.diagnostics import (
 )
 
 # peft 0.21 still reads transformers' deprecated `is_gradient_checkpointing`; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: with 2 threads on a busy 2-core machine every op waits for the other thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+    pytest.mark.usefixtures("single_thread"),
+]
 
 
 # --------------------------------------------------------------------------- tiny models

@@ -14,13 +14,7 @@ import lorapro
 from integration_common import PatternDataset, lm_loss, tiny_llama_config, tiny_lora_llama
 from lorapro.integrations.trainer import LoRAProTrainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def train_with_optimizer(mode: str):

@@ -15,10 +15,7 @@ from integration_common import VOCAB, PatternDataset, lm_loss, tiny_lora_llama, 
 from lorapro.integrations.trainer import LoRAProCallback, LoRAProTrainer
 from test_integration_trainer import assert_same_params, reference_run, training_args
 
-
-@pytest.fixture(autouse=True)
-def one_thread(single_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_callback_turns_the_trainers_fused_adamw_into_lora_pro(tmp_path):

@@ -5,20 +5,13 @@ core optimizers, and the placement function picks A's columns."""
 from __future__ import annotations
 
 import pytest
-import torch
 from torch.distributed.tensor import Shard
 
 import lorapro
 from integration_common import PatternDataset, lm_loss, tiny_lora_llama
 from lorapro.integrations.fsdp import lora_shard_placement_fn
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize(

@@ -20,14 +20,7 @@ from lorapro.integrations.trainer import (
     lorapro_param_groups,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: with 2 threads on a busy 2-core machine every op waits for the other thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 HYPER = dict(learning_rate=3e-2, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-7)

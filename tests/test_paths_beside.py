@@ -22,10 +22,7 @@ import lorapro
 from lorapro import LoRAProAdamW, LoRAProConfigError, LoRAProSGD
 from reference import full_mode_first_step, one_factor_brute_force, one_factor_grads, theorem_grads
 
-
-@pytest.fixture(autouse=True)
-def one_thread(single_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # -- models ----------------------------------------------------------------------------------------------
