@@ -91,8 +91,9 @@ def trainer(args) -> list[float]:
         raise SystemExit("the Trainer did not enable DeepSpeed (launch with torchrun)")
     engine = f"Trainer + {type(trainer.model_wrapped).__name__}"
     if training_args.process_index == 0:
-        print(f"{engine}, optim={args.optimizer!r} + LoRAProCallback: loss {losses[0]:.3f} -> "
-              f"{losses[-1]:.3f}")
+        print(
+            f"{engine}, optim={args.optimizer!r} + LoRAProCallback: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        )
     return losses
 
 

@@ -65,5 +65,7 @@ assert all(moved), moved
 cli = subprocess.run([str(args.bin / "lorapro"), "--version"], capture_output=True, text=True, check=True)
 assert cli.stdout.strip() == f"lorapro {lorapro.__version__}", cli.stdout
 
-print(f"wheel smoke test: lorapro {lorapro.__version__} from {where.parent}: import light, attach + AdamW "
-      "and LoRAProAdamW(full) stepped, console script answers")
+print(
+    f"wheel smoke test: lorapro {lorapro.__version__} from {where.parent}: import light, attach + AdamW "
+    "and LoRAProAdamW(full) stepped, console script answers"
+)

@@ -36,13 +36,26 @@ def main() -> int:
     venv.EnvBuilder(with_pip=False, clear=True).create(args.venv)
     python = (args.venv / "bin" / "python").absolute()
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-         "--disable-pip-version-check", "--no-deps", "--no-index", str(wheels[0].absolute())],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-index",
+            str(wheels[0].absolute()),
+        ],
         check=True,
     )
     smoke_site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     (Path(smoke_site) / "test_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     with tempfile.TemporaryDirectory() as scratch:

@@ -39,14 +39,16 @@ class Config:
         return f"{self.mode or self.kind}-{self.x_mode}-{self.dtype}{scaler}"
 
 
-CONFIGS = [
-    Config(kind, mode, x_mode, dtype)
-    for dtype in ("float32", "bfloat16")
-    for kind, mode in (("sgd", None), ("adamw", "efficient"), ("adamw", "full"))
-    for x_mode in lorapro.X_MODES
-] + [Config("adamw", "efficient", "sylvester", "float32", scaler=True)] + [
-    Config("adamw", "factored", "sylvester", dtype) for dtype in ("float32", "bfloat16")
-]
+CONFIGS = (
+    [
+        Config(kind, mode, x_mode, dtype)
+        for dtype in ("float32", "bfloat16")
+        for kind, mode in (("sgd", None), ("adamw", "efficient"), ("adamw", "full"))
+        for x_mode in lorapro.X_MODES
+    ]
+    + [Config("adamw", "efficient", "sylvester", "float32", scaler=True)]
+    + [Config("adamw", "factored", "sylvester", dtype) for dtype in ("float32", "bfloat16")]
+)
 
 
 class Net(nn.Module):

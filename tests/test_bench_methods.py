@@ -77,8 +77,11 @@ def test_lorapro_methods_use_the_library_optimizer(prepared):
     from lorapro import LoRAProAdamW
 
     for name, mode in [
-        ("lorapro", "efficient"), ("lorapro-full", "full"), ("rslorapro", "efficient"),
-        ("lorapro-factored", "factored"), ("lorapro-factored-m", "factored-first-moment"),
+        ("lorapro", "efficient"),
+        ("lorapro-full", "full"),
+        ("rslorapro", "efficient"),
+        ("lorapro-factored", "factored"),
+        ("lorapro-factored-m", "factored-first-moment"),
     ]:
         built = _build(name, prepared)
         assert isinstance(built.optimizer, LoRAProAdamW)

@@ -74,8 +74,13 @@ DEEPSPEED_MATCHING = {
 }
 DEEPSPEED_BF16 = ["deepspeed_zero2_bf16_attach", "deepspeed_zero3_bf16_attach"]
 DEEPSPEED_OTHER = [
-    "deepspeed_zero0_autocast", "deepspeed_refusals", "trainer_deepspeed_zero2", "trainer_optimizers_zero2",
-    "accelerate_deepspeed_plugin", "deepspeed_zero2_bf16_plain", *DEEPSPEED_BF16,
+    "deepspeed_zero0_autocast",
+    "deepspeed_refusals",
+    "trainer_deepspeed_zero2",
+    "trainer_optimizers_zero2",
+    "accelerate_deepspeed_plugin",
+    "deepspeed_zero2_bf16_plain",
+    *DEEPSPEED_BF16,
 ]
 SCENARIOS = [*MATCHING, "fsdp2_without_gram_allreduce", "attach_refusals", "fsdp2_factored_refused"]
 if HAS_DEEPSPEED:
@@ -263,7 +268,9 @@ def test_deepspeed_bf16_section_with_attach_trains_lorapro(runs, references, sce
         got = {k.removeprefix("module."): v for k, v in result(runs, scenario, rank).items()}
         to_lorapro = relative_distance(got, references["efficient"])
         to_plain = relative_distance(got, references["plain"])
-        print(f"{scenario} rank {rank}: {to_lorapro:.2%} from LoRA-Pro in fp32, {to_plain:.2%} from plain "
-              f"LoRA; bf16 plain LoRA is {noise:.2%} from fp32")  # the figures docs/integrations.md quotes
+        print(
+            f"{scenario} rank {rank}: {to_lorapro:.2%} from LoRA-Pro in fp32, {to_plain:.2%} from plain "
+            f"LoRA; bf16 plain LoRA is {noise:.2%} from fp32"
+        )  # the figures docs/integrations.md quotes
         assert to_lorapro < 4 * noise, (to_lorapro, noise)
         assert to_plain > 5 * to_lorapro, (to_plain, to_lorapro)

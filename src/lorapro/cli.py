@@ -175,5 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # anything else keeps its traceback, which is what a bug report needs.
     return run_command(args.command, lambda: args.run(args))
 
+
 if __name__ == "__main__":
     sys.exit(main())
