@@ -1,5 +1,5 @@
 """Why the efficient step runs the way it does on the CPU: two measurements behind
-``lorapro._base.solve_pairs`` and ``adjusted_chunks``.
+``lorapro._solve.solve_pairs`` and ``adjusted_chunks``.
 
 1. Operand layouts, per layer (m = 4096 and 11008, n = 4096, r = 8). The four r x r terms:
    four small matmuls on the factors and gradients as they are; the same with B and grad_B
@@ -13,7 +13,7 @@
    layers with the adjusted gradients streamed in chunks of several sizes, from layer by layer
    to all at once, steps interleaved round-robin: median step time, minor page faults per
    step and the step's transient peak (see step_overhead.py). The chunk size is an internal
-   constant (``lorapro._base.CPU_CHUNK_BYTES``); this script sets it for each row.
+   constant (``lorapro._solve.CPU_CHUNK_BYTES``); this script sets it for each row.
 
 Example: python benchmarks/stream_chunks.py
 """
@@ -31,7 +31,7 @@ from peft import LoraConfig, get_peft_model
 from step_overhead import build_model, lora_params, set_grads, transient_peak_bytes
 
 import lorapro
-import lorapro._base
+import lorapro._solve
 
 #: Row width of the packed layout measured in ``layouts`` (c = 64 bytes / (r x element size)).
 PACKED_ROW_BYTES = 64
@@ -126,7 +126,7 @@ def minilm_shaped(rank: int) -> torch.nn.Module:
 CHUNKS = {  # row label: chunk bytes
     "layer by layer": 0,
     "256 KiB": 256 << 10,
-    f"{lorapro._base.CPU_CHUNK_BYTES >> 20} MiB (the CPU default)": lorapro._base.CPU_CHUNK_BYTES,
+    f"{lorapro._solve.CPU_CHUNK_BYTES >> 20} MiB (the CPU default)": lorapro._solve.CPU_CHUNK_BYTES,
     "16 MiB": 16 << 20,
     "all at once": math.inf,
 }
@@ -134,7 +134,7 @@ CHUNKS = {  # row label: chunk bytes
 
 def chunk_sizes(label: str, make_model, repeats: int) -> None:
     """LoRAProAdamW steps with each chunk size, interleaved, fresh gradients every step."""
-    default = lorapro._base.CPU_CHUNK_BYTES
+    default = lorapro._solve.CPU_CHUNK_BYTES
     runs = {}
     for name in CHUNKS:
         model = make_model()
@@ -146,7 +146,7 @@ def chunk_sizes(label: str, make_model, repeats: int) -> None:
         for i in range(repeats + 2):
             for name, chunk in CHUNKS.items():
                 params, opt = runs[name]
-                lorapro._base.CPU_CHUNK_BYTES = chunk
+                lorapro._solve.CPU_CHUNK_BYTES = chunk
                 set_grads(params, seed=i)
                 faults, start = minor_faults(), time.perf_counter()
                 opt.step()
@@ -155,11 +155,11 @@ def chunk_sizes(label: str, make_model, repeats: int) -> None:
                     samples[name].append((elapsed, faults))
         for name, chunk in CHUNKS.items():
             params, opt = runs[name]
-            lorapro._base.CPU_CHUNK_BYTES = chunk
+            lorapro._solve.CPU_CHUNK_BYTES = chunk
             set_grads(params, seed=repeats + 2)
             peaks[name] = transient_peak_bytes(opt.step)
     finally:
-        lorapro._base.CPU_CHUNK_BYTES = default
+        lorapro._solve.CPU_CHUNK_BYTES = default
     layers = len(runs[next(iter(CHUNKS))][1].pairs)
     print(
         f"\n| LoRAProAdamW step, {label}, {layers} LoRA layers, chunks of | median ms | median minor page "

@@ -735,7 +735,7 @@ def scenario_fsdp2_accelerate_swap(rank: int, world: int) -> dict[str, torch.Ten
 def scenario_fsdp2_without_gram_allreduce(rank: int, world: int) -> dict[str, torch.Tensor]:
     """Negative control: the same FSDP2 run with the Gram all-reduce switched off must NOT match
     the single-process result (so the comparison can fail)."""
-    from lorapro._sharded import FactorSharding
+    from lorapro._storage import FactorSharding
 
     original = FactorSharding.reduce_terms
     FactorSharding.reduce_terms = lambda self, terms: terms

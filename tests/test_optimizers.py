@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 import lorapro
 from lorapro import LoRAProAdamW, LoRAProConfigError, LoRAProSGD, NonFiniteGradientError, optimal_gradients
-from lorapro._base import CPU_CHUNK_BYTES, PairWork, adjust_pairs, adjusted_chunks, solve_pairs
+from lorapro._solve import CPU_CHUNK_BYTES, PairWork, adjust_pairs, adjusted_chunks, solve_pairs
 from state_checks import assert_unchanged, snapshot
 
 
@@ -272,9 +272,9 @@ def test_adjusted_chunks_stream_the_closed_form(max_bytes, x_mode):
     before the buffer is reused."""
     works = _mixed_layers()
     cap = CPU_CHUNK_BYTES if max_bytes is None else max_bytes
-    solve_pairs(works, lambda w: x_mode)
+    solved = solve_pairs(works, lambda w: x_mode)
     chunks: list[list[PairWork]] = []
-    for chunk in adjusted_chunks(works, max_bytes):
+    for chunk in adjusted_chunks(works, solved, max_bytes):
         for w in chunk:
             _assert_theorem_2_1(w, w.adjusted_A, w.adjusted_B, x_mode)
         chunks.append(list(chunk))
@@ -296,7 +296,7 @@ def test_chunked_steps_equal_one_chunk_steps(monkeypatch):
     bit-for-bit, over several steps, for AdamW and SGD with momentum."""
     results = []
     for chunk_bytes in (0, 1 << 30):
-        monkeypatch.setattr(lorapro._base, "CPU_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(lorapro._solve, "CPU_CHUNK_BYTES", chunk_bytes)
         runs = []
         for make in (
             lambda m: LoRAProAdamW(m, lr=1e-2, weight_decay=0.1),

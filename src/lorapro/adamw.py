@@ -3,26 +3,21 @@
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._base import GroupWork, LoRAProOptimizer, PairWork, adjusted_gradients, check_choice, check_number
-from ._sharded import local_tensor
-from .closed_form import XMode, compute_dtype, equivalent_gradient, gram_pinv
+from ._base import GroupWork, LoRAProOptimizer
+from ._solve import PairWork, Solved
+from ._storage import ShardedStorage
+from ._validation import check_choice, check_number
+from .closed_form import XMode, compute_dtype
 from .errors import LoRAProConfigError
-from .factored import (
-    adafactor_scales,
-    low_rank_square_sums,
-    project_tangent,
-    scaled_tangent_products,
-    tangent_matrix,
-)
-from .functional import adam_direction, adamw_update, bias_corrections, fused_kernel_applies
+from .factored import factored_directions, reproject_moments
+from .full_mode import equivalent_gradient_directions, factor_updates
+from .functional import adamw_update, fused_kernel_applies
 
 __all__ = ["MODES", "LoRAProAdamW"]
 
@@ -140,8 +135,8 @@ class LoRAProAdamW(LoRAProOptimizer):
             _check_full_mode_decay(group["lr"], group["weight_decay"])
 
     def _expected_state_shapes(self, group, param):
-        if group["mode"] in EQUIVALENT_GRADIENT_MODES and id(param) in self._lora_ids:
-            pair = next(p for p in self._pairs if param is p.A or param is p.B)
+        if group["mode"] in EQUIVALENT_GRADIENT_MODES and id(param) in self._ownership.lora_ids:
+            pair = next(p for p in self.pairs if param is p.A or param is p.B)
             if param is not pair.B:
                 return {}
             (r, n), m = pair.matrix_A().shape[-2:], pair.matrix_B().shape[-2]
@@ -183,7 +178,7 @@ class LoRAProAdamW(LoRAProOptimizer):
             fused=self._use_fused(group),
         )  # fmt: skip
 
-    def _prepare(self, works: list[GroupWork]) -> None:
+    def _prepare(self, works: list[GroupWork]) -> Solved:
         # Full mode only needs the equivalent gradient here, which X does not change: take the
         # cheapest X. Efficient mode adjusts with the group's own x_mode.
         group_of = {id(w): g.group for g in works for w in g.pairs}
@@ -192,7 +187,7 @@ class LoRAProAdamW(LoRAProOptimizer):
             group = group_of[id(w)]
             return "zero" if group["mode"] in EQUIVALENT_GRADIENT_MODES else group["x_mode"]
 
-        self._solve([w for g in works for w in g.pairs], x_mode_of)
+        return self._solve([w for g in works for w in g.pairs], x_mode_of)
 
     def _check_before_apply(self, works: list[GroupWork]) -> None:
         for work in works:
@@ -200,7 +195,7 @@ class LoRAProAdamW(LoRAProOptimizer):
             if group["mode"] not in EQUIVALENT_GRADIENT_MODES:
                 continue
             if group["mode"] != "full":
-                if any(w.sharded is not None for w in work.pairs):
+                if any(isinstance(w.storage, ShardedStorage) for w in work.pairs):
                     raise LoRAProConfigError(
                         f"mode={group['mode']!r} does not support FSDP2-sharded LoRA factors yet; use "
                         "mode='full' (its moments are sharded by rows) or 'efficient' under FSDP2"
@@ -233,173 +228,49 @@ class LoRAProAdamW(LoRAProOptimizer):
                         "base weights in float32, use weight_decay=0, or use mode='efficient'."
                     )
 
-    def _apply(self, work: GroupWork) -> None:
+    def _apply(self, work: GroupWork, solved: Solved) -> None:
         group = work.group
         if group["mode"] == "efficient":
             # Each chunk of adjusted gradients is consumed while it is in cache, and its buffer
             # is reused by the next: the step never holds all of them.
-            for params, grads in self._adjusted_updates(work):
+            for params, grads in self._adjusted_updates(work, solved):
                 self._adamw(group, params, grads)
-        elif group["mode"] == "full":
-            self._apply_full(work)
         else:
-            self._apply_factored(work)
+            beta1, beta2 = group["betas"]
+            moments = {"beta1": beta1, "beta2": beta2, "eps": group["eps"]}
+            if group["mode"] == "full":
+                directions = equivalent_gradient_directions(work.pairs, solved, self._layer_state, **moments)
+                self._update_factors(group, directions)
+            else:
+                dense = group["mode"] == "factored-first-moment"
+                directions = factored_directions(
+                    work.pairs, solved, self._layer_state, **moments, dense_second_moment=dense
+                )
+                self._update_factors(group, directions, reproject=True)
         self._adamw(group, work.params, work.grads)
 
-    def _apply_full(self, work: GroupWork) -> None:
-        group = work.group
-        beta1, beta2 = group["betas"]
-        # Adam on each layer's m x n equivalent gradient, one layer at a time, in two m x n
-        # buffers shared by all layers (the equivalent gradient, which becomes the direction,
-        # and the denominator): fresh m x n temporaries per layer would be page-faulted anew on
-        # the CPU every step. Then map the direction back to LoRA gradients. With FSDP2 shards
-        # (w.sharded) every m x n tensor is this rank's rows, like B's shard: A and the adjusted
-        # grad_A are gathered whole (r x n), and B^T D is summed over the row shards.
-        largest: dict[tuple, int] = defaultdict(int)  # elements of the largest layer per dtype, device
-        for w in work.pairs:
-            n = w.A.shape[-1] if w.sharded is None else w.sharded.columns
-            key = (w.A.dtype, w.A.device)
-            largest[key] = max(largest[key], w.B.shape[:-1].numel() * n)
-        scratch = {key: torch.empty((2, size), dtype=key[0], device=key[1]) for key, size in largest.items()}
-        for w in work.pairs:
-            sh = w.sharded
-            adjusted_A, adjusted_B = adjusted_gradients(w)  # from the coefficients _prepare solved
-            A = w.A if sh is None else sh.full_columns(w.A)
-            if sh is not None:
-                adjusted_A = sh.full_columns(adjusted_A)
-            shape = (*w.B.shape[:-1], A.shape[-1])  # (m, n); (E, m, n) for MoE experts
-            state = self.state[w.pair.B]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                for key in ("equiv_exp_avg", "equiv_exp_avg_sq"):
-                    if sh is None:
-                        state[key] = torch.zeros(shape, dtype=w.A.dtype, device=w.A.device)
-                    else:
-                        state[key] = sh.row_sharded_zeros(shape[-1], w.A.dtype)
-            size = math.prod(shape)
-            g_equiv, denom = (buf[:size].view(shape) for buf in scratch[(w.A.dtype, w.A.device)])
-            equivalent_gradient(A, w.B, adjusted_A, adjusted_B, w.scaling, out=g_equiv)
-            direction = adam_direction(
-                g_equiv, local_tensor(state["equiv_exp_avg"]), local_tensor(state["equiv_exp_avg_sq"]),
-                state["step"], beta1=beta1, beta2=beta2, eps=group["eps"], out=g_equiv, scratch=denom,
-            )  # fmt: skip
-            grad_A = w.scaling * (w.B.mT @ direction)
-            w.grad_A = grad_A if sh is None else sh.own_columns(sh.sum_over_rows(grad_A))
-            w.grad_B = w.scaling * (direction @ A.mT)
-        del scratch  # the m x n buffers are not needed by the factor updates below
-        self._update_factors(work)
+    def _layer_state(self, w: PairWork) -> dict[str, Any]:
+        """Full and factored mode keep a layer's moments in the state of its B factor."""
+        return self.state[w.pair.B]
 
-    def _update_factors(self, work: GroupWork, before_write: Callable[..., None] | None = None) -> None:
+    def _update_factors(self, group: dict[str, Any], works: list[PairWork], reproject: bool = False) -> None:
         """Algorithm 3's end: the closed form maps each layer's ``grad_A = s B^T D`` and
-        ``grad_B = s D A^T`` to factor updates, with full fine-tuning's weight decay (Eq. 57-58).
-        ``before_write(works, new_factors)`` sees every layer's new (A, B) while ``w.A`` / ``w.B``
-        still hold the old factors."""
-        group = work.group
-        lr, wd = group["lr"], group["weight_decay"]
-        self._adjust(work.pairs, lambda w: group["x_mode"])
-        decay = 1.0 - lr * wd
-        # W <- (1 - lr wd) W as sqrt(1 - lr wd) on each factor; with one factor frozen, the whole
-        # decay on the other.
-        factor_decay = {
-            (True, True): (math.sqrt(decay),) * 2,
-            (False, True): (1.0, decay),
-            (True, False): (decay, 1.0),
-        }
-        # w.A and w.B may be views of the parameters: update copies, then write them.
-        new_factors: list[tuple[Tensor, Tensor]] = []
-        for w in work.pairs:
-            assert w.adjusted_A is not None and w.adjusted_B is not None
-            new_A, new_B = w.A.clone(), w.B.clone()
-            decays = factor_decay[(w.train_A, w.train_B)]
-            for value, delta, trained, d in ((new_A, w.adjusted_A, w.train_A, decays[0]),
-                                             (new_B, w.adjusted_B, w.train_B, decays[1])):  # fmt: skip
-                if not trained:
-                    continue
-                if wd != 0.0:
-                    value.mul_(d)
-                value.add_(delta, alpha=-lr)
-            new_factors.append((new_A, new_B))
-        if before_write is not None:
-            before_write(work.pairs, new_factors)
+        ``grad_B = s D A^T`` to factor updates, with full fine-tuning's weight decay (Eq. 57-58);
+        factored mode first projects its first moment onto the new factors."""
+        solved = self._solve(works, lambda w: group["x_mode"])
+        new_factors = factor_updates(works, solved, lr=group["lr"], weight_decay=group["weight_decay"])
+        if reproject:  # (the works still hold the old factors)
+            reproject_moments(works, new_factors, self._layer_state)
         decayed_bases: set[int] = set()
-        for w, (new_A, new_B) in zip(work.pairs, new_factors, strict=True):
+        for w, (new_A, new_B) in zip(works, new_factors, strict=True):
+            assert w.storage is not None
             A, B = w.pair.A, w.pair.B
-            if w.sharded is None:
-                as_A, as_B = w.pair.param_A(new_A), w.pair.param_B(new_B)
-            else:
-                as_A, as_B = w.sharded.as_params(new_A.to(A.dtype), new_B.to(B.dtype))
+            as_A, as_B = w.storage.as_params(new_A.to(A.dtype), new_B.to(B.dtype))
             if w.train_A:
                 A.copy_(as_A)
             if w.train_B:
                 B.copy_(as_B)
             base = w.pair.base_weight
-            if wd != 0.0 and id(base) not in decayed_bases:
+            if group["weight_decay"] != 0.0 and id(base) not in decayed_bases:
                 decayed_bases.add(id(base))
-                base.mul_(decay)
-
-    def _apply_factored(self, work: GroupWork) -> None:
-        """Algorithm 3 with factored moments (:mod:`lorapro.factored`), layer by layer."""
-        group = work.group
-        beta1, beta2 = group["betas"]
-        eps = group["eps"]
-        dense_second_moment = group["mode"] == "factored-first-moment"
-        for w in work.pairs:
-            s = w.scaling
-            adjusted_A, adjusted_B = adjusted_gradients(w)  # from the coefficients _prepare solved
-            (r, n), m = w.A.shape, w.B.shape[0]
-            state = self.state[w.pair.B]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["tangent_x"] = torch.zeros((r, n), dtype=w.A.dtype, device=w.A.device)
-                state["tangent_y"] = torch.zeros((m, r), dtype=w.A.dtype, device=w.A.device)
-                if dense_second_moment:
-                    state["equiv_exp_avg_sq"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
-                else:
-                    state["row_sq_mean"] = torch.zeros(m, dtype=w.A.dtype, device=w.A.device)
-                    state["col_sq_mean"] = torch.zeros(n, dtype=w.A.dtype, device=w.A.device)
-            step = state["step"]
-            step += 1
-            bc1, bc2 = bias_corrections(step, beta1, beta2)
-            X, Y = state["tangent_x"], state["tangent_y"]
-            # The equivalent gradient is B (s adjusted_A) + (s adjusted_B) A: in the tangent space
-            # of the current factors, where the first moment lives, so its update is exact.
-            X.mul_(beta1).add_(adjusted_A, alpha=(1.0 - beta1) * s)
-            Y.mul_(beta1).add_(adjusted_B, alpha=(1.0 - beta1) * s)
-            if dense_second_moment:
-                g = equivalent_gradient(w.A, w.B, adjusted_A, adjusted_B, s)
-                exp_avg_sq = state["equiv_exp_avg_sq"]
-                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)
-                direction = tangent_matrix(w.A, w.B, X, Y).div_(denom).div_(bc1)
-                del g, denom
-                bt_d, d_at = w.B.mT @ direction, direction @ w.A.mT
-            else:
-                L = torch.cat([w.B, adjusted_B], dim=1)  # g = L R^T
-                R = torch.cat([adjusted_A.mT, w.A.mT], dim=1).mul_(s)
-                rows, cols = low_rank_square_sums(L, R)
-                state["row_sq_mean"].mul_(beta2).add_(rows, alpha=(1.0 - beta2) / n)
-                state["col_sq_mean"].mul_(beta2).add_(cols, alpha=(1.0 - beta2) / m)
-                a, b = adafactor_scales(state["row_sq_mean"] / bc2, state["col_sq_mean"] / bc2, eps)
-                bt_d, d_at = scaled_tangent_products(w.A, w.B, X, Y, a.div_(bc1), b)
-            w.grad_A = s * bt_d
-            w.grad_B = s * d_at
-
-        def reproject(works: list[PairWork], new_factors: list[tuple[Tensor, Tensor]]) -> None:
-            # The moment was written in the old factors; the next step reads it in the new ones.
-            # The pseudo-inverses of the new Gram matrices come from one batched eigh per rank.
-            by_rank: dict[tuple, list[int]] = defaultdict(list)
-            for i, (new_A, _) in enumerate(new_factors):
-                by_rank[(new_A.shape[0], new_A.dtype, new_A.device)].append(i)
-            for indices in by_rank.values():
-                pinv_b = gram_pinv(torch.stack([new_factors[i][1].mT @ new_factors[i][1] for i in indices]))
-                pinv_a = gram_pinv(torch.stack([new_factors[i][0] @ new_factors[i][0].mT for i in indices]))
-                for i, pb, pa in zip(indices, pinv_b.unbind(0), pinv_a.unbind(0), strict=True):
-                    w, (new_A, new_B) = works[i], new_factors[i]
-                    state = self.state[w.pair.B]
-                    x, y = project_tangent(
-                        w.A, w.B, state["tangent_x"], state["tangent_y"], new_A, new_B, pinv_a=pa, pinv_b=pb
-                    )
-                    state["tangent_x"].copy_(x)
-                    state["tangent_y"].copy_(y)
-
-        self._update_factors(work, reproject)
+                base.mul_(1.0 - group["lr"] * group["weight_decay"])

@@ -61,16 +61,24 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
+from ._storage import is_dtensor, is_partitioned, is_zero3_partition
+from ._validation import check_choice
 from .closed_form import (
     SOLVE_DTYPE,
     X_MODES,
     FactorBasis,
     XMode,
+    adjust_grad_A,
+    adjust_grad_B,
     b_coefficient,
     b_weights,
     compute_dtype,
     default_rtol,
     factor_basis,
+    fold_scaling,
+    gram_a,
+    gram_b,
+    gram_matrices,
     split_power_of_two,
     vec_operator,
     x_matrix,
@@ -175,19 +183,11 @@ class _StepHook:
             handle._before_step(optimizer)
 
 
-def _is_dtensor(p: Tensor) -> bool:
-    return type(p).__name__ == "DTensor" or isinstance(getattr(p, "_local_tensor", None), Tensor)
-
-
-def _is_partitioned(p: Tensor) -> bool:
-    return _is_dtensor(p) or hasattr(p, "ds_id")
-
-
 def _refuse_unsupported_storage(pair: LoRAPair) -> None:
     """Sharded factors are followed through their modules' forward passes, which embeddings and
     PEFT's ``ParamWrapper`` (``target_parameters``) do not run."""
     for name, p in (("lora_A", pair.A), ("lora_B", pair.B)):
-        if _is_partitioned(p) and pair.kind in ("embedding", "parameter"):
+        if is_partitioned(p) and pair.kind in ("embedding", "parameter"):
             what = "a LoRA embedding" if pair.kind == "embedding" else "a LoRA on target_parameters"
             raise LoRAProConfigError(
                 f"{pair.name}: {name} of {what} is sharded (FSDP2) or partitioned (DeepSpeed ZeRO-3). "
@@ -258,7 +258,7 @@ class _Entry:
 
 def _pair_key(pair: LoRAPair) -> tuple[int, int, bool]:
     # (ZeRO-3 converts the factors in place: the same tensors, hooked another way)
-    return (id(pair.A), id(pair.B), hasattr(pair.A, "ds_id"))
+    return (id(pair.A), id(pair.B), is_zero3_partition(pair.A))
 
 
 class LoRAProHandle:
@@ -370,7 +370,7 @@ class LoRAProHandle:
             key = _pair_key(pair)
             if key in active_keys:
                 wanted[key] = by_key[key]  # (the checked pair)
-            elif not (_is_partitioned(pair.A) or _is_partitioned(pair.B)):
+            elif not (is_partitioned(pair.A) or is_partitioned(pair.B)):
                 wanted[key] = pair
         for pair in wanted.values():  # all refusals before any hook: nothing half-attached
             for p in (pair.A, pair.B):
@@ -410,8 +410,8 @@ class LoRAProHandle:
         self._validate(in_backward=True)
 
     def _hook(self, pair: LoRAPair) -> _Entry:
-        fsdp2 = _is_dtensor(pair.A) or _is_dtensor(pair.B)
-        zero3 = hasattr(pair.A, "ds_id") or hasattr(pair.B, "ds_id")
+        fsdp2 = is_dtensor(pair.A) or is_dtensor(pair.B)
+        zero3 = is_zero3_partition(pair.A) or is_zero3_partition(pair.B)
         entry = _Entry(pair, tracked=fsdp2 or zero3, fsdp2=fsdp2)
         if entry.tracked:
             # prepend: run before DeepSpeed's own forward hook releases the gathered factor
@@ -503,7 +503,7 @@ class LoRAProHandle:
                     # (FSDP2's sharded parameters receive the gradients of the unsharded copies
                     # that the hooks sit on; ZeRO-3 hands them to its own partitions)
                     and any(
-                        f.grad is not None and not self._is_hooked(f) and not _is_partitioned(f)
+                        f.grad is not None and not self._is_hooked(f) and not is_partitioned(f)
                         for f in (pair.A, pair.B)
                     )
                 ]
@@ -559,10 +559,10 @@ class LoRAProHandle:
                     e.fresh = torch.stack((e.captured_btb, e.captured_aat))[None]
             else:
                 r = group[0].pair.rank
-                A = torch.stack([e.pair.matrix_A() for e in group]).to(SOLVE_DTYPE)
-                B = torch.stack([e.pair.matrix_B() for e in group]).to(SOLVE_DTYPE)
-                A, B = A.reshape(-1, r, A.shape[-1]), B.reshape(-1, B.shape[-2], r)
-                grams = torch.stack((B.mT @ B, A @ A.mT), dim=1).unflatten(0, (len(group), -1))
+                A = torch.stack([e.pair.matrix_A() for e in group])
+                B = torch.stack([e.pair.matrix_B() for e in group])
+                btb, aat = gram_matrices(A.reshape(-1, r, A.shape[-1]), B.reshape(-1, B.shape[-2], r))
+                grams = torch.stack((btb, aat), dim=1).unflatten(0, (len(group), -1))
                 for e, g in zip(group, grams.unbind(0), strict=True):
                     e.fresh = g
             with_cache = [e for e in group if e.fresh is not None and e.grams is not None]
@@ -593,23 +593,17 @@ class LoRAProHandle:
         counts = [e.fresh.shape[0] for e in bucket]
         basis = factor_basis(grams[:, 0], grams[:, 1], self.x_mode, rtol=default_rtol(r, dtype))
         scalings = [e.pair.scaling for e in bucket]
-        inv_s2 = torch.tensor(
-            [1.0 / s**2 for s, k in zip(scalings, counts, strict=True) for _ in range(k)],
-            dtype=SOLVE_DTYPE, device=grams.device,
-        )[:, None, None]  # fmt: skip
-        pinv_b, pinv_a = basis.pinv_b * inv_s2, basis.pinv_a * inv_s2
-        x_weights, b_wts = basis.x_weights * inv_s2, b_weights(basis) * inv_s2
+        # (K, 4, r, r): the coefficients' maps, as Coefficients orders them, with 1/s^2 folded in
+        maps = torch.stack((basis.pinv_b, basis.x_weights, basis.pinv_a, b_weights(basis)), dim=1)
+        fold_scaling(maps, [s for s, k in zip(scalings, counts, strict=True) for _ in range(k)])
         # One power of two per entry and coefficient (the largest over its experts), read once.
-        parts = [split_power_of_two(t)[1] for t in (pinv_b, x_weights, pinv_a, b_wts)]
-        exponents = torch.stack(parts, dim=1).split(counts)
+        exponents = split_power_of_two(maps)[1].split(counts)
         exponents = torch.stack([k.amax(0) for k in exponents]).tolist()
         per_problem = torch.tensor(
             [row for row, k in zip(exponents, counts, strict=True) for _ in range(k)],
             dtype=SOLVE_DTYPE, device=grams.device,
         )  # fmt: skip
-        factor = torch.exp2(-per_problem)[:, :, None, None]  # (K, 4, 1, 1)
-        pinv_b, x_weights = pinv_b * factor[:, 0], x_weights * factor[:, 1]
-        pinv_a, b_wts = pinv_a * factor[:, 2], b_wts * factor[:, 3]
+        pinv_b, x_weights, pinv_a, b_wts = (maps * torch.exp2(-per_problem)[:, :, None, None]).unbind(1)
         x_zero = self.x_mode == "zero"
         if r <= VEC_OPERATOR_MAX_RANK:
             x_op = None if x_zero else vec_operator(basis, x_weights).to(dtype).split(counts)
@@ -724,11 +718,9 @@ class LoRAProHandle:
                 self._hook_unsharded(entry, which, weight)
             with _plain_mode(weight.device):
                 if which == "B":
-                    B = pair.matrix_B(weight).to(SOLVE_DTYPE)
-                    entry.captured_btb = B.mT @ B
+                    entry.captured_btb = gram_b(pair.matrix_B(weight))
                 else:
-                    A = pair.matrix_A(weight).to(SOLVE_DTYPE)
-                    entry.captured_aat = A @ A.mT
+                    entry.captured_aat = gram_a(pair.matrix_A(weight))
             self.seconds += time.perf_counter() - start
 
         return hook
@@ -737,7 +729,7 @@ class LoRAProHandle:
         """FSDP2: hook the unsharded copy the module computes with (FSDP2 keeps one per factor
         and reuses it, so this runs once per factor unless FSDP2 makes a new one)."""
         pair = entry.pair
-        if _is_dtensor(weight):
+        if is_dtensor(weight):
             raise LoRAProConfigError(
                 f"{pair.name}: the LoRA factor is a DTensor inside its module's forward pass (tensor "
                 "parallelism?). lorapro.attach supports FSDP2's fully_shard, whose modules compute with "
@@ -821,23 +813,11 @@ def _adjusted_A(c: _Cached, g: Tensor, A: Tensor, both: bool) -> tuple[Tensor, T
     dtype = c.pinv_b.dtype
     if g.dtype != dtype:
         g, A = g.to(dtype), A.to(dtype)
-    s_p, s_x = c.scales[0], c.scales[1]
     if c.x_zero or not both:
-        out = torch.mm(c.pinv_b, g) if g.dim() == 2 else torch.bmm(c.pinv_b, g)
-        return (out.mul_(s_p) if s_p != 1.0 else out), None
-    if g.dim() == 2:
-        rhs = torch.mm(g, A.mT)  # grad_A A^T
-        if c.x_op is not None:
-            x = torch.mm(c.x_op, rhs.view(-1, 1)).view(rhs.shape)
-        else:
-            x = x_matrix(c.basis_a, rhs.to(SOLVE_DTYPE)).to(dtype)
-        return torch.mm(x, A).addmm_(c.pinv_b, g, beta=s_x, alpha=s_p), rhs
-    rhs = torch.bmm(g, A.mT)
-    if c.x_op is not None:
-        x = torch.bmm(c.x_op, rhs.reshape(rhs.shape[0], -1, 1)).view(rhs.shape)
-    else:
-        x = x_matrix(c.basis_a, rhs.to(SOLVE_DTYPE)).to(dtype)
-    return torch.bmm(x, A).baddbmm_(c.pinv_b, g, beta=s_x, alpha=s_p), rhs
+        return adjust_grad_A(A, g, c.pinv_b, None, scales=c.scales[:2]), None
+    rhs = torch.mm(g, A.mT) if g.dim() == 2 else torch.bmm(g, A.mT)  # grad_A A^T
+    x = _apply_vec(c.x_op, rhs) if c.x_op is not None else x_matrix(c.basis_a, rhs.to(SOLVE_DTYPE)).to(dtype)
+    return adjust_grad_A(A, g, c.pinv_b, x, scales=c.scales[:2]), rhs
 
 
 def _adjusted_B(c: _Cached, g: Tensor, B: Tensor, both: bool) -> tuple[Tensor, Tensor | None]:
@@ -847,25 +827,23 @@ def _adjusted_B(c: _Cached, g: Tensor, B: Tensor, both: bool) -> tuple[Tensor, T
     dtype = c.pinv_a.dtype
     if g.dtype != dtype:
         g, B = g.to(dtype), B.to(dtype)
-    s_q, s_b = c.scales[2], c.scales[3]
     if not both:
-        out = torch.mm(g, c.pinv_a) if g.dim() == 2 else torch.bmm(g, c.pinv_a)
-        return (out.mul_(s_q) if s_q != 1.0 else out), None
-    if g.dim() == 2:
-        rhs = torch.mm(B.mT, g)  # B^T grad_B
-        if c.b_op is not None:
-            coef = torch.mm(c.b_op, rhs.view(-1, 1)).view(rhs.shape)
-        else:
-            coef = b_coefficient(c.basis_b, rhs.to(SOLVE_DTYPE)).to(dtype)
-        out = torch.mm(B, coef).addmm_(g, c.pinv_a, beta=s_b, alpha=s_q)
-    else:
-        rhs = torch.bmm(B.mT, g)
-        if c.b_op is not None:
-            coef = torch.bmm(c.b_op, rhs.reshape(rhs.shape[0], -1, 1)).view(rhs.shape)
-        else:
-            coef = b_coefficient(c.basis_b, rhs.to(SOLVE_DTYPE)).to(dtype)
-        out = torch.bmm(B, coef).baddbmm_(g, c.pinv_a, beta=s_b, alpha=s_q)
-    return out, (None if c.x_zero else rhs)
+        return adjust_grad_B(B, g, c.pinv_a, None, scales=c.scales[2:]), None
+    rhs = torch.mm(B.mT, g) if g.dim() == 2 else torch.bmm(B.mT, g)  # B^T grad_B
+    coef = (
+        _apply_vec(c.b_op, rhs)
+        if c.b_op is not None
+        else b_coefficient(c.basis_b, rhs.to(SOLVE_DTYPE)).to(dtype)
+    )
+    return adjust_grad_B(B, g, c.pinv_a, coef, scales=c.scales[2:]), (None if c.x_zero else rhs)
+
+
+def _apply_vec(op: Tensor, m: Tensor) -> Tensor:
+    """An (r^2, r^2) map (:func:`~lorapro.closed_form.vec_operator`) applied to the r x r ``m``: a
+    matrix-vector product as an (r^2, 1) matmul (batched over MoE experts)."""
+    if m.dim() == 2:
+        return torch.mm(op, m.view(-1, 1)).view(m.shape)
+    return torch.bmm(op, m.reshape(m.shape[0], -1, 1)).view(m.shape)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -896,6 +874,5 @@ def attach(model: nn.Module, *, x_mode: XMode = "sylvester") -> LoRAProHandle:
         raise TypeError(
             f"lorapro.attach takes the model (an nn.Module with PEFT LoRA layers), got {type(model).__name__}"
         )
-    if x_mode not in X_MODES:
-        raise LoRAProConfigError(f"unknown x_mode {x_mode!r}: use one of {', '.join(map(repr, X_MODES))}")
+    check_choice("x_mode", x_mode, X_MODES)
     return LoRAProHandle(model, x_mode)

@@ -29,6 +29,8 @@ power of two is exact, so in the usual range this changes no bit of the result.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -49,15 +51,22 @@ __all__ = [
     "XMode",
     "adjust_grad_A",
     "adjust_grad_B",
+    "adjusted_gradient_bound",
     "apply_coefficients",
     "b_coefficient",
     "b_weights",
+    "check_x_mode",
     "compute_dtype",
     "equivalent_gradient",
     "factor_basis",
+    "fold_scaling",
+    "gram_a",
+    "gram_b",
     "gram_eigen",
+    "gram_matrices",
     "gram_pinv",
     "gram_terms",
+    "layer_terms",
     "optimal_gradients",
     "solve_coefficients",
     "split_power_of_two",
@@ -65,6 +74,13 @@ __all__ = [
     "vec_operators",
     "x_matrix",
 ]
+
+
+def check_x_mode(x_mode: str) -> None:
+    """Raise ``ValueError`` for an unknown ``x_mode`` (the optimizers and attach check their
+    options with :func:`lorapro._validation.check_choice` first, and say the same)."""
+    if x_mode not in X_MODES:
+        raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -219,8 +235,7 @@ def factor_basis(btb: Tensor, aat: Tensor, x_mode: XMode | str = "sylvester", rt
       span(B) x rowspace(A).
     - ``"zero"``: X = 0.
     """
-    if x_mode not in X_MODES:
-        raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
+    check_x_mode(x_mode)
     # One batched eigh for both Gram matrices of every layer (half the calls of two).
     both = gram_eigen(torch.stack((btb, aat)), rtol)
     eig_b, eig_a = (GramEigen(*parts) for parts in zip(*(t.unbind(0) for t in both), strict=True))
@@ -306,12 +321,85 @@ class Coefficients(NamedTuple):
     b_coef: Tensor  # -((B^T B)^+ B^T grad_B (A A^T)^+ + X)
 
 
+def gram_b(B: Tensor) -> Tensor:
+    """``B^T B`` (batched) in :data:`SOLVE_DTYPE` whatever B's dtype: a float32 product of a factor
+    scaled by 1e20 would overflow (and one scaled by 1e-20 underflow)."""
+    B = B.to(SOLVE_DTYPE)
+    return B.mT @ B
+
+
+def gram_a(A: Tensor) -> Tensor:
+    """``A A^T`` (batched) in :data:`SOLVE_DTYPE` (see :func:`gram_b`)."""
+    A = A.to(SOLVE_DTYPE)
+    return A @ A.mT
+
+
+def gram_matrices(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """``B^T B`` and ``A A^T`` (batched) in :data:`SOLVE_DTYPE`."""
+    return gram_b(B), gram_a(A)
+
+
 def gram_terms(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor) -> GramTerms:
     """The r x r reductions of one layer (or a batch of layers), see :class:`GramTerms`, in
-    :data:`SOLVE_DTYPE` whatever the inputs' dtype (a float32 product of factors scaled by
-    1e+-20 would overflow or underflow)."""
+    :data:`SOLVE_DTYPE` (see :func:`gram_matrices`)."""
     A, B, grad_A, grad_B = (t.to(SOLVE_DTYPE) for t in (A, B, grad_A, grad_B))
     return GramTerms(B.mT @ B, A @ A.mT, B.mT @ grad_B, grad_A @ A.mT)
+
+
+def layer_terms(layers: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]]) -> tuple[Tensor, list[int]]:
+    """The four terms of many layers of one rank, stacked: ``(terms, counts)`` with ``terms`` of
+    shape (K, 4, r, r) in :data:`SOLVE_DTYPE` (the order of :class:`GramTerms`) and ``counts[i]``
+    the problems of layer i: one, or one per expert for (E, r, n) / (E, m, r) MoE factors.
+
+    Fresh r x r results stacked once: cheaper per layer than writing into views of a buffer, and
+    this runs for every layer each step.
+    """
+    products: list[Tensor] = []
+    counts: list[int] = []
+    for A, B, grad_A, grad_B in layers:
+        A, B, grad_A, grad_B = (t.to(SOLVE_DTYPE) for t in (A, B, grad_A, grad_B))
+        Bt, At = B.mT, A.mT
+        products += [Bt @ B, A @ At, Bt @ grad_B, grad_A @ At]
+        counts.append(1 if A.dim() == 2 else A.shape[0])
+    if len(counts) == sum(counts):
+        return torch.stack(products).unflatten(0, (len(counts), 4)), counts
+    r = products[0].shape[-1]
+    per_layer = [
+        torch.stack(products[4 * i : 4 * i + 4], dim=-3).reshape(-1, 4, r, r) for i in range(len(counts))
+    ]
+    return torch.cat(per_layer), counts
+
+
+def fold_scaling(t: Tensor, scaling: float | Tensor | Sequence[float]) -> Tensor:
+    """``t / s^2`` in place, for one scaling or one per leading index of ``t`` (a sequence of
+    floats: no host-to-device copy per step when they all agree). Every term of Theorem 2.1 goes
+    with 1/s^2 (X included), so one solve at s = 1 serves layers of any scaling; this is the one
+    place the scale enters."""
+    if isinstance(scaling, Tensor):
+        return t.mul_((1.0 / (scaling * scaling)).to(device=t.device, dtype=t.dtype).reshape(
+            *scaling.shape, *(1,) * (t.dim() - scaling.dim())))  # fmt: skip
+    if isinstance(scaling, numbers.Real):
+        scaling = [float(scaling)] * (t.shape[0] if t.dim() > 2 else 1)
+    inv_s2 = [1.0 / (s * s) for s in scaling]
+    if len(set(inv_s2)) == 1:  # the usual case: one scaling for every layer
+        return t.mul_(inv_s2[0]) if inv_s2[0] != 1.0 else t
+    for part, factor in zip(t.unbind(0), inv_s2, strict=True):
+        part.mul_(factor)
+    return t
+
+
+def adjusted_gradient_bound(coefficients: Tensor, terms: Tensor, grad_norms: Tensor) -> Tensor:
+    """A bound on the Frobenius norm of each problem's adjusted gradients, (K,): the larger of
+    ``|P| |grad_A| + |X| |A|`` and ``|Q| |grad_B| + |b| |B|``, from the (K, 4, r, r) coefficients
+    (1/s^2 folded in), the terms (``|A|`` and ``|B|`` from the traces of the Gram matrices) and the
+    (K, 2) norms of the raw gradients. The coefficients are applied split by powers of two
+    (:func:`split_power_of_two`), so they stay finite where an adjusted gradient would overflow:
+    this is what tells."""
+    coef_norms = torch.linalg.matrix_norm(coefficients)  # (K, 4): P, X, Q, b
+    factor_norms = terms[:, :2].diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()  # (K, 2): |B|, |A|
+    bound_A = coef_norms[:, 0] * grad_norms[:, 0] + coef_norms[:, 1] * factor_norms[:, 1]
+    bound_B = coef_norms[:, 2] * grad_norms[:, 1] + coef_norms[:, 3] * factor_norms[:, 0]
+    return torch.maximum(bound_A, bound_B)
 
 
 #: The exponents :func:`split_power_of_two` returns stay within this bound, so that both the power
@@ -397,14 +485,17 @@ def adjust_grad_A(
     A: Tensor,
     grad_A: Tensor,
     grad_coef: Tensor,
-    coef: Tensor,
+    coef: Tensor | None,
     out: Tensor | None = None,
     scales: tuple[float, float] = (1.0, 1.0),
 ) -> Tensor:
     """``g * grad_coef @ grad_A + c * coef @ A`` for ``scales = (g, c)``: A's adjusted gradient from
     its r x r coefficients (``(B^T B)^+`` and X, with 1/s^2 folded in, each possibly split by
-    :func:`split_power_of_two`). ``out`` receives it without allocating. Batched over experts."""
+    :func:`split_power_of_two`); ``coef=None`` for X = 0 (or B frozen). ``out`` receives it
+    without allocating. Batched over experts."""
     out = _mm(grad_coef, grad_A, out=out)
+    if coef is None:
+        return out.mul_(scales[0]) if scales[0] != 1.0 else out
     return _add_product_(out, coef, A, beta=scales[0], alpha=scales[1])
 
 
@@ -412,13 +503,16 @@ def adjust_grad_B(
     B: Tensor,
     grad_B: Tensor,
     grad_coef: Tensor,
-    coef: Tensor,
+    coef: Tensor | None,
     out: Tensor | None = None,
     scales: tuple[float, float] = (1.0, 1.0),
 ) -> Tensor:
     """``g * grad_B @ grad_coef + c * B @ coef`` for ``scales = (g, c)``: B's adjusted gradient from
-    its r x r coefficients (``(A A^T)^+`` and :func:`b_coefficient`, with 1/s^2 folded in)."""
+    its r x r coefficients (``(A A^T)^+`` and :func:`b_coefficient`, with 1/s^2 folded in);
+    ``coef=None`` when A is frozen (LoRA-FA's update)."""
     out = _mm(grad_B, grad_coef, out=out)
+    if coef is None:
+        return out.mul_(scales[0]) if scales[0] != 1.0 else out
     return _add_product_(out, B, coef, beta=scales[0], alpha=scales[1])
 
 
@@ -426,11 +520,10 @@ def apply_coefficients(
     A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, coefficients: Coefficients, scaling: float | Tensor
 ) -> tuple[Tensor, Tensor]:
     """LoRA-Pro's gradients from LoRA's, given the layer's r x r coefficients."""
-    s = _as_batch_scalar(scaling, A)
-    inv_s2 = 1.0 / (s * s)
-    c = coefficients
-    new_grad_A = adjust_grad_A(A, grad_A, inv_s2 * c.grad_a_coef, inv_s2 * c.a_coef)
-    new_grad_B = adjust_grad_B(B, grad_B, inv_s2 * c.grad_b_coef, inv_s2 * c.b_coef)
+    folded = fold_scaling(torch.stack(coefficients, dim=-3), scaling)  # (..., 4, r, r)
+    grad_a_coef, a_coef, grad_b_coef, b_coef = folded.unbind(-3)
+    new_grad_A = adjust_grad_A(A, grad_A, grad_a_coef, a_coef)
+    new_grad_B = adjust_grad_B(B, grad_B, grad_b_coef, b_coef)
     return new_grad_A, new_grad_B
 
 
@@ -466,8 +559,7 @@ def optimal_gradients(
     Computed in float64 and returned in the factors' dtype, so factors of any scale float32
     can hold give a finite answer.
     """
-    if x_mode not in X_MODES:
-        raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
+    check_x_mode(x_mode)
     _check_shapes(A, B, grad_A, grad_B, scaling)
     out_dtype = A.dtype
     if rtol is None:

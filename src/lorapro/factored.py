@@ -14,21 +14,32 @@ and ``D A^T`` (m x r). Both moments can then be kept in O((m + n) r) numbers:
   an m x n matrix (:func:`low_rank_square_sums`).
 
 The direction ``D = diag(a) M diag(b)`` is again a sum of two rank-r products, so ``B^T D`` and
-``D A^T`` cost O((m + n) r^2) (:func:`scaled_tangent_products`). Everything here is per layer,
-in the caller's dtype (float32 at least for the optimizer), with the factors as matrices.
+``D A^T`` cost O((m + n) r^2) (:func:`scaled_tangent_products`). The math is per layer, in the
+caller's dtype (float32 at least for the optimizer), with the factors as matrices;
+:func:`factored_directions` and :func:`reproject_moments` are the optimizer's step, as functions
+(the factor updates are full mode's, :func:`lorapro.full_mode.factor_updates`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from .closed_form import gram_pinv
+from ._solve import PairWork, Solved, adjusted_gradients
+from .closed_form import default_rtol, equivalent_gradient, gram_a, gram_b, gram_pinv
+from .functional import adam_denominator, bias_corrections, update_first_moment_, update_second_moment_
 
 __all__ = [
     "adafactor_scales",
+    "factored_directions",
     "low_rank_square_sums",
     "project_tangent",
+    "reproject_moments",
     "scaled_tangent_products",
     "tangent_matrix",
 ]
@@ -114,3 +125,88 @@ def scaled_tangent_products(
     bt_d = torch.addmm((B.mT @ aY) @ Ab, B.mT @ aB, Xb)
     d_at = torch.addmm(aY @ (Ab @ A.mT), aB, Xb @ A.mT)
     return bt_d, d_at
+
+
+def factored_directions(
+    works: list[PairWork],
+    solved: Solved,
+    state_of: Callable[[PairWork], dict[str, Any]],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    dense_second_moment: bool,
+) -> list[PairWork]:
+    """Full mode's :func:`~lorapro.full_mode.equivalent_gradient_directions` with factored moments:
+    advance each layer's tangent-space first moment and row/column second moment (or, with
+    ``dense_second_moment``, full mode's m x n one: the diagnostic variant) and return, per layer, a
+    work whose gradients are LoRA's gradients of the Adam direction D (``s B^T D``, ``s D A^T``)."""
+    directions: list[PairWork] = []
+    for w in works:
+        s = w.scaling
+        adjusted_A, adjusted_B = adjusted_gradients(w, solved)
+        (r, n), m = w.A.shape, w.B.shape[0]
+        state = state_of(w)
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["tangent_x"] = torch.zeros((r, n), dtype=w.A.dtype, device=w.A.device)
+            state["tangent_y"] = torch.zeros((m, r), dtype=w.A.dtype, device=w.A.device)
+            if dense_second_moment:
+                state["equiv_exp_avg_sq"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
+            else:
+                state["row_sq_mean"] = torch.zeros(m, dtype=w.A.dtype, device=w.A.device)
+                state["col_sq_mean"] = torch.zeros(n, dtype=w.A.dtype, device=w.A.device)
+        step = state["step"]
+        step += 1
+        bc1, bc2 = bias_corrections(step, beta1, beta2)
+        X, Y = state["tangent_x"], state["tangent_y"]
+        # The equivalent gradient is B (s adjusted_A) + (s adjusted_B) A: in the tangent space
+        # of the current factors, where the first moment lives, so its update is exact.
+        update_first_moment_(X, s * adjusted_A, beta1)
+        update_first_moment_(Y, s * adjusted_B, beta1)
+        if dense_second_moment:
+            g = equivalent_gradient(w.A, w.B, adjusted_A, adjusted_B, s)
+            exp_avg_sq = state["equiv_exp_avg_sq"]
+            update_second_moment_(exp_avg_sq, g, beta2)
+            denom = adam_denominator(exp_avg_sq, bc2, eps)
+            direction = tangent_matrix(w.A, w.B, X, Y).div_(denom).div_(bc1)
+            del g, denom
+            bt_d, d_at = w.B.mT @ direction, direction @ w.A.mT
+        else:
+            L = torch.cat([w.B, adjusted_B], dim=1)  # g = L R^T
+            R = torch.cat([adjusted_A.mT, w.A.mT], dim=1).mul_(s)
+            rows, cols = low_rank_square_sums(L, R)
+            state["row_sq_mean"].mul_(beta2).add_(rows, alpha=(1.0 - beta2) / n)
+            state["col_sq_mean"].mul_(beta2).add_(cols, alpha=(1.0 - beta2) / m)
+            a, b = adafactor_scales(state["row_sq_mean"] / bc2, state["col_sq_mean"] / bc2, eps)
+            bt_d, d_at = scaled_tangent_products(w.A, w.B, X, Y, a.div_(bc1), b)
+        directions.append(dataclasses.replace(w, grad_A=s * bt_d, grad_B=s * d_at))
+    return directions
+
+
+def reproject_moments(
+    works: list[PairWork],
+    new_factors: list[tuple[Tensor, Tensor]],
+    state_of: Callable[[PairWork], dict[str, Any]],
+) -> None:
+    """Project each layer's first moment, written in the old factors' tangent space, onto the new
+    factors' (in place in ``state_of(w)``). The pseudo-inverses of the new Gram matrices come from
+    one batched ``eigh`` per rank."""
+    by_rank: dict[tuple, list[int]] = defaultdict(list)
+    for i, (new_A, _) in enumerate(new_factors):
+        by_rank[(new_A.shape[0], new_A.dtype, new_A.device)].append(i)
+    for indices in by_rank.values():
+        # (layers of one rank may differ in shape: each Gram matrix on its own, then one eigh)
+        btb = torch.stack([gram_b(new_factors[i][1]) for i in indices])
+        aat = torch.stack([gram_a(new_factors[i][0]) for i in indices])
+        dtype = new_factors[indices[0]][0].dtype
+        rtol = default_rtol(btb.shape[-1], dtype)  # the factors' precision, not the float64 solve's
+        pinv_b, pinv_a = gram_pinv(btb, rtol).to(dtype), gram_pinv(aat, rtol).to(dtype)
+        for i, pb, pa in zip(indices, pinv_b.unbind(0), pinv_a.unbind(0), strict=True):
+            w, (new_A, new_B) = works[i], new_factors[i]
+            state = state_of(w)
+            x, y = project_tangent(
+                w.A, w.B, state["tangent_x"], state["tangent_y"], new_A, new_B, pinv_a=pa, pinv_b=pb
+            )
+            state["tangent_x"].copy_(x)
+            state["tangent_y"].copy_(y)

@@ -12,18 +12,22 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as adamw_functional
 
 __all__ = [
+    "adam_denominator",
     "adam_direction",
     "adamw_update",
     "any_nonfinite",
     "bias_corrections",
     "fused_kernel_applies",
     "sgd_update",
+    "update_first_moment_",
+    "update_second_moment_",
 ]
 
 
@@ -56,33 +60,46 @@ def adam_direction(
     step += 1
     bc1, bc2 = bias_corrections(step, beta1, beta2)
     grad = grad.to(exp_avg.dtype)
-    exp_avg.lerp_(grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = exp_avg_sq.sqrt() if scratch is None else torch.sqrt(exp_avg_sq, out=scratch)
-    denom.div_(math.sqrt(bc2)).add_(eps)
+    update_first_moment_(exp_avg, grad, beta1)
+    update_second_moment_(exp_avg_sq, grad, beta2)
+    denom = adam_denominator(exp_avg_sq, bc2, eps, out=scratch)
     return torch.div(exp_avg, bc1, out=out).div_(denom) if out is not None else (exp_avg / bc1).div_(denom)
 
 
-def _adamw_single(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
+def update_first_moment_(exp_avg: Tensor, grad: Tensor, beta1: float) -> Tensor:
+    """Adam's first moment, in place: ``m <- beta1 m + (1 - beta1) g`` (as torch's ``lerp``)."""
+    return exp_avg.lerp_(grad, 1.0 - beta1)
+
+
+def update_second_moment_(exp_avg_sq: Tensor, grad: Tensor, beta2: float) -> Tensor:
+    """Adam's second moment, in place: ``v <- beta2 v + (1 - beta2) g^2``."""
+    return exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+
+def adam_denominator(exp_avg_sq: Tensor, bc2: float, eps: float, out: Tensor | None = None) -> Tensor:
+    """``sqrt(v / bc2) + eps`` as torch computes it (``sqrt(v) / sqrt(bc2) + eps``), into ``out``
+    when given (a buffer shaped like ``v``)."""
+    denom = exp_avg_sq.sqrt() if out is None else torch.sqrt(exp_avg_sq, out=out)
+    return denom.div_(math.sqrt(bc2)).add_(eps)
+
+
+class _Hyper(NamedTuple):
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+
+def _adamw_single(params, grads, exp_avgs, exp_avg_sqs, steps, h: _Hyper) -> None:
+    lr, beta1, beta2, eps, weight_decay = h
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
         step += 1
         bc1, bc2 = bias_corrections(step, beta1, beta2)
         g = g.to(m.dtype)
-        m.lerp_(g, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+        update_first_moment_(m, g, beta1)
+        update_second_moment_(v, g, beta2)
+        denom = adam_denominator(v, bc2, eps)
         target = p if p.dtype == m.dtype else p.to(m.dtype)
         target.mul_(1.0 - lr * weight_decay)
         target.addcdiv_(m, denom, value=-lr / bc1)
@@ -101,20 +118,8 @@ def fused_kernel_applies(device: torch.device, param_dtype: torch.dtype, state_d
     return device.type == "cpu" and param_dtype == state_dtype and param_dtype.is_floating_point
 
 
-def _adamw_foreach(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    fused: bool = False,
-) -> None:
+def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, h: _Hyper, fused: bool) -> None:
+    lr, beta1, beta2, eps, weight_decay = h
     # foreach kernels need one device and dtype per call.
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, m) in enumerate(zip(params, exp_avgs, strict=True)):
@@ -175,16 +180,11 @@ def adamw_update(
     """
     if not params:
         return
+    h = _Hyper(lr, beta1, beta2, eps, weight_decay)
     if foreach or fused:
-        _adamw_foreach(
-            params, grads, exp_avgs, exp_avg_sqs, steps,
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, fused=fused,
-        )  # fmt: skip
-        return
-    _adamw_single(
-        params, grads, exp_avgs, exp_avg_sqs, steps,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-    )  # fmt: skip
+        _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, h, fused)
+    else:
+        _adamw_single(params, grads, exp_avgs, exp_avg_sqs, steps, h)
 
 
 def sgd_update(

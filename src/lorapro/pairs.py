@@ -23,6 +23,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from ._storage import full_shape, is_zero3_partition
 from .errors import LoRAProConfigError
 
 __all__ = ["LoRAPair", "PairTracker", "adapter_pairs", "find_lora_pairs"]
@@ -59,8 +60,7 @@ class LoRAPair:
 
     @property
     def rank(self) -> int:
-        shape = getattr(self.A, "ds_shape", self.A.shape)  # (a ZeRO-3 partition has shape (0,))
-        return shape[0] // self.experts
+        return full_shape(self.A)[0] // self.experts
 
     def matrix_A(self, tensor: Tensor | None = None) -> Tensor:
         """(r, n) view of A (or of a tensor shaped like A, such as its gradient); (E, r, n) for
@@ -204,7 +204,7 @@ def _signature(model: nn.Module) -> tuple[tuple, list[nn.Module]]:
             for adapter in (*getattr(m, "lora_A", {}), *getattr(m, "lora_embedding_A", {})):
                 pair = _pair_of("", m, adapter)
                 factors = () if pair is None else (pair.A, pair.B)
-                signature += [(id(p), p.requires_grad, type(p), hasattr(p, "ds_id")) for p in factors]
+                signature += [(id(p), p.requires_grad, type(p), is_zero3_partition(p)) for p in factors]
             signature.append((id(m), tuple(m.active_adapters)))
     return tuple(signature), layers
 
@@ -254,8 +254,10 @@ class PairTracker:
     def _quick_signature(self) -> tuple:
         config = getattr(self.model, "peft_config", None)
         adapters = tuple(config) if isinstance(config, dict) else None
-        return adapters, self._factors_held(), tuple(
-            (*m.active_adapters, len(m.lora_A) + len(m.lora_embedding_A)) for m in self._layers
+        return (
+            adapters,
+            self._factors_held(),
+            tuple((*m.active_adapters, len(m.lora_A) + len(m.lora_embedding_A)) for m in self._layers),
         )
 
     def _factors_held(self) -> bool:
@@ -275,4 +277,4 @@ class PairTracker:
 
 
 def _state(pair: LoRAPair) -> tuple[bool, bool, bool]:
-    return hasattr(pair.A, "ds_id"), pair.A.requires_grad, pair.B.requires_grad
+    return is_zero3_partition(pair.A), pair.A.requires_grad, pair.B.requires_grad

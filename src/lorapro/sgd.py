@@ -7,7 +7,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._base import GroupWork, LoRAProOptimizer, check_number
+from ._base import GroupWork, LoRAProOptimizer
+from ._solve import Solved
+from ._validation import check_number
 from .closed_form import XMode
 from .functional import sgd_update
 
@@ -54,9 +56,9 @@ class LoRAProSGD(LoRAProOptimizer):
     def _expected_state_shapes(self, group, param):
         return {"momentum_buffer": tuple(param.shape)} if group["momentum"] != 0.0 else {}
 
-    def _apply(self, work: GroupWork) -> None:
+    def _apply(self, work: GroupWork, solved: Solved) -> None:
         # LoRA factors chunk by chunk as their adjusted gradients are produced, then the rest.
-        for params, grads in self._adjusted_updates(work):
+        for params, grads in self._adjusted_updates(work, solved):
             self._sgd(work.group, params, grads)
         self._sgd(work.group, work.params, work.grads)
 

@@ -1,6 +1,6 @@
 """Find the lorapro optimizer inside wrappers, and check it still owns its LoRA factors.
 
-Every lorapro optimizer runs this check before each step by itself (``_sync_pairs``): DeepSpeed
+Every lorapro optimizer runs this check before each step by itself (``sync_pairs``): DeepSpeed
 (ZeRO stages 1-3, bf16/fp16 master weights) replaces the tensors in ``optimizer.param_groups``
 after the optimizer was built, and the replacements would otherwise get plain AdamW/SGD.
 :func:`assert_owns_pairs` runs the same check on demand, e.g. right after a wrapper's set-up.
@@ -35,4 +35,4 @@ def assert_owns_pairs(optimizer: Any, when: str = "") -> None:
     opt = unwrap_lorapro(optimizer)
     if opt is None:
         raise LoRAProConfigError(f"{type(optimizer).__name__} is not and does not wrap a lorapro optimizer")
-    opt._sync_pairs(when)
+    opt.sync_pairs(when)

@@ -47,12 +47,14 @@ except ModuleNotFoundError as exc:
     raise_missing_extra(exc, "lorapro.integrations.trainer")
 
 from .._base import LoRAProOptimizer
+from .._validation import check_choice
 from ..adamw import LoRAProAdamW
 from ..backward_hooks import LoRAProHandle, attach
 from ..closed_form import X_MODES
 from ..errors import LoRAProConfigError
 from ..pairs import find_lora_pairs
 from ..sgd import LoRAProSGD
+from ._transformers_internals import CheckpointExtras, deepspeed_config, default_optim, fsdp_version
 from .guard import unwrap_lorapro
 
 __all__ = [
@@ -84,8 +86,7 @@ class LoRAProCallback(TrainerCallback):
     """
 
     def __init__(self, x_mode: str = "sylvester") -> None:
-        if x_mode not in X_MODES:
-            raise LoRAProConfigError(f"unknown x_mode {x_mode!r}: use one of {', '.join(map(repr, X_MODES))}")
+        check_choice("x_mode", x_mode, X_MODES)
         self.x_mode = x_mode
         self.handle: LoRAProHandle | None = None
 
@@ -210,14 +211,14 @@ def _decayed_base_weights(optimizer: Any) -> dict[str, torch.Tensor] | None:
     if not isinstance(opt, LoRAProAdamW):
         return None
     weights: dict[str, torch.Tensor] = {}
-    for group, pairs in zip(opt.param_groups, opt._group_pairs, strict=True):
+    for group, pairs in opt.pairs_by_group:
         if group["mode"] == "full" and group["weight_decay"] != 0.0:
             for pair in pairs:
                 weights[pair.name] = pair.base_weight
     return weights or None
 
 
-class LoRAProTrainer(Trainer):
+class LoRAProTrainer(CheckpointExtras, Trainer):
     """``transformers.Trainer`` that trains with a lorapro optimizer: needed for full mode
     (Algorithm 3); for efficient mode :class:`LoRAProCallback` keeps your own optimizer.
 
@@ -251,7 +252,7 @@ class LoRAProTrainer(Trainer):
                 "LoRAProTrainer builds its own optimizer: pass lorapro_kwargs=..., not "
                 "optimizer_cls_and_kwargs"
             )
-        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+        if fsdp_version(self) not in (None, 2):
             raise LoRAProConfigError(
                 "FSDP1 flattens each wrapped module's parameters into one FlatParameter, so the LoRA A and B "
                 "matrices do not reach the optimizer as matrices; use FSDP2 (fsdp_version=2 in the FSDP "
@@ -260,9 +261,8 @@ class LoRAProTrainer(Trainer):
         if self.is_deepspeed_enabled:
             from .deepspeed import check_deepspeed_config
 
-            check_deepspeed_config(self.args.hf_deepspeed_config.config)
-        default_optim = type(self.args).__dataclass_fields__["optim"].default
-        if self.args.optim != default_optim:
+            check_deepspeed_config(deepspeed_config(self))
+        if self.args.optim != default_optim(self.args):
             warnings.warn(
                 f"LoRAProTrainer trains with lorapro's {self.lorapro_optimizer} and does not use "
                 f"optim={str(getattr(self.args.optim, 'value', self.args.optim))!r}. For LoRA-Pro with that "
@@ -299,8 +299,7 @@ class LoRAProTrainer(Trainer):
         return None if self.optimizer is None else unwrap_lorapro(self.optimizer)
 
     # -- full mode + weight decay: the decayed base weights travel with the checkpoint ----------
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
+    def save_checkpoint_extras(self, output_dir: str) -> None:
         weights = _decayed_base_weights(self.optimizer)
         if weights is not None and self.args.should_save:
             torch.save(
@@ -308,10 +307,7 @@ class LoRAProTrainer(Trainer):
                 os.path.join(output_dir, BASE_WEIGHTS_NAME),
             )
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
+    def load_checkpoint_extras(self, checkpoint: str) -> None:
         weights = _decayed_base_weights(self.optimizer)
         path = os.path.join(checkpoint, BASE_WEIGHTS_NAME)
         if weights is None:

@@ -1,4 +1,13 @@
-"""LoRA factors held as DTensor shards (FSDP2's ``fully_shard``): the one place the optimizers meet them.
+"""Where the LoRA factors live, and the one place the library meets the engines' storage.
+
+- **Detection** (:func:`is_dtensor`, :func:`is_zero3_partition`, :func:`deepspeed_manages`,
+  :func:`full_shape`, :func:`local_tensor`): FSDP2's DTensor parameters, DeepSpeed ZeRO-3's
+  partitions (``ds_id``, ``ds_shape``) and ZeRO 1/2's links to flat partitions (``_hp_mapping``).
+  attach, the optimizers and the pair tracker ask here and nowhere else.
+- **The optimizers' storage adapter**: every layer of a step gets a :class:`PlainStorage` (whole
+  factors: one process, DDP, DeepSpeed stage 0; every call is the identity) or a
+  :class:`ShardedStorage` (FSDP2's ``fully_shard``), with one interface, so the step has no
+  branch on the engine.
 
 Under FSDP2 every parameter is a ``DTensor`` holding one shard, and gradients arrive already
 reduce-scattered (averaged over ranks). The closed form needs the whole factors only through
@@ -20,9 +29,6 @@ A-sized tensors per layer) and says so once in the log.
 Full mode keeps its m x n moments sharded by rows like B; its step also gathers A and the
 adjusted grad_A (r x n each) and all-reduces ``B^T D`` (r x n) per layer: O(r n) numbers,
 never an m x n matrix.
-
-Plain tensors (one process, DDP, DeepSpeed stage 0) never reach this module's collectives:
-:meth:`FactorSharding.pair` returns ``None`` for them and every step-level call is the identity.
 """
 
 from __future__ import annotations
@@ -30,25 +36,66 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .errors import LoRAProConfigError
-from .pairs import LoRAPair
 
-__all__ = ["FactorSharding", "ShardedPair", "local_tensor", "local_tensors"]
+if TYPE_CHECKING:
+    from .pairs import LoRAPair
+
+__all__ = [
+    "FactorSharding",
+    "FactorStorage",
+    "PlainStorage",
+    "ShardedStorage",
+    "deepspeed_manages",
+    "full_shape",
+    "is_dtensor",
+    "is_partitioned",
+    "is_zero3_partition",
+    "local_tensor",
+    "local_tensors",
+]
 
 logger = logging.getLogger(__name__)
 
 
+# -- detection ----------------------------------------------------------------------------------
 def _dtensor_class() -> type | None:
     # No DTensor can exist before torch.distributed.tensor was imported, so a plain model never
     # pays for importing it (nor needs a torch built with distributed support).
     module = sys.modules.get("torch.distributed.tensor")
     return None if module is None else module.DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    """A DTensor (FSDP2), also seen through wrappers that keep its ``_local_tensor``."""
+    return type(t).__name__ == "DTensor" or isinstance(getattr(t, "_local_tensor", None), Tensor)
+
+
+def is_zero3_partition(t: Any) -> bool:
+    """A parameter DeepSpeed ZeRO-3 converted in place (partitioned, gathered around its module)."""
+    return hasattr(t, "ds_id")
+
+
+def is_partitioned(t: Any) -> bool:
+    """Held whole only around its own module's forward and backward (FSDP2, ZeRO-3)."""
+    return is_dtensor(t) or is_zero3_partition(t)
+
+
+def deepspeed_manages(t: Any) -> bool:
+    """Does DeepSpeed step this parameter on a flat partition of its own (ZeRO 1-3, bf16/fp16
+    master weights)? A torch optimizer built for it would then never update it."""
+    return hasattr(t, "_hp_mapping") or is_zero3_partition(t)
+
+
+def full_shape(t: Any) -> torch.Size:
+    """The whole parameter's shape (a ZeRO-3 partition's own ``shape`` is (0,))."""
+    return getattr(t, "ds_shape", t.shape)
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -115,7 +162,56 @@ class _Factor:
         return dt
 
 
-class ShardedPair:
+class FactorStorage(Protocol):
+    """How one layer's factors are stored, as the optimizers' step sees them. The factors and their
+    gradients come out as matrices (``local_A`` (r, n_k), ``local_B`` (m_k, r): this rank's share),
+    and the step's results go back laid out like the parameters (``as_params``); full mode also
+    needs A whole (``full_columns``), a product over B's rows summed (``sum_over_rows``) and its
+    moments laid out like B's rows (``moment_zeros``)."""
+
+    def local_A(self, t: Any) -> Tensor: ...
+    def local_B(self, t: Any) -> Tensor: ...
+    def as_params(self, local_A: Tensor, local_B: Tensor) -> tuple[Any, Any]: ...
+    def columns(self, local_A: Tensor) -> int: ...
+    def full_columns(self, local: Tensor) -> Tensor: ...
+    def own_columns(self, full: Tensor) -> Tensor: ...
+    def sum_over_rows(self, partial: Tensor) -> Tensor: ...
+    def moment_zeros(self, shape: tuple[int, ...], like: Tensor) -> Any: ...
+
+
+class PlainStorage:
+    """Whole factors (one process, DDP, DeepSpeed stage 0): every conversion is the identity (a view
+    at most) and nothing is communicated."""
+
+    def __init__(self, pair: LoRAPair) -> None:
+        self.pair = pair
+
+    def local_A(self, t: Any) -> Tensor:
+        return self.pair.matrix_A(t)
+
+    def local_B(self, t: Any) -> Tensor:
+        return self.pair.matrix_B(t)
+
+    def as_params(self, local_A: Tensor, local_B: Tensor) -> tuple[Tensor, Tensor]:
+        return self.pair.param_A(local_A), self.pair.param_B(local_B)
+
+    def columns(self, local_A: Tensor) -> int:
+        return local_A.shape[-1]
+
+    def full_columns(self, local: Tensor) -> Tensor:
+        return local
+
+    def own_columns(self, full: Tensor) -> Tensor:
+        return full
+
+    def sum_over_rows(self, partial: Tensor) -> Tensor:
+        return partial
+
+    def moment_zeros(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+class ShardedStorage:
     """One LoRA layer whose factors are DTensor shards: conversions and the collectives its
     step needs, each counted in :attr:`FactorSharding.comm_numel`."""
 
@@ -139,8 +235,7 @@ class ShardedPair:
         the parameters."""
         return self._a.as_param(local_A), self._b.as_param(local_B)
 
-    @property
-    def columns(self) -> int:
+    def columns(self, local_A: Tensor) -> int:
         """n, the number of columns of the whole A matrix."""
         A = self._a.param
         return A.numel() // A.shape[0]
@@ -165,15 +260,16 @@ class ShardedPair:
         self._sharding.count("full_mode_allreduce", partial.numel())
         return partial
 
-    def row_sharded_zeros(self, n: int, dtype: torch.dtype) -> Any:
-        """An (m, n) zero DTensor sharded by rows like B (full mode's moments)."""
+    def moment_zeros(self, shape: tuple[int, ...], like: Tensor) -> Any:
+        """An (m, n) zero DTensor sharded by rows like B (full mode's moments); ``shape`` is the
+        local (m_k, n) of this rank's rows, ``like`` gives the dtype."""
         from torch.distributed.tensor import DTensor
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         b = self._b
-        m = b.param.shape[0]
+        m, n = b.param.shape[0], shape[-1]
         local, _ = compute_local_shape_and_global_offset((m, n), b.mesh, b.canonical)
-        zeros = torch.zeros(local, dtype=dtype, device=b.param.to_local().device)
+        zeros = torch.zeros(local, dtype=like.dtype, device=b.param.to_local().device)
         return DTensor.from_local(
             zeros, b.mesh, b.canonical, run_check=False, shape=torch.Size((m, n)), stride=(n, 1)
         )
@@ -208,14 +304,14 @@ class FactorSharding:
         self._dtensor = _dtensor_class()
         self.comm_numel = {}
 
-    def pair(self, pair: LoRAPair) -> ShardedPair | None:
-        """The layer's shards and collectives, or ``None`` when its factors are plain tensors."""
+    def storage(self, pair: LoRAPair) -> FactorStorage:
+        """The layer's storage: its shards and collectives, or :class:`PlainStorage`."""
         cls = self._dtensor
         a_sharded = cls is not None and isinstance(pair.A, cls)
         b_sharded = cls is not None and isinstance(pair.B, cls)
         if not a_sharded and not b_sharded:
             self._seen_plain = True
-            return None
+            return PlainStorage(pair)
         if pair.experts > 1:
             raise LoRAProConfigError(
                 f"{pair.name}: LoRA on MoE experts (target_parameters) with FSDP2-sharded factors is not "
@@ -256,7 +352,7 @@ class FactorSharding:
                 "lora_shard_placement_fn(model) to fully_shard to communicate only r x r terms."
             )
         self._seen_sharded = True
-        return ShardedPair(pair, a, b, self)
+        return ShardedStorage(pair, a, b, self)
 
     def end_collect(self) -> None:
         if self._seen_sharded and self._seen_plain:
