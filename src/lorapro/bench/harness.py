@@ -243,14 +243,16 @@ class _Runner:
         report_only: bool,
         log: Callable[[str], None],
     ) -> None:
-        self.cfg, self.task, self.prepared, self.store = cfg, task, prepared, store
-        self.env, self.base_key, self.device, self.report_only, self.log = (
-            env,
-            base_key,
-            device,
-            report_only,
-            log,
-        )
+        self.cfg = cfg
+        self.task = task
+        self.prepared = prepared
+        self.store = store
+        self.env = env
+        #: What every run's hash covers besides its method and training config.
+        self.base_key = base_key
+        self.device = device
+        self.report_only = report_only
+        self.log = log
         self.seeds = list(range(cfg.seeds))
         self.grid = sorted(cfg.lr_grid)  # ascending: ties then keep the smaller rate
         self.planned, self.at_most = run_plan(cfg)
