@@ -17,7 +17,7 @@ from .closed_form import XMode, compute_dtype
 from .errors import LoRAProConfigError
 from .factored import factored_directions, reproject_moments
 from .full_mode import equivalent_gradient_directions, factor_updates
-from .functional import adamw_update, fused_kernel_applies
+from .functional import AdamMoments, adamw_update, fused_kernel_applies
 
 __all__ = ["MODES", "LoRAProAdamW"]
 
@@ -236,16 +236,13 @@ class LoRAProAdamW(LoRAProOptimizer):
             for params, grads in self._adjusted_updates(work, solved):
                 self._adamw(group, params, grads)
         else:
-            beta1, beta2 = group["betas"]
-            moments = {"beta1": beta1, "beta2": beta2, "eps": group["eps"]}
+            moments = AdamMoments(*group["betas"], group["eps"])
             if group["mode"] == "full":
-                directions = equivalent_gradient_directions(work.pairs, solved, self._layer_state, **moments)
+                directions = equivalent_gradient_directions(work.pairs, solved, self._layer_state, moments)
                 self._update_factors(group, directions)
             else:
                 dense = group["mode"] == "factored-first-moment"
-                directions = factored_directions(
-                    work.pairs, solved, self._layer_state, **moments, dense_second_moment=dense
-                )
+                directions = factored_directions(work.pairs, solved, self._layer_state, moments, dense)
                 self._update_factors(group, directions, reproject=True)
         self._adamw(group, work.params, work.grads)
 

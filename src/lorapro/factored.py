@@ -32,7 +32,13 @@ from torch import Tensor
 
 from ._solve import PairWork, Solved, adjusted_gradients
 from .closed_form import default_rtol, equivalent_gradient, gram_a, gram_b, gram_pinv
-from .functional import adam_denominator, bias_corrections, update_first_moment_, update_second_moment_
+from .functional import (
+    AdamMoments,
+    adam_denominator,
+    bias_corrections,
+    update_first_moment_,
+    update_second_moment_,
+)
 
 __all__ = [
     "adafactor_scales",
@@ -131,16 +137,14 @@ def factored_directions(
     works: list[PairWork],
     solved: Solved,
     state_of: Callable[[PairWork], dict[str, Any]],
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
+    moments: AdamMoments,
     dense_second_moment: bool,
 ) -> list[PairWork]:
     """Full mode's :func:`~lorapro.full_mode.equivalent_gradient_directions` with factored moments:
     advance each layer's tangent-space first moment and row/column second moment (or, with
     ``dense_second_moment``, full mode's m x n one: the diagnostic variant) and return, per layer, a
     work whose gradients are LoRA's gradients of the Adam direction D (``s B^T D``, ``s D A^T``)."""
+    beta1, beta2, eps = moments
     directions: list[PairWork] = []
     for w in works:
         s = w.scaling

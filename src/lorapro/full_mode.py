@@ -22,7 +22,7 @@ from torch import Tensor
 from ._solve import PairWork, Solved, adjusted_gradients
 from ._storage import local_tensor
 from .closed_form import equivalent_gradient
-from .functional import adam_direction
+from .functional import AdamMoments, adam_direction
 
 __all__ = ["equivalent_gradient_directions", "factor_updates"]
 
@@ -31,16 +31,14 @@ def equivalent_gradient_directions(
     works: list[PairWork],
     solved: Solved,
     state_of: Callable[[PairWork], dict[str, Any]],
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
+    moments: AdamMoments,
 ) -> list[PairWork]:
     """Advance each layer's Adam moments of its equivalent gradient ``s (B gA + gB A)`` (Theorem
     2.1's gradients, from ``solved``) and return, per layer, a work whose gradients are LoRA's
     gradients of the Adam direction D: ``s B^T D`` and ``s D A^T``.
 
-    The moments live in ``state_of(w)`` (created on the first step). One layer at a time, in two
+    The moments live in ``state_of(w)`` (created on the first step), with the hyper-parameters
+    ``moments``. One layer at a time, in two
     m x n buffers shared by all layers (the equivalent gradient, which becomes the direction, and
     the denominator): fresh m x n temporaries per layer would be page-faulted anew on the CPU
     every step. With FSDP2 shards every m x n tensor is this rank's rows, like B's shard: A and
@@ -68,7 +66,8 @@ def equivalent_gradient_directions(
         equivalent_gradient(A, w.B, adjusted_A, adjusted_B, w.scaling, out=g_equiv)
         direction = adam_direction(
             g_equiv, local_tensor(state["equiv_exp_avg"]), local_tensor(state["equiv_exp_avg_sq"]),
-            state["step"], beta1=beta1, beta2=beta2, eps=eps, out=g_equiv, scratch=denom,
+            state["step"], beta1=moments.beta1, beta2=moments.beta2, eps=moments.eps, out=g_equiv,
+            scratch=denom,
         )  # fmt: skip
         grad_A = storage.own_columns(storage.sum_over_rows(w.scaling * (w.B.mT @ direction)))
         directions.append(dataclasses.replace(w, grad_A=grad_A, grad_B=w.scaling * (direction @ A.mT)))

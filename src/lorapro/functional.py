@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim.adamw import adamw as adamw_functional
 
 __all__ = [
+    "AdamMoments",
     "adam_denominator",
     "adam_direction",
     "adamw_update",
@@ -81,6 +82,14 @@ def adam_denominator(exp_avg_sq: Tensor, bc2: float, eps: float, out: Tensor | N
     when given (a buffer shaped like ``v``)."""
     denom = exp_avg_sq.sqrt() if out is None else torch.sqrt(exp_avg_sq, out=out)
     return denom.div_(math.sqrt(bc2)).add_(eps)
+
+
+class AdamMoments(NamedTuple):
+    """The hyper-parameters of Adam's moments and direction (full and factored mode's)."""
+
+    beta1: float
+    beta2: float
+    eps: float
 
 
 class _Hyper(NamedTuple):
