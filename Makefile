@@ -74,29 +74,41 @@ lock: $(STAMP)
 
 # LLaMA-Factory, ms-swift and axolotl pin other transformers/peft/trl versions than ours, so
 # each gets a venv of its own under .venvs/, built from its lock envs/<framework>/requirements.txt
-# (torch==2.13.0 first, then every other package at its exact version with --no-deps, then
-# lorapro itself), and runs tests/frameworks/test_<framework>.py there.
+# (every package but torch at its exact version, with --no-deps, then lorapro itself), and runs
+# tests/frameworks/test_<framework>.py there. torch==2.13.0 (the CPU build on this machine's disk)
+# is installed once, in .venvs/torch, and each framework venv reads it through a .pth file after
+# its own site-packages: three installs of torch would cost about a minute of CI.
 FRAMEWORKS := llamafactory swift axolotl
 FW_VENVS := .venvs
-FW_PIP := --quiet --disable-pip-version-check
+FW_TORCH := $(FW_VENVS)/torch
+FW_PIP := -qq --disable-pip-version-check
+SITE_PACKAGES = $(1)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"
 
 venv-llamafactory venv-swift venv-axolotl: venv-%: $(FW_VENVS)/%/.installed
 
-$(FW_VENVS)/%/.installed: envs/%/requirements.txt
+$(FW_TORCH)/.installed:
+	rm -rf $(FW_TORCH)
+	$(PYTHON) -m venv $(FW_TORCH) || python3 -m venv $(FW_TORCH)
+	$(FW_TORCH)/bin/pip install $(FW_PIP) torch==2.13.0
+	@touch $@
+
+$(FW_VENVS)/%/.installed: envs/%/requirements.txt $(FW_TORCH)/.installed
 	rm -rf $(FW_VENVS)/$*
 	$(PYTHON) -m venv $(FW_VENVS)/$* || python3 -m venv $(FW_VENVS)/$*
-	$(FW_VENVS)/$*/bin/pip install $(FW_PIP) torch==2.13.0
+	$(call SITE_PACKAGES,$(FW_TORCH)) > "$$($(call SITE_PACKAGES,$(FW_VENVS)/$*))/lorapro-shared-torch.pth"
 	$(FW_VENVS)/$*/bin/pip install $(FW_PIP) --no-deps -r envs/$*/requirements.txt
 	$(FW_VENVS)/$*/bin/pip install $(FW_PIP) --no-deps -e .
 	@if [ -x envs/$*/after-install.sh ]; then envs/$*/after-install.sh $(FW_VENVS)/$*; fi
+	$(FW_VENVS)/$*/bin/python -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
 	@touch $@
 
-# One framework after the other (each run uses both cores); -s shows the figures the tests print.
-test-frameworks: $(foreach fw,$(FRAMEWORKS),$(FW_VENVS)/$(fw)/.installed)
-	@for fw in $(FRAMEWORKS); do \
-	  echo "== tests/frameworks/test_$$fw.py ($(FW_VENVS)/$$fw)"; \
-	  $(FW_VENVS)/$$fw/bin/python -m pytest -s tests/frameworks/test_$$fw.py || exit 1; \
-	done
+# `make -j2 test-frameworks` (as CI runs it) builds and tests two frameworks at a time: each
+# framework run is one process on one thread (OMP_NUM_THREADS=1 in the tests), and pip installs
+# use one core. -s shows the figures the tests print.
+test-frameworks: $(addprefix test-framework-,$(FRAMEWORKS))
+
+$(addprefix test-framework-,$(FRAMEWORKS)): test-framework-%: $(FW_VENVS)/%/.installed
+	$(FW_VENVS)/$*/bin/python -m pytest -s -p no:cacheprovider tests/frameworks/test_$*.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples scripts

@@ -32,32 +32,34 @@ RUN_ENV = {
 }
 
 
+def _environment(extra: dict[str, str] | None) -> dict[str, str]:
+    env = {**os.environ, **RUN_ENV, **(extra or {})}
+    here = str(Path(__file__).resolve().parent)  # capture.py and the test plugins
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    bin_dir = str(Path(sys.executable).parent)  # the venv's commands (axolotl starts `accelerate`)
+    env["PATH"] = os.pathsep.join((bin_dir, env.get("PATH", "")))
+    return env
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str] | None, timeout: int) -> tuple[int, str]:
+    proc = subprocess.run(
+        command, cwd=cwd, env=_environment(env), capture_output=True, text=True, timeout=timeout, check=False
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def run(command: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> str:
     """Run a framework command; fail with its output if it fails. Returns stdout + stderr."""
-    full_env = {**os.environ, **RUN_ENV, **(env or {})}
-    here = str(Path(__file__).resolve().parent)
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (here, full_env.get("PYTHONPATH")) if p)
-    bin_dir = str(Path(sys.executable).parent)  # the venv's commands (axolotl starts `accelerate`)
-    full_env["PATH"] = os.pathsep.join((bin_dir, full_env.get("PATH", "")))
-    proc = subprocess.run(
-        command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{command} failed ({proc.returncode}):\n{output[-6000:]}"
+    returncode, output = _run(command, cwd, env, timeout)
+    assert returncode == 0, f"{command} failed ({returncode}):\n{output[-6000:]}"
     return output
 
 
 def run_failing(command: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300) -> str:
     """Run a command that must fail; returns its output."""
-    full_env = {**os.environ, **RUN_ENV, **(env or {})}
-    here = str(Path(__file__).resolve().parent)
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (here, full_env.get("PYTHONPATH")) if p)
-    full_env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), full_env.get("PATH", "")))
-    proc = subprocess.run(
-        command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert proc.returncode != 0, f"{command} should have failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
-    return proc.stdout + proc.stderr
+    returncode, output = _run(command, cwd, env, timeout)
+    assert returncode != 0, f"{command} should have failed:\n{output[-4000:]}"
+    return output
 
 
 @dataclass

@@ -133,6 +133,7 @@ def test_cli_resumes_where_the_run_left_off(tiny, runs):
 )
 def test_refused_before_anything_loads(tiny, override, message, monkeypatch):
     monkeypatch.setattr(lf, "_llamafactory_run_exp", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(sys, "argv", ["lorapro-llamafactory"])  # main() points sys.argv at the YAML
     with pytest.raises(LoRAProConfigError, match="LoRA-Pro in LLaMA-Factory") as info:
         lf.main(["train", str(config(tiny, "refused")), override])
     assert message in str(info.value)

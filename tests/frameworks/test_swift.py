@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from framework_checks import adapter_weights, first_step, max_difference, run, run_failing, trainer_losses
 from tiny_model import save_tiny_llama, write_messages_jsonl
@@ -122,14 +123,17 @@ def test_plain_swift_refuses_the_lorapro_yaml(tiny):
     assert "lorapro_x_mode" in output
 
 
-def test_dora_is_refused_when_training_begins(tiny):
-    """ms-swift builds callbacks before the model is handed to the trainer, so DoRA (not among
-    the trainer's arguments) is caught by lorapro.attach when training begins: before step 1."""
-    output = run_failing(
-        [str(BIN / "lorapro-swift"), "sft", str(config(tiny, "dora", use_dora=True))], cwd=tiny
-    )
-    assert "LoRAProConfigError" in output and "DoRA" in output
-    assert not (tiny / "dora" / "checkpoint-2").exists()
+def test_dora_is_refused_when_training_begins():
+    """ms-swift builds its callbacks before the model reaches the trainer, and DoRA is not among
+    the trainer's arguments; with the flags added by hand (``swift sft --external_plugins ...``)
+    the callback refuses a DoRA model when training begins, before step 1."""
+    callback = lorapro_swift.SwiftLoRAProCallback()
+    model = tiny_peft_model(use_dora=True)
+    with pytest.raises(LoRAProConfigError, match="DoRA"):
+        callback.on_train_begin(
+            *trainer_state(), model=model, optimizer=torch.optim.AdamW(model.parameters())
+        )
+    assert callback.handle is None
 
 
 @pytest.mark.parametrize(
@@ -183,18 +187,26 @@ def test_user_plugins_and_callbacks_are_kept():
 def test_a_lorapro_optimizer_with_the_callback_is_refused():
     """ms-swift's optimizer registry (--optimizer NAME) can hold a lorapro optimizer registered by
     another plugin; with the callback it would adjust the gradients twice."""
-    import peft
-    import torch
-    from transformers import TrainerControl, TrainerState, TrainingArguments
-
     from lorapro import LoRAProAdamW
 
-    model = peft.get_peft_model(
-        torch.nn.Sequential(torch.nn.Linear(8, 8)), peft.LoraConfig(r=2, target_modules=["0"])
-    )
+    model = tiny_peft_model()
     callback = lorapro_swift.SwiftLoRAProCallback()
-    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
     with pytest.raises(LoRAProConfigError, match="adjust the gradients twice"):
-        callback.on_train_begin(
-            args, TrainerState(), TrainerControl(), model=model, optimizer=LoRAProAdamW(model, lr=1e-3)
-        )
+        callback.on_train_begin(*trainer_state(), model=model, optimizer=LoRAProAdamW(model, lr=1e-3))
+
+
+def tiny_peft_model(**lora):
+    import peft
+
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    return peft.get_peft_model(layer, peft.LoraConfig(r=2, target_modules=["0"], **lora))
+
+
+def trainer_state():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    return (
+        TrainingArguments(output_dir="unused", use_cpu=True, report_to=[]),
+        TrainerState(),
+        TrainerControl(),
+    )

@@ -163,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return 2
-    from swift.cli.main import cli_main
+    try:
+        from swift.cli.main import cli_main
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"lorapro-swift runs ms-swift, which is not importable here ({exc}): pip install ms-swift",
+            name=exc.name,
+        ) from exc
 
     command = [argv[0], *lorapro_argv(argv[1:])]
     sys.argv = ["swift", *command]
