@@ -173,15 +173,25 @@ class LoRAProOptimizer(Optimizer):
         gB = torch.zeros_like(B) if gB is None else _in_dtype(storage.local_B(gB), dtype)
         return PairWork(pair, pair.scaling, A, B, gA, gB, storage=storage, train_A=train_A, train_B=train_B)
 
-    def _solve(self, pair_works: list[PairWork], x_mode_of: Callable[[PairWork], str]) -> Solved:
-        """Coefficients for every layer (the terms summed over shards where the factors are)."""
-        return solve_pairs(pair_works, x_mode_of, self._sharding.reduce_terms)
+    def _solve(
+        self, pair_works: list[PairWork], x_mode_of: Callable[[PairWork], str], precise: bool | None = None
+    ) -> Solved:
+        """Coefficients for every layer (the terms summed over shards where the factors are).
+        ``precise=None`` forms the terms in float32 and again in float64 where float32 cannot hold
+        them (a host read); the step decides this itself after its non-finite check."""
+        solved = solve_pairs(pair_works, x_mode_of, self._sharding.reduce_terms, precise=bool(precise))
+        if precise is None and solved.needs_float64_terms():
+            solved = solve_pairs(pair_works, x_mode_of, self._sharding.reduce_terms, precise=True)
+        return solved
 
-    def _prepare(self, works: list[GroupWork]) -> Solved:
-        """Solve every layer's coefficients before anything is checked or updated (subclasses
-        may choose X per group)."""
+    def _x_mode_of(self, works: list[GroupWork]) -> Callable[[PairWork], str]:
+        """The X each layer is solved with: its group's (subclasses may choose per mode)."""
         group_of = {id(w): g.group for g in works for w in g.pairs}
-        return self._solve([w for g in works for w in g.pairs], lambda w: group_of[id(w)]["x_mode"])
+        return lambda w: group_of[id(w)]["x_mode"]
+
+    def _prepare(self, works: list[GroupWork], precise: bool = False) -> Solved:
+        """Solve every layer's coefficients before anything is checked or updated."""
+        return self._solve([w for g in works for w in g.pairs], self._x_mode_of(works), precise)
 
     def _adjusted_updates(
         self, work: GroupWork, solved: Solved
@@ -238,7 +248,11 @@ class LoRAProOptimizer(Optimizer):
         works = self._collect()
         self._ownership.stop_checking_forward()  # from now on every step checks (sync_pairs)
         solved = self._prepare(works)
-        if self._nonfinite(works, solved):
+        nonfinite = self._nonfinite(works, solved)
+        if solved.needs_float64_terms():  # factors at scales float32 Gram matrices cannot hold
+            solved = self._prepare(works, precise=True)
+            nonfinite = self._nonfinite(works, solved)
+        if nonfinite:
             if self.nonfinite == "raise":
                 raise NonFiniteGradientError(
                     "a gradient holds NaN or Inf; no parameter or optimizer state was changed. Find the "

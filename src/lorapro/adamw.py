@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -178,7 +178,7 @@ class LoRAProAdamW(LoRAProOptimizer):
             fused=self._use_fused(group),
         )  # fmt: skip
 
-    def _prepare(self, works: list[GroupWork]) -> Solved:
+    def _x_mode_of(self, works: list[GroupWork]) -> Callable[[PairWork], str]:
         # Full mode only needs the equivalent gradient here, which X does not change: take the
         # cheapest X. Efficient mode adjusts with the group's own x_mode.
         group_of = {id(w): g.group for g in works for w in g.pairs}
@@ -187,7 +187,7 @@ class LoRAProAdamW(LoRAProOptimizer):
             group = group_of[id(w)]
             return "zero" if group["mode"] in EQUIVALENT_GRADIENT_MODES else group["x_mode"]
 
-        return self._solve([w for g in works for w in g.pairs], x_mode_of)
+        return x_mode_of
 
     def _check_before_apply(self, works: list[GroupWork]) -> None:
         for work in works:

@@ -78,7 +78,7 @@ from .closed_form import (
     fold_scaling,
     gram_a,
     gram_b,
-    gram_matrices,
+    gram_out_of_range,
     split_power_of_two,
     vec_operator,
     x_matrix,
@@ -537,7 +537,9 @@ class LoRAProHandle:
 
     def _changed(self, entries: list[_Entry]) -> list[_Entry]:
         """The entries whose Gram matrices differ from those their cache was built from (each
-        entry's current ones left in ``entry.fresh``)."""
+        entry's current ones left in ``entry.fresh``). The Gram matrices are formed in the
+        factors' dtype (float32 products are several times cheaper on the CPU) and again in float64
+        for the layers whose float32 ones fall outside float32's safe range, which are rebuilt."""
         groups: dict[tuple, list[_Entry]] = defaultdict(list)
         for e in entries:
             if e.tracked:
@@ -547,7 +549,9 @@ class LoRAProHandle:
                 groups[
                     (tuple(A.shape), tuple(B.shape), A.dtype, A.device, e.pair.experts, e.pair.kind)
                 ].append(e)
-        flags: list[Tensor] = []
+        range_flags: list[Tensor] = []  # per entry: its float32 Gram matrices out of range
+        ranged: list[_Entry] = []
+        change_flags: list[Tensor] = []  # per entry: its Gram matrices changed
         compared: list[_Entry] = []
         stale: list[_Entry] = []
         for key, group in groups.items():
@@ -558,24 +562,41 @@ class LoRAProHandle:
                         continue
                     e.fresh = torch.stack((e.captured_btb, e.captured_aat))[None]
             else:
-                r = group[0].pair.rank
-                A = torch.stack([e.pair.matrix_A() for e in group])
-                B = torch.stack([e.pair.matrix_B() for e in group])
-                btb, aat = gram_matrices(A.reshape(-1, r, A.shape[-1]), B.reshape(-1, B.shape[-2], r))
-                grams = torch.stack((btb, aat), dim=1).unflatten(0, (len(group), -1))
+                grams = self._group_grams(group, precise=False)
                 for e, g in zip(group, grams.unbind(0), strict=True):
                     e.fresh = g
+                if group[0].pair.A.dtype != SOLVE_DTYPE:
+                    range_flags.append(gram_out_of_range(grams).any(-1))
+                    ranged += group
             with_cache = [e for e in group if e.fresh is not None and e.grams is not None]
             stale += [e for e in group if e.fresh is not None and e.grams is None]
             if with_cache:
                 old = torch.stack([e.grams for e in with_cache])
                 new = torch.stack([e.fresh for e in with_cache])
-                flags.append((old != new).flatten(1).any(1))
+                change_flags.append((old != new).flatten(1).any(1))
                 compared += with_cache
-        if compared:
-            changed = torch.cat(flags).tolist()  # the one host sync of a validation
-            stale += [e for e, c in zip(compared, changed, strict=True) if c]
+        if ranged or compared:
+            marks = torch.cat(range_flags + change_flags).tolist()  # the one host sync of a validation
+            out_of_range = [e for e, m in zip(ranged, marks[: len(ranged)], strict=True) if m]
+            for e in out_of_range:  # rare: factors at scales float32 Gram matrices cannot hold
+                e.fresh = self._group_grams([e], precise=True)[0]
+            changed = [e for e, m in zip(compared, marks[len(ranged) :], strict=True) if m]
+            known = {id(e) for e in stale}
+            stale += [e for e in {id(e): e for e in (*out_of_range, *changed)}.values() if id(e) not in known]
         return stale
+
+    @staticmethod
+    def _group_grams(group: list[_Entry], precise: bool) -> Tensor:
+        """``B^T B`` and ``A A^T`` of a group of layers of equal shapes, one batched product each:
+        (layers, problems, 2, r, r) in float64, formed in float64 only if ``precise``."""
+        r = group[0].pair.rank
+        A = torch.stack([e.pair.matrix_A() for e in group])
+        B = torch.stack([e.pair.matrix_B() for e in group])
+        A, B = A.reshape(-1, r, A.shape[-1]), B.reshape(-1, B.shape[-2], r)
+        if precise:
+            A, B = A.to(SOLVE_DTYPE), B.to(SOLVE_DTYPE)
+        grams = torch.stack((B.mT @ B, A @ A.mT), dim=1).to(SOLVE_DTYPE)
+        return grams.unflatten(0, (len(group), -1))
 
     def _rebuild(self, entries: list[_Entry]) -> None:
         buckets: dict[tuple, list[_Entry]] = defaultdict(list)

@@ -64,6 +64,7 @@ __all__ = [
     "gram_b",
     "gram_eigen",
     "gram_matrices",
+    "gram_out_of_range",
     "gram_pinv",
     "gram_terms",
     "layer_terms",
@@ -346,28 +347,51 @@ def gram_terms(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor) -> GramTerm
     return GramTerms(B.mT @ B, A @ A.mT, B.mT @ grad_B, grad_A @ A.mT)
 
 
-def layer_terms(layers: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]]) -> tuple[Tensor, list[int]]:
+def layer_terms(
+    layers: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]], precise: bool = False
+) -> tuple[Tensor, list[int]]:
     """The four terms of many layers of one rank, stacked: ``(terms, counts)`` with ``terms`` of
     shape (K, 4, r, r) in :data:`SOLVE_DTYPE` (the order of :class:`GramTerms`) and ``counts[i]``
     the problems of layer i: one, or one per expert for (E, r, n) / (E, m, r) MoE factors.
 
+    The products run in the inputs' dtype and are converted: float64 products of (m, r) factors
+    cost several times float32's on the CPU. That is exact enough wherever the Gram matrices stay
+    well inside float32's range, which :func:`gram_out_of_range` tells; ``precise=True`` forms
+    every product in float64 (factors scaled by 1e+-20, whose Gram matrices float32 cannot hold).
     Fresh r x r results stacked once: cheaper per layer than writing into views of a buffer, and
     this runs for every layer each step.
     """
     products: list[Tensor] = []
     counts: list[int] = []
     for A, B, grad_A, grad_B in layers:
-        A, B, grad_A, grad_B = (t.to(SOLVE_DTYPE) for t in (A, B, grad_A, grad_B))
+        if precise:
+            A, B, grad_A, grad_B = (t.to(SOLVE_DTYPE) for t in (A, B, grad_A, grad_B))
         Bt, At = B.mT, A.mT
         products += [Bt @ B, A @ At, Bt @ grad_B, grad_A @ At]
         counts.append(1 if A.dim() == 2 else A.shape[0])
     if len(counts) == sum(counts):
-        return torch.stack(products).unflatten(0, (len(counts), 4)), counts
-    r = products[0].shape[-1]
-    per_layer = [
-        torch.stack(products[4 * i : 4 * i + 4], dim=-3).reshape(-1, 4, r, r) for i in range(len(counts))
-    ]
-    return torch.cat(per_layer), counts
+        terms = torch.stack(products).unflatten(0, (len(counts), 4))
+    else:
+        r = products[0].shape[-1]
+        terms = torch.cat([torch.stack(products[4 * i : 4 * i + 4], dim=-3).reshape(-1, 4, r, r)
+                           for i in range(len(counts))])  # fmt: skip
+    return terms.to(SOLVE_DTYPE), counts
+
+
+#: A Gram matrix formed in float32 is trusted when its diagonal (the factors' squared column or
+#: row norms) lies within these powers of two or is zero: far from float32's overflow (2^128) and
+#: from its subnormals (2^-126), where the products lose digits.
+GRAM_FLOAT32_RANGE = (2.0**-100, 2.0**100)
+
+
+def gram_out_of_range(grams: Tensor) -> Tensor:
+    """Per problem (over the last three dims of (K, G, r, r)), a bool: does a Gram matrix formed in
+    float32 fall outside :data:`GRAM_FLOAT32_RANGE` (or hold NaN or Inf)? Then it must be formed
+    again in float64."""
+    diag = grams.diagonal(dim1=-2, dim2=-1).flatten(-2)
+    low, high = GRAM_FLOAT32_RANGE
+    bad = ~torch.isfinite(diag) | (diag > high) | ((diag > 0) & (diag < low))
+    return bad.any(-1)
 
 
 def fold_scaling(t: Tensor, scaling: float | Tensor | Sequence[float]) -> Tensor:
