@@ -178,3 +178,18 @@ def test_learning_rate_groups_that_split_a_pair_are_refused():
     with pytest.raises(LoRAProConfigError, match="learning rate"):
         callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model, optimizer=optimizer)
     assert callback.handle is None
+
+
+def test_x_mode_is_read_from_the_yaml():
+    """``lorapro_x_mode`` is a key of axolotl's config once the plugin registers its schema: it
+    reaches the callback, and axolotl's validation refuses a value that is not a choice."""
+    from pydantic import ValidationError
+
+    plugin = lorapro_axolotl.LoRAProPlugin()
+    assert plugin.get_input_args() == "lorapro.integrations.axolotl.LoRAProArgs"
+    (callback,) = plugin.add_callbacks_post_trainer({"lorapro_x_mode": "zero"}, trainer=None)
+    assert callback.x_mode == "zero"
+    (callback,) = plugin.add_callbacks_post_trainer({}, trainer=None)
+    assert callback.x_mode == "sylvester"
+    with pytest.raises(ValidationError):
+        lorapro_axolotl.LoRAProArgs(lorapro_x_mode="bogus")
