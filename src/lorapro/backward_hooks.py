@@ -587,16 +587,19 @@ class LoRAProHandle:
 
     @staticmethod
     def _group_grams(group: list[_Entry], precise: bool) -> Tensor:
-        """``B^T B`` and ``A A^T`` of a group of layers of equal shapes, one batched product each:
-        (layers, problems, 2, r, r) in float64, formed in float64 only if ``precise``."""
-        r = group[0].pair.rank
-        A = torch.stack([e.pair.matrix_A() for e in group])
-        B = torch.stack([e.pair.matrix_B() for e in group])
-        A, B = A.reshape(-1, r, A.shape[-1]), B.reshape(-1, B.shape[-2], r)
-        if precise:
-            A, B = A.to(SOLVE_DTYPE), B.to(SOLVE_DTYPE)
-        grams = torch.stack((B.mT @ B, A @ A.mT), dim=1).to(SOLVE_DTYPE)
-        return grams.unflatten(0, (len(group), -1))
+        """``B^T B`` and ``A A^T`` of a group of layers of equal shapes: (layers, problems, 2, r, r)
+        in float64, formed in float64 only if ``precise``. One small product per factor, not one
+        batched product for the group: a batched matmul of small matrices opens a parallel region,
+        which costs milliseconds on a busy CPU where the per-layer products cost microseconds."""
+        products: list[Tensor] = []
+        for e in group:
+            A, B = e.pair.matrix_A(), e.pair.matrix_B()
+            if precise:
+                A, B = A.to(SOLVE_DTYPE), B.to(SOLVE_DTYPE)
+            products += [B.mT @ B, A @ A.mT]
+        grams = torch.stack(products).to(SOLVE_DTYPE)  # (2 L, [E,] r, r)
+        r = grams.shape[-1]
+        return grams.reshape(len(group), 2, -1, r, r).transpose(1, 2)
 
     def _rebuild(self, entries: list[_Entry]) -> None:
         buckets: dict[tuple, list[_Entry]] = defaultdict(list)
