@@ -62,20 +62,25 @@ SHAPES = {  # name: (out, in)
 SHRINK = 1
 
 
-def load_baseline(src: str) -> ModuleType:
-    """The lorapro package under ``src`` (a checkout's src folder), imported as ``lorapro_baseline``
-    beside this checkout's ``lorapro``."""
+def load_baseline(src: str, index: int = 0) -> ModuleType:
+    """The lorapro package under ``src`` (a checkout's src folder), imported as
+    ``lorapro_baseline_<index>`` beside this checkout's ``lorapro``."""
     init = Path(src) / "lorapro" / "__init__.py"
     if not init.is_file():
         raise SystemExit(f"--baseline {src}: no lorapro/__init__.py there (give a checkout's src folder)")
-    spec = importlib.util.spec_from_file_location(
-        "lorapro_baseline", init, submodule_search_locations=[str(init.parent)]
-    )
+    name = f"lorapro_baseline_{index}"
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["lorapro_baseline"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def baseline_label(src: str) -> str:
+    """How a baseline is named in the tables: its checkout folder's name."""
+    path = Path(src).resolve()
+    return (path.parent if path.name == "src" else path).name
 
 
 class Block(nn.Module):
@@ -217,7 +222,10 @@ def main() -> None:
         help="run the comparison in this many fresh processes, one after another, and summarise the "
         "efficient-mode ratios (on a shared machine they vary from process to process)",
     )  # fmt: skip
-    parser.add_argument("--baseline", help="src folder of another lorapro checkout, run side by side")
+    parser.add_argument(
+        "--baseline", action="append", default=[],
+        help="src folder of another lorapro checkout, run side by side (repeat for several)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.trials > 1:
         run_trials(args.trials)
@@ -235,7 +243,7 @@ def main() -> None:
     def adamw(**kwargs):
         return lambda m, p: torch.optim.AdamW(p, lr=lr, **kwargs)
 
-    base = load_baseline(args.baseline) if args.baseline else None
+    bases = {baseline_label(src): load_baseline(src, i) for i, src in enumerate(args.baseline)}
     rows: list = []
     makers = {
         foreach: adamw(foreach=True),
@@ -245,15 +253,15 @@ def main() -> None:
         "LoRAProSGD": lambda m, p: lorapro.LoRAProSGD(m, lr=lr),
         "LoRAProAdamW factored": lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, mode="factored"),
     }
-    if base is not None:
-        makers["LoRAProAdamW efficient (baseline)"] = lambda m, p: base.LoRAProAdamW(m, lr=lr)
-        makers["LoRAProSGD (baseline)"] = lambda m, p: base.LoRAProSGD(m, lr=lr)
+    for label, base in bases.items():
+        makers[f"LoRAProAdamW efficient ({label})"] = lambda m, p, base=base: base.LoRAProAdamW(m, lr=lr)
+        makers[f"LoRAProSGD ({label})"] = lambda m, p, base=base: base.LoRAProSGD(m, lr=lr)
     compare(rows, args.blocks, args.rank, args.repeats, makers)
     if not args.skip_full:
         full = lambda m, p: lorapro.LoRAProAdamW(m, lr=lr, mode="full")  # noqa: E731
         full_makers = {foreach: adamw(foreach=True), "LoRAProAdamW full": full}
-        if base is not None:
-            full_makers["LoRAProAdamW full (baseline)"] = lambda m, p: base.LoRAProAdamW(
+        for label, base in bases.items():
+            full_makers[f"LoRAProAdamW full ({label})"] = lambda m, p, base=base: base.LoRAProAdamW(
                 m, lr=lr, mode="full"
             )
         compare(rows, args.full_blocks, args.rank, max(3, args.repeats // 4), full_makers)

@@ -12,9 +12,9 @@ in its own hooks (``LoRAProHandle.seconds``) as a share of the LoRA step.
 SmolLM2's first load on a machine dequantises its GGUF file and caches the result (~30 s,
 once; see lorapro.bench.smollm2).
 
-``--baseline SRC`` adds a fourth model attached with another version of lorapro, imported from
-the ``src`` folder of its checkout (e.g. ``git archive COMMIT src | tar -x -C /tmp/base``), so
-that a change's cost is measured before and after, side by side in one run.
+``--baseline SRC`` (repeatable) adds a model attached with another version of lorapro, imported
+from the ``src`` folder of its checkout (e.g. ``git archive COMMIT src | tar -x -C /tmp/base``),
+so that a change's cost is measured before and after, side by side in one run.
 
 Example: python benchmarks/train_step_overhead.py --steps 10 --accumulation 1,8 --models minilm,smollm2
 """
@@ -30,7 +30,12 @@ from collections.abc import Callable
 from types import ModuleType
 
 import torch
-from step_overhead import load_baseline, state_bytes, transient_peak_bytes  # this directory (run as a script)
+from step_overhead import (
+    baseline_label,
+    load_baseline,
+    state_bytes,
+    transient_peak_bytes,
+)  # this directory (run as a script)
 
 import lorapro
 from lorapro.bench import models
@@ -74,7 +79,6 @@ def smollm2_setup(batch_size: int, seq_len: int):
 SETUPS: dict[str, Callable] = {"minilm": minilm_setup, "smollm2": smollm2_setup}
 FUSED = "LoRA + torch AdamW (fused)"
 ATTACH = "attach + torch AdamW (fused)"
-BASELINE = "attach (baseline) + torch AdamW (fused)"
 PRO = "LoRAProAdamW (efficient)"
 
 
@@ -91,14 +95,14 @@ def timed_step(model, optimizer, batch, accumulation: int = 1) -> tuple[float, f
 
 
 def compare(
-    name: str, steps: int, batch_size: int, seq_len: int, accumulation: int, baseline: ModuleType | None
+    name: str, steps: int, batch_size: int, seq_len: int, accumulation: int, baselines: dict[str, ModuleType]
 ) -> None:
     try:
         base, batch = SETUPS[name](batch_size, seq_len)
     except Exception as exc:  # a missing optional model package: say so and go on
         print(f"{name}: skipped ({type(exc).__name__}: {exc})")
         return
-    models_ = [base] + [copy.deepcopy(base) for _ in range(3 if baseline is not None else 2)]
+    models_ = [base] + [copy.deepcopy(base) for _ in range(2 + len(baselines))]
 
     def trainable(model):
         return [p for p in model.parameters() if p.requires_grad]
@@ -109,9 +113,10 @@ def compare(
         ATTACH: (models_[1], torch.optim.AdamW(trainable(models_[1]), lr=1e-5, fused=True)),
         PRO: (models_[2], lorapro.LoRAProAdamW(models_[2], lr=1e-5)),
     }
-    if baseline is not None:
-        handles[BASELINE] = baseline.attach(models_[3])
-        runs[BASELINE] = (models_[3], torch.optim.AdamW(trainable(models_[3]), lr=1e-5, fused=True))
+    for i, (label, baseline) in enumerate(baselines.items()):
+        key = f"attach ({label}) + torch AdamW (fused)"
+        handles[key] = baseline.attach(models_[3 + i])
+        runs[key] = (models_[3 + i], torch.optim.AdamW(trainable(models_[3 + i]), lr=1e-5, fused=True))
     handle = handles[ATTACH]
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     for _ in range(2):  # warm-up: state creation, allocator
@@ -151,17 +156,18 @@ def compare(
             f"{key}: time in lorapro's hooks {seconds * 1e3:.2f} ms per step = "
             f"{seconds / medians[FUSED]:+.2%} of the LoRA step"
         )
-    for method in (ATTACH, PRO, *((BASELINE,) if baseline is not None else ())):
+    baseline_keys = [f"attach ({label}) + torch AdamW (fused)" for label in baselines]
+    for method in (ATTACH, PRO, *baseline_keys):
         ratio = medians[method] / medians[FUSED]
         extra = opt_medians[method] - opt_medians[FUSED]
         print(
             f"{method} / {FUSED}: training-step ratio {ratio:.3f} (overhead {ratio - 1:+.1%}); "
             f"optimizer-time difference {extra * 1e3:+.2f} ms = {extra / medians[FUSED]:+.2%} of the step"
         )
-    if baseline is not None:
+    for key in baseline_keys:
         print(
-            f"{ATTACH} / {BASELINE}: training-step ratio {medians[ATTACH] / medians[BASELINE]:.3f}, "
-            f"hook-time difference {(hook_time[ATTACH] - hook_time[BASELINE]) / medians[FUSED]:+.2%} of the "
+            f"{ATTACH} / {key}: training-step ratio {medians[ATTACH] / medians[key]:.3f}, "
+            f"hook-time difference {(hook_time[ATTACH] - hook_time[key]) / medians[FUSED]:+.2%} of the "
             "LoRA step"
         )
     for h in handles.values():
@@ -177,13 +183,16 @@ def main() -> None:
     parser.add_argument("--accumulation", default="1", help="comma-separated micro-batch counts per step")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--baseline", help="src folder of another lorapro checkout, run side by side")
+    parser.add_argument(
+        "--baseline", action="append", default=[],
+        help="src folder of another lorapro checkout, run side by side (repeat for several)",
+    )  # fmt: skip
     args = parser.parse_args()
-    baseline = load_baseline(args.baseline) if args.baseline else None
+    baselines = {baseline_label(src): load_baseline(src, i) for i, src in enumerate(args.baseline)}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for name in args.models.split(","):
         for accumulation in (int(a) for a in args.accumulation.split(",")):
-            compare(name.strip(), args.steps, args.batch_size, args.seq_len, accumulation, baseline)
+            compare(name.strip(), args.steps, args.batch_size, args.seq_len, accumulation, baselines)
 
 
 if __name__ == "__main__":
