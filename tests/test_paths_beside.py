@@ -246,6 +246,50 @@ def test_penalty_on_the_factors_is_refused_by_attach_before_the_step():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_penalty_in_one_accumulated_micro_batch_is_refused_at_the_step():
+    """The right-hand sides are summed over the micro-batches of a step: a penalty in any one of them
+    (here the first of three) is seen at optimizer.step(), before any change."""
+    model = lora_net()
+    lorapro.attach(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for micro_batch in range(3):
+        loss_of(model, seed=micro_batch, penalty=1e-2 if micro_batch == 0 else 0.0).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(LoRAProConfigError, match="weight_decay"):
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_penalty_with_an_optimizer_outside_torch_optim_is_refused_at_the_next_backward():
+    """A hand-written update (no torch.optim step, so no step pre-hook): the penalty is refused at the
+    first backward pass after the factors moved, before that pass adjusts any gradient. Without the
+    penalty the same loop runs and gives LoRA-Pro's gradients."""
+    lr = 0.1
+
+    def manual_step(model):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= lr * p.grad
+                    p.grad = None
+
+    model = lora_net()
+    plain = copy.deepcopy(model)
+    lorapro.attach(model)
+    loss_of(model, penalty=1e-2).backward()
+    manual_step(model)
+    with pytest.raises(LoRAProConfigError, match=r"weight_decay.*this backward pass"):
+        loss_of(model, seed=1).backward()
+
+    lorapro.attach(plain)
+    for step in range(2):
+        loss_of(plain, seed=step).backward()
+        if step == 0:
+            manual_step(plain)
+    raw = raw_gradients(plain, seed=1)
+    assert_attached_grads(plain, expected(plain, raw))
+
+
 def test_penalty_on_the_factors_with_x_zero_or_an_optimizer_is_lora_pro():
     """X = 0 needs no right-hand side, so attach is exact; the optimizers see both gradients."""
     model = lora_net()

@@ -14,10 +14,11 @@ Why per factor, per micro-batch, is exact:
   side Theorem 2.3 writes with ``grad_A A^T``; for LoRA's gradients of a loss that sees the
   factors only through ``B A`` this equals ``B^T grad_B`` (both are ``s B^T G A^T``), so B is
   adjusted from its own gradient (:func:`~lorapro.closed_form.b_coefficient` with
-  ``grad_a_at=None``). A's hook then has both terms and checks that they agree (the check runs
-  before the next optimizer step, one r x r comparison per layer): a loss term in the factors
-  themselves breaks the identity and is refused with :class:`~lorapro.LoRAProConfigError`
-  naming the fixes; rounding under bf16/fp16 is reported once with a
+  ``grad_a_at=None``). A's hook then has both terms, summed over micro-batches, and they are
+  checked to agree once per step (one r x r comparison per layer, before a ``torch.optim``
+  step; for another optimizer, at the first backward pass after it moved the factors): a
+  loss term in the factors themselves breaks the identity and is refused with
+  :class:`~lorapro.LoRAProConfigError` naming the fixes; rounding under bf16/fp16 is reported once with a
   :class:`~lorapro.LoRAProWarning` (B's gradient is then exact to that precision).
 - What depends only on A and B (Gram matrices, their ``eigh``, pseudo-inverses, and the maps
   to X and to B's coefficient as r^2 x r^2 matrices) is cached, computed for all layers at
@@ -250,8 +251,10 @@ class _Entry:
     captured_aat: Tensor | None = None
     hooked_b: int | None = None  # FSDP2: id of the unsharded copy hooked
     hooked_a: int | None = None
-    # The right-hand sides of this backward (R = grad_A A^T, S = B^T grad_B), for the check that
-    # they agree (see the module docstring).
+    # The right-hand sides (R = grad_A A^T, S = B^T grad_B) summed over the backward passes since
+    # the last check, for the check that they agree (see the module docstring). The factors are
+    # the same in all of them (a change triggers the check), so the sums are those of the
+    # accumulated gradients the optimizer steps with.
     rhs_a: Tensor | None = None
     rhs_b: Tensor | None = None
 
@@ -459,7 +462,6 @@ class LoRAProHandle:
             return
         start = time.perf_counter()
         try:
-            self._check_rhs(before="this forward pass")
             pairs, changed = self._tracker.pairs()  # a module walk only when something changed
             if changed:
                 try:
@@ -529,6 +531,10 @@ class LoRAProHandle:
         entries = [e for e in self._entries.values() if e.active]
         with _plain_mode(entries[0].pair.A.device if entries else torch.device("cpu")):
             stale = self._changed(entries)
+            if any(e.rhs_a is not None for e in stale):
+                # The factors moved since these gradients were taken, with no torch.optim step
+                # (whose pre-hook checks and clears them): an optimizer of another kind stepped.
+                self._check_rhs(before="this backward pass (the factors moved since the last check)")
             if stale:
                 self._rebuild(stale)
 
@@ -536,10 +542,10 @@ class LoRAProHandle:
         self._validated = False
 
     def _changed(self, entries: list[_Entry]) -> list[_Entry]:
-        """The entries whose Gram matrices differ from those their cache was built from (each
-        entry's current ones left in ``entry.fresh``). The Gram matrices are formed in the
-        factors' dtype (float32 products are several times cheaper on the CPU) and again in float64
-        for the layers whose float32 ones fall outside float32's safe range, which are rebuilt."""
+        """The entries whose Gram matrices differ from those their cache was built from, or that
+        have no cache (each entry's current ones left in ``entry.fresh``), in one host sync. The
+        Gram matrices are formed in the factors' dtype (float32 products are several times cheaper
+        on the CPU); :meth:`_rebuild` forms them again in float64 where float32 cannot hold them."""
         groups: dict[tuple, list[_Entry]] = defaultdict(list)
         for e in entries:
             if e.tracked:
@@ -549,9 +555,7 @@ class LoRAProHandle:
                 groups[
                     (tuple(A.shape), tuple(B.shape), A.dtype, A.device, e.pair.experts, e.pair.kind)
                 ].append(e)
-        range_flags: list[Tensor] = []  # per entry: its float32 Gram matrices out of range
-        ranged: list[_Entry] = []
-        change_flags: list[Tensor] = []  # per entry: its Gram matrices changed
+        change_flags: list[Tensor] = []  # per compared entry: its Gram matrices changed
         compared: list[_Entry] = []
         stale: list[_Entry] = []
         for key, group in groups.items():
@@ -565,9 +569,6 @@ class LoRAProHandle:
                 grams = self._group_grams(group, precise=False)
                 for e, g in zip(group, grams.unbind(0), strict=True):
                     e.fresh = g
-                if group[0].pair.A.dtype != SOLVE_DTYPE:
-                    range_flags.append(gram_out_of_range(grams).any(-1))
-                    ranged += group
             with_cache = [e for e in group if e.fresh is not None and e.grams is not None]
             stale += [e for e in group if e.fresh is not None and e.grams is None]
             if with_cache:
@@ -575,15 +576,27 @@ class LoRAProHandle:
                 new = torch.stack([e.fresh for e in with_cache])
                 change_flags.append((old != new).flatten(1).any(1))
                 compared += with_cache
-        if ranged or compared:
-            marks = torch.cat(range_flags + change_flags).tolist()  # the one host sync of a validation
-            out_of_range = [e for e, m in zip(ranged, marks[: len(ranged)], strict=True) if m]
-            for e in out_of_range:  # rare: factors at scales float32 Gram matrices cannot hold
-                e.fresh = self._group_grams([e], precise=True)[0]
-            changed = [e for e, m in zip(compared, marks[len(ranged) :], strict=True) if m]
-            known = {id(e) for e in stale}
-            stale += [e for e in {id(e): e for e in (*out_of_range, *changed)}.values() if id(e) not in known]
+        if compared:
+            marks = torch.cat(change_flags).tolist()  # the one host sync of a validation
+            stale += [e for e, m in zip(compared, marks, strict=True) if m]
         return stale
+
+    def _form_precisely_out_of_range(self, entries: list[_Entry]) -> None:
+        """Form again in float64 the Gram matrices that float32 cannot hold (factors at scales
+        like 1e+-20; one host sync, for the entries about to be rebuilt). Their cache is then
+        keyed on float64 Gram matrices, which the float32 ones of the next validation never
+        equal: such a layer is rebuilt at every backward pass (rare, and exact)."""
+        candidates = [e for e in entries if not e.tracked and e.pair.A.dtype != SOLVE_DTYPE]
+        if not candidates:
+            return
+        fresh = torch.cat([e.fresh for e in candidates])  # (problems, 2, r, r)
+        flags = gram_out_of_range(fresh)
+        counts = [e.fresh.shape[0] for e in candidates]
+        if any(k != 1 for k in counts):  # MoE experts: a layer's flag is any of its experts'
+            flags = torch.stack([part.any() for part in flags.split(counts)])
+        for e, out in zip(candidates, flags.tolist(), strict=True):
+            if out:
+                e.fresh = self._group_grams([e], precise=True)[0]
 
     @staticmethod
     def _group_grams(group: list[_Entry], precise: bool) -> Tensor:
@@ -602,6 +615,7 @@ class LoRAProHandle:
         return grams.reshape(len(group), 2, -1, r, r).transpose(1, 2)
 
     def _rebuild(self, entries: list[_Entry]) -> None:
+        self._form_precisely_out_of_range(entries)
         buckets: dict[tuple, list[_Entry]] = defaultdict(list)
         for e in entries:
             assert e.fresh is not None
@@ -667,8 +681,9 @@ class LoRAProHandle:
 
     # -- the right-hand-side check --------------------------------------------------------------
     def _check_rhs(self, before: str) -> None:
-        """Compare ``grad_A A^T`` with ``B^T grad_B`` for every layer of the last backward pass
-        (batched, one host sync), then forget them. See the module docstring."""
+        """Compare ``grad_A A^T`` with ``B^T grad_B``, summed over the backward passes since the
+        last check, for every layer (batched, one host sync), then forget them. See the module
+        docstring."""
         by_rank: dict[int, list[tuple[_Entry, Tensor, Tensor]]] = defaultdict(list)
         for e in self._entries.values():
             if e.rhs_a is not None and e.rhs_b is not None:
@@ -809,11 +824,11 @@ class LoRAProHandle:
                 with _plain_mode(grad.device):
                     out, rhs = adjust(cached, matrix(grad), matrix(factor), both)
                     out = param_of(out)
-            if rhs is not None:  # kept for the check of the two right-hand sides
+            if rhs is not None:  # summed over micro-batches for the check of the two right-hand sides
                 if is_A:
-                    entry.rhs_a = rhs
+                    entry.rhs_a = rhs if entry.rhs_a is None else entry.rhs_a.add_(rhs)
                 else:
-                    entry.rhs_b = rhs
+                    entry.rhs_b = rhs if entry.rhs_b is None else entry.rhs_b.add_(rhs)
             if scaling != cached.scaling:  # set_scale since the cache was made: every term goes with 1/s^2
                 out.mul_((cached.scaling / scaling) ** 2)
             if out.dtype != grad.dtype:
