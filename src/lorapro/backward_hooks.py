@@ -644,20 +644,38 @@ class LoRAProHandle:
         pinv_b, x_weights, pinv_a, b_wts = (maps * torch.exp2(-per_problem)[:, :, None, None]).unbind(1)
         x_zero = self.x_mode == "zero"
         if r <= VEC_OPERATOR_MAX_RANK:
-            x_op = None if x_zero else vec_operator(basis, x_weights).to(dtype).split(counts)
-            b_op = vec_operator(basis, b_wts).to(dtype).split(counts)
+            # The maps are formed in the dtype the hooks apply them in: the solve above is float64,
+            # and forming an (r^2, r^2) map in float32 rounds it as much as applying it does.
+            kron = basis._replace(u=basis.u.to(dtype), v=basis.v.to(dtype))
+            x_op = None if x_zero else vec_operator(kron, x_weights.to(dtype))
+            b_op = vec_operator(kron, b_wts.to(dtype))
             basis_a = basis_b = None
         else:
             x_op = b_op = None
             basis_a = basis._replace(x_weights=x_weights)
             basis_b = basis._replace(x_weights=torch.zeros_like(b_wts), proj_weights=-b_wts)
-        pinv_b, pinv_a = pinv_b.to(dtype).split(counts), pinv_a.to(dtype).split(counts)
+        pinv_b, pinv_a = pinv_b.to(dtype), pinv_a.to(dtype)
+        if all(k == 1 for k in counts) and basis_a is None and basis_b is None:
+            # one problem per layer (no MoE experts) and maps: 2-D tensors for the hooks' fast path
+            per_entry = zip(
+                pinv_b.unbind(0), pinv_a.unbind(0),
+                (None,) * len(bucket) if x_op is None else x_op.unbind(0), b_op.unbind(0),
+                strict=True,
+            )  # fmt: skip
+            for i, (e, (pb, pa, xo, bo)) in enumerate(zip(bucket, per_entry, strict=True)):
+                e.cached = _Cached(
+                    scaling=scalings[i], pinv_b=pb, pinv_a=pa, x_op=xo, b_op=bo, basis_a=None,
+                    basis_b=None, scales=tuple(2.0**k_ for k_ in exponents[i]), x_zero=x_zero,
+                )  # fmt: skip
+                e.grams, e.fresh = e.fresh, None
+            return
+        split = [None if t is None else t.split(counts) for t in (pinv_b, pinv_a, x_op, b_op)]
         start = 0
         for i, e in enumerate(bucket):
             k = counts[i]
             squeeze = e.pair.experts == 1  # ordinary layers keep 2-D coefficients (the hooks' fast path)
 
-            def take(t: Tensor | None, i=i, squeeze=squeeze) -> Tensor | None:
+            def take(t: tuple[Tensor, ...] | None, i=i, squeeze=squeeze) -> Tensor | None:
                 return None if t is None else (t[i][0] if squeeze else t[i])
 
             def basis_of(b: FactorBasis | None, start=start, k=k, squeeze=squeeze) -> FactorBasis | None:
@@ -667,10 +685,10 @@ class LoRAProHandle:
 
             e.cached = _Cached(
                 scaling=scalings[i],
-                pinv_b=take(pinv_b),
-                pinv_a=take(pinv_a),
-                x_op=take(x_op),
-                b_op=take(b_op),
+                pinv_b=take(split[0]),
+                pinv_a=take(split[1]),
+                x_op=take(split[2]),
+                b_op=take(split[3]),
                 basis_a=None if x_zero else basis_of(basis_a),
                 basis_b=basis_of(basis_b),
                 scales=tuple(2.0**k_ for k_ in exponents[i]),
@@ -694,12 +712,17 @@ class LoRAProHandle:
         ratios: list[Tensor] = []
         order: list[_Entry] = []
         for r, group in by_rank.items():
-            R = torch.cat([rhs_a.reshape(-1, r, r) for _, rhs_a, _ in group]).to(SOLVE_DTYPE)
-            S = torch.cat([rhs_b.reshape(-1, r, r) for _, _, rhs_b in group]).to(SOLVE_DTYPE)
-            diff = torch.linalg.matrix_norm(R - S)
-            size = torch.maximum(torch.linalg.matrix_norm(R), torch.linalg.matrix_norm(S))
-            ratio = diff / size.clamp_min(torch.finfo(SOLVE_DTYPE).tiny)
-            ratio = torch.where(torch.isfinite(ratio), ratio, torch.zeros_like(ratio))  # GradScaler overflow
+            rs_a, rs_b = [a for _, a, _ in group], [b for _, _, b in group]
+            if all(a.dim() == 2 for a in rs_a):  # one problem per layer
+                R, S = torch.stack(rs_a), torch.stack(rs_b)
+            else:  # MoE experts: (experts, r, r) per layer
+                R, S = (torch.cat([t.reshape(-1, r, r) for t in ts]) for ts in (rs_a, rs_b))
+            # (problems, 2, r^2): R and S side by side, in float64 so that no square overflows
+            RS = torch.stack((R, S), dim=1).flatten(-2).to(SOLVE_DTYPE)
+            # squared Frobenius norms of R - S, R and S, one reduction: (problems, 3)
+            sq = torch.cat((RS[:, :1] - RS[:, 1:], RS), dim=1).square_().sum(-1)
+            ratio = (sq[:, 0] / sq[:, 1:].amax(-1).clamp_min(torch.finfo(SOLVE_DTYPE).tiny)).sqrt_()
+            ratio = ratio.nan_to_num_(nan=0.0, posinf=0.0)  # GradScaler's overflow steps: no verdict
             counts = [rhs_a.numel() // (r * r) for _, rhs_a, _ in group]
             if len(counts) == len(ratio):
                 ratios.append(ratio)  # one problem per layer
