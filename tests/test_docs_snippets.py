@@ -26,8 +26,7 @@ block is tested:
       ``make`` target is one of the Makefile's, every ``scripts/``, ``benchmarks/`` or ``examples/``
       path exists, and every extra in ``pip install 'lorapro[...]'`` is one that pyproject.toml
       defines.
-    * A bash block without a marker fails the test (in the files of :data:`MARKERS_TO_ADD`, it is
-      checked as ``not run``).
+    * A bash block without a marker fails the test.
 """
 
 from __future__ import annotations
@@ -51,9 +50,6 @@ import lorapro
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-#: Files whose bash blocks have no marker yet; their unmarked blocks are checked as "not run".
-#: Remove a file from here once its blocks carry markers.
-MARKERS_TO_ADD = {"docs/performance.md"}
 #: Languages that are not code (never run).
 NOT_CODE = {"text", "json", "yaml", "toml", "csv", "diff"}
 
@@ -175,8 +171,7 @@ def test_every_block_names_its_language_and_a_known_marker():
             problems.append(f"{b.name}: no prelude {b.argument!r}; known: {', '.join(PRELUDES)}")
         if b.kind in ("fragment", "not run") and not b.argument:
             problems.append(f"{b.name}: '{b.kind}' needs a reason")
-        relative = str(b.path.relative_to(ROOT))
-        if b in SHELL and not b.marker and relative not in MARKERS_TO_ADD:
+        if b in SHELL and not b.marker:
             problems.append(
                 f"{b.name}: a bash block needs <!-- snippet: run: ARGS --> or "
                 "<!-- snippet: not run: REASON -->"

@@ -80,7 +80,7 @@ def test_a_missing_optional_package_names_its_extra(missing: str, statement: str
     assert done.returncode == 0, done.stderr
     assert "MISSING: " in done.stdout
     assert f"needs {missing}, which is not installed" in done.stdout
-    assert f"pip install 'lorapro[{extra}]'" in done.stdout
+    assert f"pip install '.[{extra}]' in a clone of lorapro" in done.stdout
 
 
 def test_the_cli_without_the_bench_packages_names_the_bench_extra() -> None:
@@ -96,7 +96,7 @@ def test_the_cli_without_the_bench_packages_names_the_bench_extra() -> None:
     assert "EXIT 2" in done.stdout
     assert f"lorapro {lorapro.__version__}" in done.stdout and "VERSION-EXIT 0" in done.stdout
     assert "the lorapro command needs matplotlib" in done.stderr
-    assert "pip install 'lorapro[bench]'" in done.stderr
+    assert "pip install '.[bench]' in a clone of lorapro" in done.stderr
 
 
 def test_only_a_missing_optional_package_becomes_a_missing_extra() -> None:

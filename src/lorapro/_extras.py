@@ -33,7 +33,8 @@ class MissingExtraError(ModuleNotFoundError):
 def _message(module: str, feature: str, extra: str) -> str:
     return (
         f"{feature} needs {module}, which is not installed. "
-        f"Install lorapro's {extra!r} extra: pip install 'lorapro[{extra}]'"
+        f"Install lorapro's {extra!r} extra: pip install '.[{extra}]' in a clone of lorapro, "
+        f"or pip install 'lorapro[{extra}] @ git+URL' with lorapro's repository URL"
     )
 
 
