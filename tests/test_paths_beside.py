@@ -429,6 +429,25 @@ def test_moe_experts_attach_is_lora_pro_per_expert():
     assert_close(got_B, want_B, 1e-9, "B")
 
 
+def test_moe_experts_right_hand_sides_are_checked_per_expert():
+    """The right-hand-side check on expert pairs: LoRA's gradients step (over two accumulated
+    micro-batches); a penalty on the factors is refused at the step, nothing modified."""
+    model = moe_model()
+    lorapro.attach(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for seed in range(2):
+        moe_loss(model, seed).backward()
+    opt.step()  # no refusal: R and S agree expert by expert
+    opt.zero_grad()
+    (layer,) = lora_layers(model).values()
+    penalty = 1e-2 * sum((p**2).sum() for p in factors(layer))
+    (moe_loss(model) + penalty).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(LoRAProConfigError, match="weight_decay"):
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_moe_experts_efficient_and_full_mode_are_lora_pro_per_expert():
     lr = 0.01
     for mode in ("sgd", "full"):
