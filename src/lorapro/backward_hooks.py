@@ -53,7 +53,7 @@ import time
 import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -655,47 +655,32 @@ class LoRAProHandle:
             basis_a = basis._replace(x_weights=x_weights)
             basis_b = basis._replace(x_weights=torch.zeros_like(b_wts), proj_weights=-b_wts)
         pinv_b, pinv_a = pinv_b.to(dtype), pinv_a.to(dtype)
-        if all(k == 1 for k in counts) and basis_a is None and basis_b is None:
-            # one problem per layer (no MoE experts) and maps: 2-D tensors for the hooks' fast path
-            per_entry = zip(
-                pinv_b.unbind(0), pinv_a.unbind(0),
-                (None,) * len(bucket) if x_op is None else x_op.unbind(0), b_op.unbind(0),
-                strict=True,
-            )  # fmt: skip
-            for i, (e, (pb, pa, xo, bo)) in enumerate(zip(bucket, per_entry, strict=True)):
-                e.cached = _Cached(
-                    scaling=scalings[i], pinv_b=pb, pinv_a=pa, x_op=xo, b_op=bo, basis_a=None,
-                    basis_b=None, scales=tuple(2.0**k_ for k_ in exponents[i]), x_zero=x_zero,
-                )  # fmt: skip
-                e.grams, e.fresh = e.fresh, None
-            return
-        split = [None if t is None else t.split(counts) for t in (pinv_b, pinv_a, x_op, b_op)]
-        start = 0
-        for i, e in enumerate(bucket):
-            k = counts[i]
-            squeeze = e.pair.experts == 1  # ordinary layers keep 2-D coefficients (the hooks' fast path)
+        single = all(k == 1 for k in counts)
 
-            def take(t: tuple[Tensor, ...] | None, i=i, squeeze=squeeze) -> Tensor | None:
-                return None if t is None else (t[i][0] if squeeze else t[i])
+        def per_entry(t: Tensor | None) -> Sequence[Tensor | None]:
+            """``t``'s problems split by entry: 2-D for an ordinary layer (the hooks' fast path),
+            (experts, ...) for MoE experts."""
+            if t is None:
+                return [None] * len(bucket)
+            if single:  # no MoE experts in the bucket: one unbind
+                return t.unbind(0)
+            return [part[0] if k == 1 else part for part, k in zip(t.split(counts), counts, strict=True)]
 
-            def basis_of(b: FactorBasis | None, start=start, k=k, squeeze=squeeze) -> FactorBasis | None:
-                if b is None:
-                    return None
-                return FactorBasis(*(t[start] if squeeze else t[start : start + k] for t in b))
+        def bases(b: FactorBasis | None) -> Sequence[FactorBasis | None]:
+            if b is None:
+                return [None] * len(bucket)
+            return [FactorBasis(*fields) for fields in zip(*map(per_entry, b), strict=True)]
 
+        columns = zip(
+            bucket, scalings, exponents, per_entry(pinv_b), per_entry(pinv_a), per_entry(x_op),
+            per_entry(b_op), bases(None if x_zero else basis_a), bases(basis_b), strict=True,
+        )  # fmt: skip
+        for e, scaling, exps, pb, pa, xo, bo, ba, bb in columns:
             e.cached = _Cached(
-                scaling=scalings[i],
-                pinv_b=take(split[0]),
-                pinv_a=take(split[1]),
-                x_op=take(split[2]),
-                b_op=take(split[3]),
-                basis_a=None if x_zero else basis_of(basis_a),
-                basis_b=basis_of(basis_b),
-                scales=tuple(2.0**k_ for k_ in exponents[i]),
-                x_zero=x_zero,
-            )
+                scaling=scaling, pinv_b=pb, pinv_a=pa, x_op=xo, b_op=bo, basis_a=ba, basis_b=bb,
+                scales=tuple(2.0**k for k in exps), x_zero=x_zero,
+            )  # fmt: skip
             e.grams, e.fresh = e.fresh, None
-            start += k
 
     # -- the right-hand-side check --------------------------------------------------------------
     def _check_rhs(self, before: str) -> None:
