@@ -8,7 +8,7 @@ Decoding for exact match needs the prompts alone, left-padded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import nn
 from ..devices import model_device
 from ..records import Scores, example_outcomes
 
-__all__ = ["PromptResponseSplit", "greedy_answers", "loss_scores", "response_losses"]
+__all__ = ["PromptResponseSplit", "greedy_answers", "loss_scores", "response_evaluator", "response_losses"]
 
 
 @dataclass
@@ -114,6 +114,35 @@ def loss_scores(model: nn.Module, split: PromptResponseSplit, batch_size: int = 
     """``{"loss": ...}`` with each example's loss per token and token count (its weight)."""
     loss, losses, counts = response_losses(model, split, batch_size)
     return Scores({"loss": loss}, {"loss": example_outcomes(losses, counts)} if counts else {})
+
+
+def response_evaluator(
+    splits: Mapping[str, PromptResponseSplit],
+    test_hits: Callable[[nn.Module, PromptResponseSplit], list[int]] | None,
+) -> Callable[[nn.Module, str], Scores]:
+    """A task's ``evaluate`` for prompt/response data: the loss per response token on every split,
+    and on the test split the exact match from ``test_hits`` (1 per example answered right; NaN
+    for an empty test split; none when ``test_hits`` is None). The model is evaluated in eval
+    mode and left in the mode it was in."""
+
+    def evaluate(model: nn.Module, split: str) -> Scores:
+        data = splits[split]
+        was_training = model.training
+        model.eval()
+        try:
+            scores = loss_scores(model, data)
+            if split == "test" and test_hits is not None:
+                if len(data):
+                    hits = test_hits(model, data)
+                    scores["exact_match"] = sum(hits) / len(data)
+                    scores.examples["exact_match"] = example_outcomes(hits)
+                else:
+                    scores["exact_match"] = float("nan")
+        finally:
+            model.train(was_training)
+        return scores
+
+    return evaluate
 
 
 @torch.no_grad()

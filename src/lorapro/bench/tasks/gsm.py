@@ -25,10 +25,9 @@ from typing import Any
 
 from torch import nn
 
-from ..records import Scores, example_outcomes
 from ..smollm2 import decoder_linear_names, load_smollm2, load_smollm2_tokenizer, smollm2_gguf_path
 from .base import Metric, PreparedTask, Task, TaskOptions, hf_model_loss
-from .causal_lm import PromptResponseSplit, greedy_answers, loss_scores
+from .causal_lm import PromptResponseSplit, greedy_answers, loss_scores, response_evaluator
 from .gsm_problems import (
     ANSWER_MARKER,
     DATASET,
@@ -223,21 +222,8 @@ class GSMSymbolicTask(Task):
         def load_model() -> nn.Module:
             return load_smollm2()[0]
 
-        def evaluate(model: nn.Module, split: str) -> Scores:
-            data = encoded[split]
-            was_training = model.training
-            model.eval()
-            try:
-                scores = loss_scores(model, data)
-                if split == "test" and len(data):
-                    hits = exact_match_hits(model, data, tokenizer, max_new_tokens, generation_batch)
-                    scores["exact_match"] = sum(hits) / len(data)
-                    scores.examples["exact_match"] = example_outcomes(hits)
-                elif split == "test":
-                    scores["exact_match"] = float("nan")
-            finally:
-                model.train(was_training)
-            return scores
+        def test_hits(model: nn.Module, data: GSMSplit) -> list[int]:
+            return exact_match_hits(model, data, tokenizer, max_new_tokens, generation_batch)
 
         return PreparedTask(
             train=encoded["train"],
@@ -246,7 +232,7 @@ class GSMSymbolicTask(Task):
             load_model=load_model,
             lora_targets=decoder_linear_names,
             loss=hf_model_loss,
-            evaluate=evaluate,
+            evaluate=response_evaluator(encoded, test_hits),
             peft_task_type="CAUSAL_LM",
             modules_to_save=None,
             info={

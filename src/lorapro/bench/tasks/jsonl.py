@@ -38,10 +38,9 @@ from typing import Any
 from torch import nn
 
 from ..model_folder import ModelFolder
-from ..records import Scores, example_outcomes
 from ..targets import body_linear_names
 from .base import Metric, PreparedTask, Task, TaskOptions, hf_model_loss
-from .causal_lm import greedy_answers, loss_scores
+from .causal_lm import greedy_answers, response_evaluator
 from .jsonl_format import JsonlFormatError, JsonlRecord, final_answer, read_jsonl, refuse_lines
 from .jsonl_tokens import ResponseSplit, encode_records, subset
 from .registry import register_task
@@ -216,6 +215,8 @@ class JsonlTask(Task):
         def load_model() -> nn.Module:
             return folder.load("causal-lm", dtype)
 
+        batch = self.generation_batch_size
+        test_hits = None if regex is None else _regex_hits(regex, tokenizer, max_new_tokens, batch)
         return PreparedTask(
             train=splits["train"],
             validation=splits["validation"],
@@ -223,7 +224,7 @@ class JsonlTask(Task):
             load_model=load_model,
             lora_targets=body_linear_names,
             loss=hf_model_loss,
-            evaluate=_evaluator(splits, tokenizer, regex, max_new_tokens, self.generation_batch_size),
+            evaluate=response_evaluator(splits, test_hits),
             peft_task_type="CAUSAL_LM",
             model_skeleton=lambda: folder.skeleton("causal-lm"),
             info={
@@ -272,38 +273,18 @@ class JsonlTask(Task):
         return {name: subset(source, indices) for name, (source, indices) in pools.items()}
 
 
-def _evaluator(
-    splits: dict[str, ResponseSplit],
-    tokenizer: Any,
-    regex: re.Pattern[str] | None,
-    max_new_tokens: int,
-    generation_batch: int,
-):
-    """The task's ``evaluate``: the loss per response token, and with an answer regex the test
-    split's exact match of the final answers."""
+def _regex_hits(regex: re.Pattern[str], tokenizer: Any, max_new_tokens: int, generation_batch: int):
+    """The test split's exact match: 1 where the final answer the regex finds in the greedy decoding
+    equals the one it finds in the reference."""
 
-    def evaluate(model: nn.Module, split: str) -> Scores:
-        data = splits[split]
-        was_training = model.training
-        model.eval()
-        try:
-            scores = loss_scores(model, data)
-            if split == "test" and regex is not None:
-                texts = greedy_answers(model, data, tokenizer, max_new_tokens, generation_batch)
-                hits = [
-                    int(
-                        (answer := final_answer(regex, text)) is not None
-                        and answer == final_answer(regex, ref)
-                    )
-                    for text, ref in zip(texts, data.references, strict=True)
-                ]
-                scores["exact_match"] = sum(hits) / len(data)
-                scores.examples["exact_match"] = example_outcomes(hits)
-        finally:
-            model.train(was_training)
-        return scores
+    def hits(model: nn.Module, data: ResponseSplit) -> list[int]:
+        texts = greedy_answers(model, data, tokenizer, max_new_tokens, generation_batch)
+        return [
+            int((answer := final_answer(regex, text)) is not None and answer == final_answer(regex, ref))
+            for text, ref in zip(texts, data.references, strict=True)
+        ]
 
-    return evaluate
+    return hits
 
 
 def _data_notes(records: Sequence[JsonlRecord], splits: dict[str, ResponseSplit]) -> list[str]:
