@@ -511,3 +511,20 @@ def test_vec_operators_are_the_maps_of_x_and_b_coefficient(x_mode):
     vec = R.flatten(-2).unsqueeze(-1)
     torch.testing.assert_close((x_op @ vec).view(k, r, r), x_matrix(basis, R), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close((b_op @ vec).view(k, r, r), b_coefficient(basis, R), rtol=1e-12, atol=1e-12)
+
+
+def test_split_power_of_two_is_exact_and_keeps_moderate_coefficients_whole():
+    """``coef = matrix * 2**k`` exactly, k half the largest entry's binary exponent (rounded down, within
+    +-MAX_SPLIT_EXPONENT; 0 for a zero or non-finite matrix); with ``unsplit`` the moderate coefficients
+    keep k = 0 and only the extreme ones are split."""
+    from lorapro.closed_form import split_power_of_two
+
+    base = torch.tensor([[1.5, -0.25], [3.0, 0.5]], dtype=torch.float64)  # largest: 3 = 0.75 * 2^2
+    scales = [2.0**-130, 2.0**-50, 2.0**-10, 1.0, 2.0**30, 2.0**90]
+    coef = torch.stack([base * s for s in scales] + [torch.zeros(2, 2), torch.full((2, 2), math.inf)])
+    matrix, k = split_power_of_two(coef)
+    assert k.tolist() == [-60, -24, -4, 1, 16, 46, 0, 0]  # -64 clamped to -60
+    finite = torch.isfinite(coef).all(dim=(-2, -1))
+    assert torch.equal((matrix * torch.exp2(k)[:, None, None])[finite], coef[finite])
+    _, k_unsplit = split_power_of_two(coef, unsplit=20)
+    assert k_unsplit.tolist() == [-60, -24, 0, 0, 0, 46, 0, 0]

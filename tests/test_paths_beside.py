@@ -670,3 +670,37 @@ def test_a_hook_that_changes_the_factors_gradients_is_refused_like_a_penalty():
     loss_of(model).backward()
     with pytest.raises(LoRAProConfigError, match="hook that changes their gradients"):
         opt.step()
+
+
+def test_factor_unfrozen_and_trained_only_through_a_layer_is_refused_at_the_step():
+    """A factor frozen when attached and held by the optimizer, unfrozen later and trained through a LoRA
+    layer called directly (no forward pass through the attached model hooks it): its gradient is LoRA's
+    own, and its partner's was adjusted as if it stayed frozen, so optimizer.step() refuses, before changing
+    anything; after handle.sync() both gradients are Theorem 2.1's."""
+    model = lora_net()
+    layer = lora_layers(model)["base_model.model.hidden"]
+    A, B = factors(layer)
+    A.requires_grad_(False)
+    handle = lorapro.attach(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # holds the frozen A too
+    loss_of(model).backward()
+    opt.step()  # a first step: the optimizer's factors are looked at here
+    opt.zero_grad()
+    A.requires_grad_(True)
+    x = torch.randn(4, 8, dtype=A.dtype)
+    layer(x).square().sum().backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(LoRAProConfigError, match=r"never hooked.*handle\.sync\(\)"):
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    opt.zero_grad()
+    raw_layer = copy.deepcopy(layer)  # a copy is never attached: LoRA's own gradients
+    raw_layer(x).square().sum().backward()
+    raw_A, raw_B = factors(raw_layer)
+    handle.sync()
+    layer(x).square().sum().backward()
+    want = theorem_grads(
+        np64(A), np64(B), np64(raw_A.grad), np64(raw_B.grad), float(layer.scaling["default"]), "sylvester"
+    )
+    assert_close(A.grad, want[0], 1e-9)
+    assert_close(B.grad, want[1], 1e-9)

@@ -49,6 +49,7 @@ model: the copy carries none of the handle's hooks. Attach the copy to train it 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 import weakref
@@ -65,6 +66,7 @@ from torch.utils.hooks import RemovableHandle
 from ._storage import is_dtensor, is_partitioned, is_zero3_partition
 from ._validation import check_choice
 from .closed_form import (
+    HOOK_UNSPLIT_EXPONENT,
     SOLVE_DTYPE,
     X_MODES,
     FactorBasis,
@@ -80,12 +82,13 @@ from .closed_form import (
     gram_a,
     gram_b,
     gram_out_of_range,
+    split_exponents,
     split_power_of_two,
     vec_operator,
     x_matrix,
 )
 from .errors import LoRAProConfigError, LoRAProWarning
-from .pairs import LoRAPair, PairTracker, adapter_pairs, find_lora_pairs
+from .pairs import LoRAPair, PairTracker, adapter_pairs
 
 __all__ = ["LoRAProHandle", "attach", "attached_handle"]
 
@@ -215,16 +218,17 @@ RHS_MISMATCH_LIMITS = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16
 @dataclass(eq=False)
 class _Cached:
     """What the hooks of one layer reuse until A or B changes, with 1/s^2 folded in and each
-    coefficient split by a power of two (``scales``) that the matmuls apply."""
+    coefficient split by a power of two (``scales_A``, ``scales_B``) that the matmuls apply."""
 
     scaling: float  # the s the tensors below were scaled with
-    pinv_b: Tensor  # (B^T B)^+ / s^2 / scales[0]
-    pinv_a: Tensor  # (A A^T)^+ / s^2 / scales[2]
-    x_op: Tensor | None  # R -> X / s^2 / scales[1] as an (r^2, r^2) matrix; None: bases, or X = 0
-    b_op: Tensor | None  # S -> B's coefficient / s^2 / scales[3]
+    pinv_b: Tensor  # (B^T B)^+ / s^2 / scales_A[0]
+    pinv_a: Tensor  # (A A^T)^+ / s^2 / scales_B[0]
+    x_op: Tensor | None  # R -> X / s^2 / scales_A[1] as an (r^2, r^2) matrix; None: bases, or X = 0
+    b_op: Tensor | None  # S -> B's coefficient / s^2 / scales_B[1]
     basis_a: FactorBasis | None  # larger ranks: float64 eigenbases with X's weights scaled likewise
     basis_b: FactorBasis | None  # ... with B's coefficient's weights scaled likewise
-    scales: tuple[float, float, float, float]  # the powers of two split off (P, X, Q, b)
+    scales_A: tuple[float, float]  # the powers of two split off (P, X): 1.0 unless extreme
+    scales_B: tuple[float, float]  # ... (Q, b)
     x_zero: bool  # x_mode="zero": no X term
 
 
@@ -240,6 +244,7 @@ class _Entry:
     cached: _Cached | None = None
     grams: Tensor | None = None  # float64 (problems, 2, r, r): B^T B and A A^T the cache came from
     fresh: Tensor | None = None  # the same, for the factors as they are now (during a validation)
+    versions: tuple[int, int] | None = None  # the factors' version counters when ``grams`` was taken
     # DeepSpeed ZeRO-3 and FSDP2 hold a factor whole only around its own module's forward and
     # backward (the unit's, for FSDP2), so the pair is "tracked" through those modules: the Gram
     # matrices are taken in their forward passes. FSDP2 also computes the gradient of an
@@ -259,6 +264,14 @@ class _Entry:
     rhs_b: Tensor | None = None
 
 
+def _versions(pair: LoRAPair) -> tuple[int, int] | None:
+    """The factors' version counters (None for inference tensors, which have none)."""
+    try:
+        return pair.A._version, pair.B._version
+    except RuntimeError:
+        return None
+
+
 def _pair_key(pair: LoRAPair) -> tuple[int, int, bool]:
     # (ZeRO-3 converts the factors in place: the same tensors, hooked another way)
     return (id(pair.A), id(pair.B), is_zero3_partition(pair.A))
@@ -274,6 +287,7 @@ class LoRAProHandle:
         self.removed = False
         self._entries: dict[tuple[int, int, bool], _Entry] = {}
         self._hooked: dict[int, weakref.ref] = {}  # tensors with a gradient hook of this handle, by id
+        self._hook_generation = 0  # changes when a parameter is hooked or unhooked (_factors_stepped)
         self._tracker = PairTracker(model)
         self._validated = False  # caches checked against the factors since the last forward/backward
         self._autocast: torch.dtype | None = None  # autocast dtype of the last forward pass
@@ -440,6 +454,7 @@ class LoRAProHandle:
                 entry.hooks.append(factor.register_hook(self._make_hook(entry, which, factor)))
                 entry.hooked.add(which)
                 self._hooked[id(factor)] = weakref.ref(factor)
+                self._hook_generation += 1
 
     def _is_hooked(self, t: Tensor) -> bool:
         """Does one of this handle's gradient hooks sit on this tensor?"""
@@ -451,6 +466,7 @@ class LoRAProHandle:
             h.remove()
         for p in (entry.pair.A, entry.pair.B):
             self._hooked.pop(id(p), None)
+        self._hook_generation += 1
         for p in (entry.pair.A, entry.pair.B):
             owner = _ATTACHED.get(id(p))
             if owner is not None and owner[1] is self._self_ref:
@@ -475,49 +491,48 @@ class LoRAProHandle:
         finally:
             self.seconds += time.perf_counter() - start
 
-    def _steps_this_model(self, optimizer: Any) -> bool:
-        """Does the optimizer hold any of this model's LoRA factors, hooked or not? (a walk over the
-        model, cached per optimizer until its number of parameters changes)"""
+    def _factors_stepped(self, optimizer: Any) -> list[Tensor] | None:
+        """The LoRA factors of this model that the optimizer holds and no gradient hook of this
+        handle sits on (None: it holds none of the model's factors). A walk over the model,
+        cached per optimizer until its number of parameters or this handle's hooks change, so
+        that the step pre-hook costs a look at a usually empty list."""
         groups = getattr(optimizer, "param_groups", [])
         size = sum(len(g["params"]) for g in groups)
         known = self._optimizers.get(optimizer)
-        if known is None or known[0] != size:
+        if known is None or known[:2] != (size, self._hook_generation):
             ours = {id(f) for pair in adapter_pairs(self.model) for f in (pair.A, pair.B)}
-            known = (size, any(id(p) in ours for g in groups for p in g["params"]))
+            held = [p for g in groups for p in g["params"] if id(p) in ours]
+            # (FSDP2's sharded parameters receive the gradients of the unsharded copies that the
+            # hooks sit on; ZeRO-3 hands them to its own partitions)
+            unhooked = [p for p in held if not self._is_hooked(p) and not is_partitioned(p)]
+            known = (size, self._hook_generation, unhooked if held else None)
             self._optimizers[optimizer] = known
-        return known[1]
+        return known[2]
 
     def _before_step(self, optimizer: Any) -> None:
         """Before the step of a ``torch.optim`` optimizer of this model: the right-hand-side check
-        of the last backward, and a last look for trained adapters whose factors were never hooked."""
-        if self.removed or not self._steps_this_model(optimizer):
+        of the last backward, and a look for factors it steps that got LoRA's own gradients
+        because they were never hooked."""
+        if self.removed:
+            return
+        unhooked = self._factors_stepped(optimizer)
+        if unhooked is None:
             return
         start = time.perf_counter()
         try:
             self._check_rhs(before="optimizer.step(), which was stopped before changing anything")
-            # A walk only when the cheap check sees a change; the tracker itself is left for the
-            # next forward pass to bring up to date (and hook what is new).
-            if self._tracker.looks_changed():
-                trained = [
-                    pair
-                    for pair in find_lora_pairs(self.model)
-                    if _pair_key(pair) not in self._entries
-                    # (FSDP2's sharded parameters receive the gradients of the unsharded copies
-                    # that the hooks sit on; ZeRO-3 hands them to its own partitions)
-                    and any(
-                        f.grad is not None and not self._is_hooked(f) and not is_partitioned(f)
-                        for f in (pair.A, pair.B)
-                    )
-                ]
-                if trained:
-                    raise LoRAProConfigError(
-                        f"{trained[0].name}: adapter {trained[0].adapter!r} has gradients, but its factors "
-                        f"were never hooked by lorapro.attach ({len(trained)} LoRA layers): it was added or "
-                        "activated after the last forward pass through the attached model and trained "
-                        "through something else (a LoRA layer called directly), so its gradients are "
-                        "LoRA's own. optimizer.step() was stopped before changing anything. Call "
-                        "handle.sync() after changing adapters, zero the gradients and run the batch again."
-                    )
+            trained = [p for p in unhooked if p.grad is not None and not self._is_hooked(p)]
+            if trained:
+                names = {id(f): pair for pair in adapter_pairs(self.model) for f in (pair.A, pair.B)}
+                pair = names[id(trained[0])]
+                raise LoRAProConfigError(
+                    f"{pair.name}: adapter {pair.adapter!r} has gradients, but its factors were never "
+                    f"hooked by lorapro.attach ({len(trained)} LoRA factors): it was added, activated or "
+                    "unfrozen after the last forward pass through the attached model and trained "
+                    "through something else (a LoRA layer called directly), so its gradients are "
+                    "LoRA's own. optimizer.step() was stopped before changing anything. Call "
+                    "handle.sync() after changing adapters, zero the gradients and run the batch again."
+                )
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -569,8 +584,17 @@ class LoRAProHandle:
                 grams = self._group_grams(group, precise=False)
                 for e, g in zip(group, grams.unbind(0), strict=True):
                     e.fresh = g
-            with_cache = [e for e in group if e.fresh is not None and e.grams is not None]
-            stale += [e for e in group if e.fresh is not None and e.grams is None]
+            # An in-place write through autograd's view of a factor (any optimizer's step) bumps its
+            # version counter: such a layer is rebuilt without a comparison. Writes that bypass the
+            # counter (``.data``, a loader) leave it as it was: the Gram matrices tell.
+            with_cache, moved = [], []
+            for e in group:
+                if e.fresh is not None:
+                    if e.grams is None or (e.versions is not None and _versions(e.pair) != e.versions):
+                        moved.append(e)
+                    else:
+                        with_cache.append(e)
+            stale += moved
             if with_cache:
                 old = torch.stack([e.grams for e in with_cache])
                 new = torch.stack([e.fresh for e in with_cache])
@@ -609,7 +633,10 @@ class LoRAProHandle:
             A, B = e.pair.matrix_A(), e.pair.matrix_B()
             if precise:
                 A, B = A.to(SOLVE_DTYPE), B.to(SOLVE_DTYPE)
-            products += [B.mT @ B, A @ A.mT]
+            if A.dim() == 2:  # (torch.mm: fewer dispatch layers than @, paid cold in a backward pass)
+                products += [torch.mm(B.mT, B), torch.mm(A, A.mT)]
+            else:
+                products += [B.mT @ B, A @ A.mT]
         grams = torch.stack(products).to(SOLVE_DTYPE)  # (2 L, [E,] r, r)
         r = grams.shape[-1]
         return grams.reshape(len(group), 2, -1, r, r).transpose(1, 2)
@@ -634,14 +661,21 @@ class LoRAProHandle:
         # (K, 4, r, r): the coefficients' maps, as Coefficients orders them, with 1/s^2 folded in
         maps = torch.stack((basis.pinv_b, basis.x_weights, basis.pinv_a, b_weights(basis)), dim=1)
         fold_scaling(maps, [s for s, k in zip(scalings, counts, strict=True) for _ in range(k)])
-        # One power of two per entry and coefficient (the largest over its experts), read once.
-        exponents = split_power_of_two(maps)[1].split(counts)
-        exponents = torch.stack([k.amax(0) for k in exponents]).tolist()
-        per_problem = torch.tensor(
-            [row for row, k in zip(exponents, counts, strict=True) for _ in range(k)],
-            dtype=SOLVE_DTYPE, device=grams.device,
-        )  # fmt: skip
-        pinv_b, x_weights, pinv_a, b_wts = (maps * torch.exp2(-per_problem)[:, :, None, None]).unbind(1)
+        single = all(k == 1 for k in counts)
+        # One power of two per entry and coefficient (the largest over its experts), read once;
+        # none where the coefficient is well inside float32's range (the hooks' cheaper kernel).
+        if single:
+            maps, per_problem = split_power_of_two(maps, unsplit=HOOK_UNSPLIT_EXPONENT)
+            exponents = per_problem.tolist()
+        else:
+            amax = maps.abs().amax(dim=(-2, -1))  # (problems, 4); non-finite: no split
+            amax = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+            amax = torch.stack([part.amax(0) for part in amax.split(counts)])
+            per_entry_k = split_exponents(amax, unsplit=HOOK_UNSPLIT_EXPONENT)
+            exponents = per_entry_k.tolist()
+            per_problem = per_entry_k.repeat_interleave(torch.tensor(counts, device=amax.device), dim=0)
+            maps = maps * torch.exp2(-per_problem)[:, :, None, None]
+        pinv_b, x_weights, pinv_a, b_wts = maps.unbind(1)
         x_zero = self.x_mode == "zero"
         if r <= VEC_OPERATOR_MAX_RANK:
             # The maps are formed in the dtype the hooks apply them in: the solve above is float64,
@@ -655,7 +689,6 @@ class LoRAProHandle:
             basis_a = basis._replace(x_weights=x_weights)
             basis_b = basis._replace(x_weights=torch.zeros_like(b_wts), proj_weights=-b_wts)
         pinv_b, pinv_a = pinv_b.to(dtype), pinv_a.to(dtype)
-        single = all(k == 1 for k in counts)
 
         def per_entry(t: Tensor | None) -> Sequence[Tensor | None]:
             """``t``'s problems split by entry: 2-D for an ordinary layer (the hooks' fast path),
@@ -678,9 +711,11 @@ class LoRAProHandle:
         for e, scaling, exps, pb, pa, xo, bo, ba, bb in columns:
             e.cached = _Cached(
                 scaling=scaling, pinv_b=pb, pinv_a=pa, x_op=xo, b_op=bo, basis_a=ba, basis_b=bb,
-                scales=tuple(2.0**k for k in exps), x_zero=x_zero,
+                scales_A=(2.0 ** exps[0], 2.0 ** exps[1]), scales_B=(2.0 ** exps[2], 2.0 ** exps[3]),
+                x_zero=x_zero,
             )  # fmt: skip
             e.grams, e.fresh = e.fresh, None
+            e.versions = None if e.tracked else _versions(e.pair)
 
     # -- the right-hand-side check --------------------------------------------------------------
     def _check_rhs(self, before: str) -> None:
@@ -694,29 +729,26 @@ class LoRAProHandle:
             e.rhs_a = e.rhs_b = None
         if not by_rank:
             return
-        ratios: list[Tensor] = []
-        order: list[_Entry] = []
+        # Per problem (layer, or MoE expert): the squared Frobenius norms of R - S, R and S, in
+        # float64 so that no square overflows; these few kernels run cold, right after backward,
+        # so the ratios are taken on the host.
+        squares: list[Tensor] = []
+        order: list[_Entry] = []  # the entry of each problem
         for r, group in by_rank.items():
-            rs_a, rs_b = [a for _, a, _ in group], [b for _, _, b in group]
-            if all(a.dim() == 2 for a in rs_a):  # one problem per layer
-                R, S = torch.stack(rs_a), torch.stack(rs_b)
+            if all(a.dim() == 2 for _, a, _ in group):  # one problem per layer
+                RS = torch.stack([t for _, a, b in group for t in (a, b)])
             else:  # MoE experts: (experts, r, r) per layer
-                R, S = (torch.cat([t.reshape(-1, r, r) for t in ts]) for ts in (rs_a, rs_b))
-            # (problems, 2, r^2): R and S side by side, in float64 so that no square overflows
-            RS = torch.stack((R, S), dim=1).flatten(-2).to(SOLVE_DTYPE)
-            # squared Frobenius norms of R - S, R and S, one reduction: (problems, 3)
-            sq = torch.cat((RS[:, :1] - RS[:, 1:], RS), dim=1).square_().sum(-1)
-            ratio = (sq[:, 0] / sq[:, 1:].amax(-1).clamp_min(torch.finfo(SOLVE_DTYPE).tiny)).sqrt_()
-            ratio = ratio.nan_to_num_(nan=0.0, posinf=0.0)  # GradScaler's overflow steps: no verdict
-            counts = [rhs_a.numel() // (r * r) for _, rhs_a, _ in group]
-            if len(counts) == len(ratio):
-                ratios.append(ratio)  # one problem per layer
-            else:  # MoE experts: a layer's worst expert
-                ratios.append(torch.stack([part.amax() for part in ratio.split(counts)]))
-            order += [e for e, _, _ in group]
-        values = torch.cat(ratios).tolist()  # one host sync
-        worst = max(range(len(values)), key=values.__getitem__)
-        ratio, entry = values[worst], order[worst]
+                pairs = [(a.reshape(-1, r, r), b.reshape(-1, r, r)) for _, a, b in group]
+                RS = torch.cat([torch.stack(ab, dim=1) for ab in pairs])
+            RS = RS.view(-1, 2, r * r).to(SOLVE_DTYPE)  # (problems, 2, r^2): R and S side by side
+            squares.append(torch.cat((RS[:, :1] - RS[:, 1:], RS), dim=1).square_().sum(-1))
+            order += [e for e, a, _ in group for _ in range(a.numel() // (r * r))]
+        ratio, entry = 0.0, order[0]
+        for e, (diff, r_sq, s_sq) in zip(order, torch.cat(squares).tolist(), strict=True):  # one host sync
+            # (non-finite: GradScaler's overflow steps, no verdict)
+            value = math.sqrt(diff / max(r_sq, s_sq)) if max(r_sq, s_sq) > 0 else 0.0
+            if math.isfinite(value) and value > ratio:
+                ratio, entry = value, e
         precision = self._gradient_precision(entry.pair)
         limit = RHS_MISMATCH_LIMITS.get(precision, RHS_MISMATCH_LIMITS[torch.float16])
         if ratio > limit:
@@ -861,10 +893,18 @@ def _adjusted_A(c: _Cached, g: Tensor, A: Tensor, both: bool) -> tuple[Tensor, T
     if g.dtype != dtype:
         g, A = g.to(dtype), A.to(dtype)
     if c.x_zero or not both:
-        return adjust_grad_A(A, g, c.pinv_b, None, scales=c.scales[:2]), None
-    rhs = torch.mm(g, A.mT) if g.dim() == 2 else torch.bmm(g, A.mT)  # grad_A A^T
-    x = _apply_vec(c.x_op, rhs) if c.x_op is not None else x_matrix(c.basis_a, rhs.to(SOLVE_DTYPE)).to(dtype)
-    return adjust_grad_A(A, g, c.pinv_b, x, scales=c.scales[:2]), rhs
+        return adjust_grad_A(A, g, c.pinv_b, None, scales=c.scales_A), None
+    if g.dim() == 2 and c.x_op is not None:  # the common path, with nothing but the products
+        rhs = torch.mm(g, A.mT)  # grad_A A^T
+        x = torch.mm(c.x_op, rhs.view(-1, 1)).view(rhs.shape)
+    else:
+        rhs = torch.mm(g, A.mT) if g.dim() == 2 else torch.bmm(g, A.mT)
+        x = (
+            _apply_vec(c.x_op, rhs)
+            if c.x_op is not None
+            else x_matrix(c.basis_a, rhs.to(SOLVE_DTYPE)).to(dtype)
+        )
+    return adjust_grad_A(A, g, c.pinv_b, x, scales=c.scales_A), rhs
 
 
 def _adjusted_B(c: _Cached, g: Tensor, B: Tensor, both: bool) -> tuple[Tensor, Tensor | None]:
@@ -875,14 +915,18 @@ def _adjusted_B(c: _Cached, g: Tensor, B: Tensor, both: bool) -> tuple[Tensor, T
     if g.dtype != dtype:
         g, B = g.to(dtype), B.to(dtype)
     if not both:
-        return adjust_grad_B(B, g, c.pinv_a, None, scales=c.scales[2:]), None
-    rhs = torch.mm(B.mT, g) if g.dim() == 2 else torch.bmm(B.mT, g)  # B^T grad_B
-    coef = (
-        _apply_vec(c.b_op, rhs)
-        if c.b_op is not None
-        else b_coefficient(c.basis_b, rhs.to(SOLVE_DTYPE)).to(dtype)
-    )
-    return adjust_grad_B(B, g, c.pinv_a, coef, scales=c.scales[2:]), (None if c.x_zero else rhs)
+        return adjust_grad_B(B, g, c.pinv_a, None, scales=c.scales_B), None
+    if g.dim() == 2 and c.b_op is not None:  # the common path, with nothing but the products
+        rhs = torch.mm(B.mT, g)  # B^T grad_B
+        coef = torch.mm(c.b_op, rhs.view(-1, 1)).view(rhs.shape)
+    else:
+        rhs = torch.mm(B.mT, g) if g.dim() == 2 else torch.bmm(B.mT, g)
+        coef = (
+            _apply_vec(c.b_op, rhs)
+            if c.b_op is not None
+            else b_coefficient(c.basis_b, rhs.to(SOLVE_DTYPE)).to(dtype)
+        )
+    return adjust_grad_B(B, g, c.pinv_a, coef, scales=c.scales_B), (None if c.x_zero else rhs)
 
 
 def _apply_vec(op: Tensor, m: Tensor) -> Tensor:

@@ -70,6 +70,7 @@ __all__ = [
     "layer_terms",
     "optimal_gradients",
     "solve_coefficients",
+    "split_exponents",
     "split_power_of_two",
     "vec_operator",
     "vec_operators",
@@ -431,22 +432,39 @@ def adjusted_gradient_bound(coefficients: Tensor, terms: Tensor, grad_norms: Ten
 MAX_SPLIT_EXPONENT = 60
 
 
-def split_power_of_two(coef: Tensor) -> tuple[Tensor, Tensor]:
+def split_power_of_two(coef: Tensor, *, unsplit: int = 0) -> tuple[Tensor, Tensor]:
     """Split each matrix (over the last two dims) as ``coef = matrix * 2**k`` with ``2**k`` about
     the square root of its largest entry: returns ``(matrix, k)``, k an integer-valued float
-    tensor of the batch shape (0 for a zero or non-finite matrix).
+    tensor of the batch shape (0 for a zero or non-finite matrix; see :func:`split_exponents`
+    for ``unsplit``).
 
     A float32 matmul that applies a coefficient holding ``1e-40`` (the pseudo-inverse of ``B^T B``
     for B scaled by 1e20) cannot hold it, nor a product on the way that the final ``2**k`` brings
     back into range; ``matrix`` and ``2**k`` each stay near the square root, and the matmul applies
     ``2**k`` as its ``alpha`` / ``beta`` (exact: a power of two).
     """
-    amax = coef.abs().amax(dim=(-2, -1))
+    k = split_exponents(coef.abs().amax(dim=(-2, -1)), unsplit=unsplit)
+    return coef * torch.exp2(-k)[..., None, None], k
+
+
+#: Exponents up to this size are not worth splitting off where a coefficient is applied often
+#: (attach's hooks): such a coefficient lies within 2^+-40 (about 1e+-12), far inside float32's
+#: range, and a matmul with alpha = beta = 1 is the cheaper kernel.
+HOOK_UNSPLIT_EXPONENT = 20
+
+
+def split_exponents(amax: Tensor, *, unsplit: int = 0) -> Tensor:
+    """The exponents k of :func:`split_power_of_two` for matrices whose largest absolute entries
+    are ``amax``: about half of each one's binary exponent, within +-:data:`MAX_SPLIT_EXPONENT`;
+    0 for a zero or non-finite ``amax``, and where ``|k| <= unsplit`` (the matrix is applied as it
+    is)."""
     usable = torch.isfinite(amax) & (amax > 0)
-    exponent = torch.frexp(torch.where(usable, amax, torch.ones_like(amax))).exponent.to(coef.dtype)
+    exponent = torch.frexp(torch.where(usable, amax, torch.ones_like(amax))).exponent.to(amax.dtype)
     k = torch.where(usable, torch.floor(exponent / 2), torch.zeros_like(amax))
     k = k.clamp(-MAX_SPLIT_EXPONENT, MAX_SPLIT_EXPONENT)
-    return coef * torch.exp2(-k)[..., None, None], k
+    if unsplit:
+        k = torch.where(k.abs() <= unsplit, torch.zeros_like(k), k)
+    return k
 
 
 def vec_operators(basis: FactorBasis) -> tuple[Tensor, Tensor]:
@@ -517,10 +535,14 @@ def adjust_grad_A(
     its r x r coefficients (``(B^T B)^+`` and X, with 1/s^2 folded in, each possibly split by
     :func:`split_power_of_two`); ``coef=None`` for X = 0 (or B frozen). ``out`` receives it
     without allocating. Batched over experts."""
-    out = _mm(grad_coef, grad_A, out=out)
     if coef is None:
+        out = _mm(grad_coef, grad_A, out=out)
         return out.mul_(scales[0]) if scales[0] != 1.0 else out
-    return _add_product_(out, coef, A, beta=scales[0], alpha=scales[1])
+    # (coef @ A first, then the accumulating product: the order measured fastest in attach's hooks,
+    # which call this for every layer in every backward pass; 2-D operands skip the helpers)
+    if A.dim() == 2:
+        return torch.mm(coef, A, out=out).addmm_(grad_coef, grad_A, beta=scales[1], alpha=scales[0])
+    return _add_product_(_mm(coef, A, out=out), grad_coef, grad_A, beta=scales[1], alpha=scales[0])
 
 
 def adjust_grad_B(
@@ -534,10 +556,12 @@ def adjust_grad_B(
     """``g * grad_B @ grad_coef + c * B @ coef`` for ``scales = (g, c)``: B's adjusted gradient from
     its r x r coefficients (``(A A^T)^+`` and :func:`b_coefficient`, with 1/s^2 folded in);
     ``coef=None`` when A is frozen (LoRA-FA's update)."""
-    out = _mm(grad_B, grad_coef, out=out)
     if coef is None:
+        out = _mm(grad_B, grad_coef, out=out)
         return out.mul_(scales[0]) if scales[0] != 1.0 else out
-    return _add_product_(out, B, coef, beta=scales[0], alpha=scales[1])
+    if B.dim() == 2:  # (the order and the shortcut of adjust_grad_A)
+        return torch.mm(B, coef, out=out).addmm_(grad_B, grad_coef, beta=scales[1], alpha=scales[0])
+    return _add_product_(_mm(B, coef, out=out), grad_B, grad_coef, beta=scales[1], alpha=scales[0])
 
 
 def apply_coefficients(

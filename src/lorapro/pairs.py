@@ -243,37 +243,47 @@ class PairTracker:
             return self._pairs, changed
         return self._pairs, False
 
-    def looks_changed(self) -> bool:
-        """Does the cheap check see a change since the last :meth:`pairs`? (nothing is updated)"""
-        return self._pairs is None or self._quick_signature() != self._quick
-
     def invalidate(self) -> None:
         """Walk the model at the next call (e.g. after the caller refused the pairs it got)."""
         self._pairs, self._states = None, []
 
     def _quick_signature(self) -> tuple:
+        # Runs at every forward pass and optimizer step: the modules' own dictionaries are read
+        # directly (``nn.Module.__getattr__`` costs microseconds per lookup, milliseconds per step
+        # on a model with hundreds of LoRA layers).
         config = getattr(self.model, "peft_config", None)
         adapters = tuple(config) if isinstance(config, dict) else None
-        return (
-            adapters,
-            self._factors_held(),
-            tuple((*m.active_adapters, len(m.lora_A) + len(m.lora_embedding_A)) for m in self._layers),
-        )
+        layers = []
+        for m in self._layers:
+            modules = m._modules
+            count = sum(len(modules[k]) for k in ("lora_A", "lora_embedding_A") if k in modules)
+            active = m.active_adapter  # a str or a list (copied: PEFT may change it in place)
+            layers.append((active if isinstance(active, str) else tuple(active), count))
+        return adapters, self._factors_held(), tuple(layers)
 
     def _factors_held(self) -> bool:
         """Does every known pair's layer still hold its factors, as they were when found (ZeRO-3
         converts them in place, adding ``ds_id``; a factor may be frozen or unfrozen)?"""
         for pair, state in zip(self._pairs or (), self._states, strict=True):
-            layer, adapter = pair.layer, pair.adapter
-            if pair.kind == "embedding":
-                held = layer.lora_embedding_A.get(adapter), layer.lora_embedding_B.get(adapter)
-            elif adapter in layer.lora_A and adapter in layer.lora_B:
-                held = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-            else:
-                return False  # the adapter was deleted
-            if held[0] is not pair.A or held[1] is not pair.B or _state(pair) != state:
+            A, B = _held(pair)
+            if A is not pair.A or B is not pair.B or _state(pair) != state:
                 return False
         return True
+
+
+def _held(pair: LoRAPair) -> tuple[Tensor | None, Tensor | None]:
+    """The factors ``pair``'s layer holds now for its adapter (None where it holds none): read
+    from the modules' dictionaries, as :meth:`PairTracker._quick_signature` needs."""
+    modules, adapter = pair.layer._modules, pair.adapter
+    if pair.kind == "embedding":
+        return (
+            modules["lora_embedding_A"]._parameters.get(adapter),
+            modules["lora_embedding_B"]._parameters.get(adapter),
+        )
+    a, b = modules["lora_A"]._modules.get(adapter), modules["lora_B"]._modules.get(adapter)
+    if a is None or b is None:
+        return None, None  # the adapter was deleted
+    return a._parameters.get("weight"), b._parameters.get("weight")
 
 
 def _state(pair: LoRAPair) -> tuple[bool, bool, bool]:
