@@ -23,9 +23,10 @@ Why per factor, per micro-batch, is exact:
 - What depends only on A and B (Gram matrices, their ``eigh``, pseudo-inverses, and the maps
   to X and to B's coefficient as r^2 x r^2 matrices) is cached, computed for all layers at
   once, batched, and keyed on what it is computed from: at the first hook of every backward
-  pass the Gram matrices of the factors as they are then are compared with those the cache was
-  built from (one r x r product per factor, one host sync), and the layers whose factors
-  changed, by whatever means (an optimizer, a ``.data`` write, a loader), are rebuilt.
+  pass the Gram matrices of the factors as they are then are formed (one r x r product per
+  factor); a layer whose factors' version counters moved (an optimizer's in-place step) is
+  rebuilt, and the others' Gram matrices are compared with those their cache was built from (one
+  host sync), so that writes that bypass the counter (``.data``, a loader) are caught too.
 
 A factor frozen (``requires_grad=False``) while its partner trains gets no gradient; the
 partner gets Theorem 2.1's one-factor optimum (A frozen: LoRA-FA's ``grad_B (A A^T)^+ / s^2``).
@@ -34,8 +35,9 @@ The model's LoRA layers are followed at every forward pass with gradients enable
 attached model and of the model PEFT wraps (``get_base_model()``); every adapter's factors are
 hooked, active or not, so an adapter switched on is adjusted even through a forward pass that
 bypasses both. Adapters LoRA-Pro cannot handle (DoRA, ...) raise there. Before every
-``torch.optim`` step, an adapter added and trained without any such forward pass is refused
-(its gradients could not be adjusted), naming :meth:`LoRAProHandle.sync`.
+``torch.optim`` step, a factor the optimizer holds that was never hooked (an adapter added, or a
+factor unfrozen, and trained without any such forward pass) but has a gradient is refused (its
+gradient could not be adjusted), naming :meth:`LoRAProHandle.sync`.
 
 Engines that hold a factor whole only around its own module's forward and backward (FSDP2's
 ``fully_shard``, DeepSpeed ZeRO-3) are followed through the forward passes of the ``lora_A`` /
@@ -335,7 +337,7 @@ class LoRAProHandle:
 
     def refresh(self) -> None:
         """Recompute the A/B-only part before the next adjustment. Never needed for correctness:
-        the cache is compared with the factors' Gram matrices at every backward pass."""
+        the cache is checked against the factors at every backward pass."""
         for entry in self._entries.values():
             entry.grams = None
         self._validated = False
