@@ -180,9 +180,10 @@ def nmf_fit(L: Tensor, R: Tensor, target: Tensor, sweeps: int = NMF_SWEEPS) -> t
     a positive start from the target's own row (column) sums, Adafactor's rank-one solution,
     split over the k components with unequal weights (equal ones would stay equal forever). A
     row whose target is zero stays zero. After that, ``target_ij > 0`` implies
-    ``(L R^T)_ij > 0``, and nothing divides by zero: with zero factors (the first step, B = 0)
-    the result is finite. With k = 1, one sweep gives ``row_i col_j / total`` from any start.
-    Each R update makes the fit's column sums equal the target's. Returns new tensors.
+    ``(L R^T)_ij > 0`` (barring underflow), and nothing divides by zero: with zero factors (the
+    first step, B = 0) the result is finite. With k = 1, one sweep gives ``row_i col_j / total``
+    from any start. Each R update makes the fit's column sums equal the target's. Returns new
+    tensors.
     """
     if sweeps < 1:
         raise ValueError(f"nmf_fit needs sweeps >= 1, got {sweeps}")
