@@ -18,6 +18,7 @@ PAPER_METHODS = [
     "full", "lora", "rslora", "dora", "pissa", "loraplus", "loraga", "adalora",
     "lorapro", "lorapro-zero", "lorapro-symmetric", "lorapro-full", "rslorapro",
     "lorapro-factored", "lorapro-factored-m", "riemannian", "lorafa", "lorarite",
+    "lorapro-factored-sm3", "lorapro-factored-nmf",
 ]  # fmt: skip
 
 
@@ -82,6 +83,8 @@ def test_lorapro_methods_use_the_library_optimizer(prepared):
         ("rslorapro", "efficient"),
         ("lorapro-factored", "factored"),
         ("lorapro-factored-m", "factored-first-moment"),
+        ("lorapro-factored-sm3", "factored-sm3"),
+        ("lorapro-factored-nmf", "factored-nmf"),
     ]:
         built = _build(name, prepared)
         assert isinstance(built.optimizer, LoRAProAdamW)

@@ -13,10 +13,14 @@ from torch import nn
 
 import lorapro
 from lorapro.factored import (
+    NMF_RANK,
+    NMF_SWEEPS,
     adafactor_scales,
     low_rank_square_sums,
+    nmf_fit,
     project_tangent,
     scaled_tangent_products,
+    sm3_estimate,
     tangent_matrix,
 )
 
@@ -113,6 +117,102 @@ def test_adafactor_scales_give_the_documented_estimate():
     sq = (u[:, None] * w[None, :]) ** 2
     a1, b1 = adafactor_scales(sq.mean(1), sq.mean(0), 0.0)
     assert torch.allclose(a1[:, None] * b1[None, :], sq.rsqrt(), rtol=1e-12)
+
+
+def test_sm3_is_exact_on_a_min_structured_square():
+    """A squared gradient ``min(a_i, b_j)`` held over the steps (a constant, or a rank-one square
+    whose row factor is constant, is one): SM3's cover loses nothing, the estimate is Adam's
+    exponential average itself."""
+    m, n, beta2 = 5, 7, 0.9
+    a, b = rand(m, seed=1).abs(), rand(n, seed=2).abs()
+    sq = torch.minimum(a[:, None], b[None, :])
+    row, col, exact = torch.zeros(m, dtype=F64), torch.zeros(n, dtype=F64), torch.zeros(m, n, dtype=F64)
+    for _ in range(6):
+        v, row, col = sm3_estimate(row, col, sq, beta2)
+        exact = beta2 * exact + (1 - beta2) * sq
+        assert torch.allclose(v, exact, rtol=1e-13, atol=0)
+
+
+def test_sm3_never_undershoots_adams_average_and_keeps_unseen_rows_at_zero():
+    m, n, beta2 = 6, 8, 0.8
+    row, col, exact = torch.zeros(m, dtype=F64), torch.zeros(n, dtype=F64), torch.zeros(m, n, dtype=F64)
+    for t in range(8):
+        sq = rand(m, n, seed=10 + t) ** 2
+        sq[2] = 0.0  # a row that never sees a gradient
+        v, row, col = sm3_estimate(row, col, sq, beta2)
+        exact = beta2 * exact + (1 - beta2) * sq
+        assert (v >= exact * (1 - 1e-14)).all()
+        if t == 0:  # nothing compressed yet
+            assert torch.equal(v, (1 - beta2) * sq)
+        assert torch.equal(v[2], torch.zeros(n, dtype=F64))  # Adam's 1 / eps there
+        assert torch.equal(row, v.amax(1)) and torch.equal(col, v.amax(0))
+    assert (v > exact * (1 + 1e-3)).any()  # a bound, not the average: the test above can fail
+
+
+def i_divergence(target, estimate):
+    """Sum of target log(target / estimate) - target + estimate (0 log 0 = 0)."""
+    log_term = torch.where(target > 0, target * torch.log(target / estimate), 0.0)
+    return (log_term - target + estimate).sum()
+
+
+def test_nmf_fit_at_rank_one_is_adafactors_estimate_after_one_sweep():
+    m, n = 6, 9
+    target = rand(m, n, seed=1) ** 2
+    L, R = rand(m, 1, seed=2).abs() + 0.1, rand(n, 1, seed=3).abs() + 0.1  # any positive start
+    L, R = nmf_fit(L, R, target, sweeps=1)
+    expected = target.sum(1)[:, None] * target.sum(0)[None, :] / target.sum()
+    assert torch.allclose(L @ R.T, expected, rtol=1e-12)
+    # A rank-one target is reproduced exactly, from zero factors too (the first step).
+    u, w = rand(m, seed=4).abs() + 0.5, rand(n, seed=5).abs() + 0.5
+    rank_one = u[:, None] * w[None, :]
+    L, R = nmf_fit(torch.zeros(m, 1, dtype=F64), torch.zeros(n, 1, dtype=F64), rank_one, sweeps=1)
+    assert torch.allclose(L @ R.T, rank_one, rtol=1e-12)
+
+
+def test_nmf_fit_keeps_an_exact_rank_k_factorisation():
+    m, n, k = 7, 5, NMF_RANK
+    L0, R0 = rand(m, k, seed=1).abs() + 0.1, rand(n, k, seed=2).abs() + 0.1
+    L, R = nmf_fit(L0, R0, L0 @ R0.T, sweeps=3)
+    assert torch.allclose(L, L0, rtol=1e-12) and torch.allclose(R, R0, rtol=1e-12)
+
+
+def test_nmf_fit_descends_the_divergence_and_matches_column_sums():
+    m, n, k = 8, 11, NMF_RANK
+    target = rand(m, n, seed=1) ** 2
+    L, R = rand(m, k, seed=2).abs() + 0.1, rand(n, k, seed=3).abs() + 0.1
+    before = i_divergence(target, L @ R.T)
+    for _ in range(5):
+        L, R = nmf_fit(L, R, target, sweeps=1)
+        after = i_divergence(target, L @ R.T)
+        assert after <= before * (1 + 1e-12)
+        assert torch.allclose((L @ R.T).sum(0), target.sum(0), rtol=1e-12)
+        before = after
+    # better than Adafactor's rank-one fit of the same target: the extra component is used
+    rank_one = target.sum(1)[:, None] * target.sum(0)[None, :] / target.sum()
+    assert after < 0.99 * i_divergence(target, rank_one)
+
+
+def test_nmf_fit_from_zero_factors_is_finite_and_keeps_zeros_zero():
+    """The first step (and B = 0): all-zero factors and a target with a zero row and column."""
+    m, n, k = 6, 7, NMF_RANK
+    target = rand(m, n, seed=1) ** 2
+    target[3], target[:, 5] = 0.0, 0.0
+    L, R = nmf_fit(torch.zeros(m, k, dtype=F64), torch.zeros(n, k, dtype=F64), target)
+    assert torch.isfinite(L).all() and torch.isfinite(R).all() and (L >= 0).all() and (R >= 0).all()
+    estimate = L @ R.T
+    assert torch.equal(estimate[3], torch.zeros(n, dtype=F64))
+    assert torch.equal(estimate[:, 5], torch.zeros(m, dtype=F64))
+    assert (estimate[target > 0] > 0).all()
+    # the components did not start equal (they would stay equal: a rank-one fit)
+    assert torch.linalg.matrix_rank(L) == k
+    # a zero target everywhere: zero factors, no NaN
+    L, R = nmf_fit(torch.zeros(m, k, dtype=F64), torch.zeros(n, k, dtype=F64), torch.zeros(m, n, dtype=F64))
+    assert torch.equal(L, torch.zeros(m, k, dtype=F64)) and torch.equal(R, torch.zeros(n, k, dtype=F64))
+
+
+def test_nmf_fit_refuses_zero_sweeps():
+    with pytest.raises(ValueError, match="sweeps >= 1"):
+        nmf_fit(torch.zeros(3, 2), torch.zeros(4, 2), torch.zeros(3, 4), sweeps=0)
 
 
 # -- the optimizer ------------------------------------------------------------------------------
@@ -275,3 +375,109 @@ def test_factored_mode_trains_about_as_far_as_full_mode():
     assert drop["full"] > 0.1 * before
     assert drop["factored"] > 0.5 * drop["full"], drop
     assert drop["factored-first-moment"] > 0.5 * drop["full"], drop
+
+
+def dense_sm3(state, g, beta2):
+    """SM3 written entry by entry: v_ij = beta2 min(row_i, col_j) + (1 - beta2) g_ij^2."""
+    row, col = (
+        state
+        if state is not None
+        else (torch.zeros(g.shape[0], dtype=F64), torch.zeros(g.shape[1], dtype=F64))
+    )
+    v = torch.empty_like(g)
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            v[i, j] = beta2 * min(row[i], col[j]) + (1 - beta2) * g[i, j] ** 2
+    return v, (v.max(dim=1).values, v.max(dim=0).values)
+
+
+def dense_nmf(state, g, beta2):
+    """The rank-k history refitted by I-divergence multiplicative updates, with the m x n
+    matrices formed explicitly; zero rows restart from the target's row sums, weighted 2 on the
+    component i mod k and 1 on the others."""
+    m, n, k = g.shape[0], g.shape[1], NMF_RANK
+    L, R = state if state is not None else (torch.zeros(m, k, dtype=F64), torch.zeros(n, k, dtype=F64))
+    T = beta2 * (L @ R.T) + (1 - beta2) * g * g
+    total = T.sum()
+    weight = torch.tensor(
+        [[2.0 if i % k == c else 1.0 for c in range(k)] for i in range(max(m, n))], dtype=F64
+    )
+    L, R = L.clone(), R.clone()
+    for i in range(m):
+        if L[i].sum() == 0:
+            L[i] = T[i].sum() / total.sqrt() * weight[i]
+    for j in range(n):
+        if R[j].sum() == 0:
+            R[j] = T[:, j].sum() / total.sqrt() * weight[j]
+    for _ in range(NMF_SWEEPS):
+        P = L @ R.T
+        L = L * torch.einsum("ij,jc->ic", torch.where(P > 0, T / P, 0.0), R) / R.sum(0)
+        P = L @ R.T
+        R = R * torch.einsum("ij,ic->jc", torch.where(P > 0, T / P, 0.0), L) / L.sum(0)
+    return T, (L, R)
+
+
+STATE_KEYS = {"factored-sm3": ("sm3_row", "sm3_col"), "factored-nmf": ("nmf_row", "nmf_col")}
+DENSE_RECURRENCE = {"factored-sm3": dense_sm3, "factored-nmf": dense_nmf}
+
+
+@pytest.mark.parametrize("mode", ["factored-sm3", "factored-nmf"])
+@pytest.mark.parametrize("random_b", [True, False])
+def test_new_second_moments_replay_densely_into_the_optimizers_steps(mode, random_b):
+    """Replay in float64 with every m x n matrix explicit: the first moment as in the test above,
+    the second moment's recurrence, Adam's bias corrections and eps, the direction
+    D = M / (1 - beta1^t) / (sqrt(v / (1 - beta2^t)) + eps) and the closed form's factor updates
+    with full fine-tuning's weight decay; against the optimizer's state and factors after every
+    step. From B = 0 (PEFT's initialisation) too."""
+    lr, eps, beta1, beta2, wd = 1e-2, 1e-8, 0.8, 0.95, 0.05
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["hidden", "out"], init_lora_weights=not random_b)
+    model = get_peft_model(Net(6), config).double()
+    opt = lorapro.LoRAProAdamW(model, lr=lr, eps=eps, betas=(beta1, beta2), weight_decay=wd, mode=mode)
+    pairs = lorapro.find_lora_pairs(model)
+    moments = {p.name: None for p in pairs}
+    second = {p.name: None for p in pairs}
+    for t in range(1, 6):
+        loss_of(model, t).backward()
+        expected = {}
+        for pair in pairs:
+            A, B, s = pair.A.detach().clone(), pair.B.detach().clone(), pair.scaling
+            gA, gB = lorapro.optimal_gradients(A, B, pair.A.grad, pair.B.grad, s, x_mode="zero")
+            g = lorapro.equivalent_gradient(A, B, gA, gB, s)
+            previous = moments[pair.name]
+            M = (1 - beta1) * g + (0.0 if previous is None else beta1 * dense_projection(A, B, previous))
+            moments[pair.name] = M
+            v, second[pair.name] = DENSE_RECURRENCE[mode](second[pair.name], g, beta2)
+            D = M / (1 - beta1**t) / ((v / (1 - beta2**t)).sqrt() + eps)
+            new_gA, new_gB = lorapro.optimal_gradients(A, B, s * B.T @ D, s * D @ A.T, s)
+            decay = (1 - lr * wd) ** 0.5
+            expected[pair.name] = (decay * A - lr * new_gA, decay * B - lr * new_gB)
+        opt.step()
+        opt.zero_grad()
+        for pair in pairs:
+            state = opt.state[pair.B]
+            new_A, new_B = expected[pair.name]
+            assert torch.allclose(pair.A.detach(), new_A, rtol=1e-8, atol=1e-12), (pair.name, t)
+            assert torch.allclose(pair.B.detach(), new_B, rtol=1e-8, atol=1e-12), (pair.name, t)
+            for key, value in zip(STATE_KEYS[mode], second[pair.name], strict=True):
+                assert torch.allclose(state[key], value, rtol=1e-8, atol=1e-14), (pair.name, t, key)
+            M = tangent_matrix(pair.A.detach(), pair.B.detach(), state["tangent_x"], state["tangent_y"])
+            projected = dense_projection(pair.A.detach(), pair.B.detach(), moments[pair.name])
+            assert torch.allclose(M, projected, rtol=1e-8, atol=1e-12), (pair.name, t)
+
+
+@pytest.mark.parametrize(("mode", "per_layer"), [("factored-sm3", 1), ("factored-nmf", NMF_RANK)])
+def test_new_second_moments_state_stays_within_the_bound(mode, per_layer):
+    """The first moment's (m + n) r numbers, and a second moment of (m + n) per_layer numbers,
+    within the (m + n)(r + 1) allowed beyond the first moment at every rank r >= 1."""
+    r = 1
+    model = make_model(r=r, width=32)
+    opt = lorapro.LoRAProAdamW(model, lr=1e-3, mode=mode)
+    train(model, opt, 2)
+    for pair in lorapro.find_lora_pairs(model):
+        (m, _), n = pair.B.shape, pair.A.shape[1]
+        assert opt.state[pair.A] == {}
+        state = {k: t.numel() for k, t in opt.state[pair.B].items() if k != "step"}
+        first = state.pop("tangent_x") + state.pop("tangent_y")
+        assert first == (m + n) * r
+        assert sum(state.values()) == (m + n) * per_layer <= (m + n) * (r + 1), pair.name

@@ -223,7 +223,8 @@ def test_unknown_keyword_option():
     [
         (
             {"mode": "fast"},
-            "unknown mode 'fast': use one of 'efficient', 'full', 'factored', 'factored-first-moment'",
+            "unknown mode 'fast': use one of 'efficient', 'full', 'factored', 'factored-first-moment', "
+            "'factored-sm3', 'factored-nmf'",
         ),
         ({"x_mode": "eig"}, "unknown x_mode 'eig': use one of 'sylvester', 'zero', 'symmetric'"),
         ({"nonfinite": "ignore"}, "unknown nonfinite policy 'ignore': use one of 'raise', 'skip'"),

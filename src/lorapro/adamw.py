@@ -15,15 +15,22 @@ from ._storage import ShardedStorage
 from ._validation import check_choice, check_number
 from .closed_form import XMode, compute_dtype
 from .errors import LoRAProConfigError
-from .factored import factored_directions, reproject_moments
+from .factored import factored_directions, reproject_moments, second_moment_shapes
 from .full_mode import equivalent_gradient_directions, factor_updates
 from .functional import AdamMoments, adamw_update, fused_kernel_applies
 
 __all__ = ["MODES", "LoRAProAdamW"]
 
-MODES = ("efficient", "full", "factored", "factored-first-moment")
+MODES = ("efficient", "full", "factored", "factored-first-moment", "factored-sm3", "factored-nmf")
 #: Modes that run Adam on the equivalent gradient (Algorithm 3), with full fine-tuning's weight decay.
-EQUIVALENT_GRADIENT_MODES = ("full", "factored", "factored-first-moment")
+EQUIVALENT_GRADIENT_MODES = ("full", "factored", "factored-first-moment", "factored-sm3", "factored-nmf")
+#: The factored modes' second moments (:data:`lorapro.factored.SECOND_MOMENTS`).
+FACTORED_SECOND_MOMENT = {
+    "factored": "adafactor",
+    "factored-first-moment": "dense",
+    "factored-sm3": "sm3",
+    "factored-nmf": "nmf",
+}
 
 
 def _check_full_mode_decay(lr: float, weight_decay: float) -> None:
@@ -58,12 +65,16 @@ class LoRAProAdamW(LoRAProOptimizer):
     numbers per layer instead of 2 m n (:mod:`lorapro.factored`). Weight decay and learning rate
     as in full mode. ``mode="factored-first-moment"`` factors only the first moment and keeps
     full mode's m x n second moment: a diagnostic variant, to tell which factorisation costs
-    quality.
+    quality. ``mode="factored-sm3"`` and ``mode="factored-nmf"`` (experimental) keep factored
+    mode's first moment with another second moment in O(m + n) numbers per layer: SM3's row and
+    column cover (m + n), or a rank-2 non-negative factorisation (2 (m + n)); both form m x n
+    temporaries inside the step, as full mode does.
 
     Args:
         model: the model holding PEFT LoRA layers (pairs are found by module).
         lr: learning rate. betas, eps, weight_decay: as ``torch.optim.AdamW``.
-        mode: ``"efficient"``, ``"full"``, ``"factored"`` or ``"factored-first-moment"``.
+        mode: ``"efficient"``, ``"full"``, ``"factored"``, ``"factored-first-moment"``,
+            ``"factored-sm3"`` or ``"factored-nmf"``.
         x_mode: ``"sylvester"`` (Theorem 2.3), ``"zero"`` or ``"symmetric"`` (Eq. 16).
         nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose gradients hold NaN/Inf;
             either way nothing is modified.
@@ -144,9 +155,7 @@ class LoRAProAdamW(LoRAProOptimizer):
                 shape = (m, n) if pair.experts == 1 else (pair.experts, m, n)
                 return {"equiv_exp_avg": shape, "equiv_exp_avg_sq": shape}
             shapes = {"tangent_x": (r, n), "tangent_y": (m, r)}
-            if group["mode"] == "factored":
-                return {**shapes, "row_sq_mean": (m,), "col_sq_mean": (n,)}
-            return {**shapes, "equiv_exp_avg_sq": (m, n)}
+            return {**shapes, **second_moment_shapes(FACTORED_SECOND_MOMENT[group["mode"]], m, n)}
         return {"exp_avg": tuple(param.shape), "exp_avg_sq": tuple(param.shape)}
 
     @staticmethod
@@ -241,8 +250,8 @@ class LoRAProAdamW(LoRAProOptimizer):
                 directions = equivalent_gradient_directions(work.pairs, solved, self._layer_state, moments)
                 self._update_factors(group, directions)
             else:
-                dense = group["mode"] == "factored-first-moment"
-                directions = factored_directions(work.pairs, solved, self._layer_state, moments, dense)
+                estimator = FACTORED_SECOND_MOMENT[group["mode"]]
+                directions = factored_directions(work.pairs, solved, self._layer_state, moments, estimator)
                 self._update_factors(group, directions, reproject=True)
         self._adamw(group, work.params, work.grads)
 

@@ -13,6 +13,20 @@ and ``D A^T`` (m x r). Both moments can then be kept in O((m + n) r) numbers:
   rank-one estimate ``v_ij ~ row_i col_j / mean``), computed from the factors without forming
   an m x n matrix (:func:`low_rank_square_sums`).
 
+Two experimental second moments keep O(m + n) numbers per layer too but form the m x n squared
+gradient and Adam direction inside the step (as full mode does), for O(m n r) work:
+
+- **SM3's cover** (:func:`sm3_estimate`): a row and a column accumulator, the estimate
+  ``v_ij = beta2 min(row_i, col_j) + (1 - beta2) g_ij^2`` and the accumulators its row and column
+  maxima. By induction it is never below Adam's exponential average of ``g^2``, so it can only
+  shorten Adam's step; it is exact on every matrix ``min(a_i, b_j)`` (constants included). m + n
+  numbers.
+- **A rank-k non-negative factorisation** (:func:`nmf_fit`, k = :data:`NMF_RANK`): the history
+  ``L R^T`` (L: m x k, R: n x k) is refitted each step to ``beta2 L R^T + (1 - beta2) g^2`` by
+  multiplicative updates for the I-divergence, warm-started from the last factors. Adafactor's
+  estimate is this fit at k = 1 (one sweep reaches it), so k > 1 is its strict generalisation.
+  The step itself uses the target, whose newest term is exact. (m + n) k numbers.
+
 The direction ``D = diag(a) M diag(b)`` is again a sum of two rank-r products, so ``B^T D`` and
 ``D A^T`` cost O((m + n) r^2) (:func:`scaled_tangent_products`). The math is per layer, in the
 caller's dtype (float32 at least for the optimizer), with the factors as matrices;
@@ -41,14 +55,29 @@ from .functional import (
 )
 
 __all__ = [
+    "NMF_RANK",
+    "NMF_SWEEPS",
+    "SECOND_MOMENTS",
     "adafactor_scales",
     "factored_directions",
     "low_rank_square_sums",
+    "nmf_fit",
     "project_tangent",
     "reproject_moments",
     "scaled_tangent_products",
+    "second_moment_shapes",
+    "sm3_estimate",
     "tangent_matrix",
 ]
+
+#: The second-moment estimators of :func:`factored_directions`.
+SECOND_MOMENTS = ("adafactor", "dense", "sm3", "nmf")
+#: Components of the non-negative factorisation: 2 doubles Adafactor's state and stays within
+#: the (m + n)(r + 1) numbers per layer of factored mode for every rank r >= 1.
+NMF_RANK = 2
+#: Multiplicative-update sweeps per step. Warm-started, the fit goes on improving over the steps;
+#: the second sweep brings the row sums close to the target's as well as the column sums.
+NMF_SWEEPS = 2
 
 
 def tangent_matrix(A: Tensor, B: Tensor, X: Tensor, Y: Tensor) -> Tensor:
@@ -119,6 +148,67 @@ def adafactor_scales(row_mean: Tensor, col_mean: Tensor, eps: float) -> tuple[Te
     return a, b
 
 
+def sm3_estimate(row: Tensor, col: Tensor, grad_sq: Tensor, beta2: float) -> tuple[Tensor, Tensor, Tensor]:
+    """SM3's second moment with Adam's average: returns ``(v, new_row, new_col)``.
+
+    ``v_ij = beta2 min(row_i, col_j) + (1 - beta2) grad_sq_ij`` (m x n), ``new_row = max_j v_ij``,
+    ``new_col = max_i v_ij``. If ``min(row_i, col_j)`` bounds the previous exponential average
+    from above, so does ``v`` the new one: the estimate never undershoots Adam's (a row or
+    column that has only seen zeros stays exactly 0, which gives Adam's ``1 / eps``).
+    """
+    v = torch.minimum(row[:, None], col[None, :]).mul_(beta2).add_(grad_sq, alpha=1.0 - beta2)
+    return v, v.amax(dim=1), v.amax(dim=0)
+
+
+def _safe_ratio(target: Tensor, estimate: Tensor) -> Tensor:
+    """``target / estimate``, 0 where the estimate is 0 (there the target is 0 too, see
+    :func:`nmf_fit`, or underflowed: no information either way)."""
+    return torch.where(estimate > 0, target / estimate.clamp_min(torch.finfo(estimate.dtype).tiny), 0.0)
+
+
+def _ramp(size: int, k: int, like: Tensor) -> Tensor:
+    """(size, k) weights: component c weighs index i by 2 if i = c (mod k), else by 1."""
+    index = torch.arange(size, device=like.device)[:, None] % k
+    return 1.0 + (index == torch.arange(k, device=like.device)).to(like.dtype)
+
+
+def nmf_fit(L: Tensor, R: Tensor, target: Tensor, sweeps: int = NMF_SWEEPS) -> tuple[Tensor, Tensor]:
+    """Refit ``L R^T`` (L: m x k, R: n x k, non-negative) to a non-negative m x n ``target`` by
+    ``sweeps`` multiplicative updates for the I-divergence (Lee and Seung), starting from L, R.
+
+    Multiplicative updates cannot revive a zero, so a row of L (of R) that is all zero first gets
+    a positive start from the target's own row (column) sums, Adafactor's rank-one solution,
+    split over the k components with unequal weights (equal ones would stay equal forever). A
+    row whose target is zero stays zero. After that, ``target_ij > 0`` implies
+    ``(L R^T)_ij > 0`` (barring underflow), and nothing divides by zero: with zero factors (the
+    first step, B = 0) the result is finite. With k = 1, one sweep gives ``row_i col_j / total``
+    from any start. Each R update makes the fit's column sums equal the target's. Returns new
+    tensors.
+    """
+    if sweeps < 1:
+        raise ValueError(f"nmf_fit needs sweeps >= 1, got {sweeps}")
+    (m, k), n = L.shape, R.shape[0]
+    tiny = torch.finfo(target.dtype).tiny
+    rows, cols = target.sum(dim=1), target.sum(dim=0)
+    scale = rows.sum().clamp_min(tiny).rsqrt()
+    L = torch.where((L.sum(dim=1) > 0)[:, None], L, (rows * scale)[:, None] * _ramp(m, k, L))
+    R = torch.where((R.sum(dim=1) > 0)[:, None], R, (cols * scale)[:, None] * _ramp(n, k, R))
+    for _ in range(sweeps):
+        L = L * (_safe_ratio(target, L @ R.mT) @ R) / R.sum(dim=0).clamp_min(tiny)
+        R = R * (_safe_ratio(target, L @ R.mT).mT @ L) / L.sum(dim=0).clamp_min(tiny)
+    return L, R
+
+
+def second_moment_shapes(estimator: str, m: int, n: int) -> dict[str, tuple[int, ...]]:
+    """The state tensors (name: shape) of a layer's second moment, by estimator."""
+    return {
+        "adafactor": {"row_sq_mean": (m,), "col_sq_mean": (n,)},
+        "dense": {"equiv_exp_avg_sq": (m, n)},
+        "sm3": {"sm3_row": (m,), "sm3_col": (n,)},
+        "nmf": {"nmf_row": (m, NMF_RANK), "nmf_col": (n, NMF_RANK)},
+    }[estimator]
+
+
 def scaled_tangent_products(
     A: Tensor, B: Tensor, X: Tensor, Y: Tensor, row_scale: Tensor, col_scale: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -138,12 +228,15 @@ def factored_directions(
     solved: Solved,
     state_of: Callable[[PairWork], dict[str, Any]],
     moments: AdamMoments,
-    dense_second_moment: bool,
+    second_moment: str = "adafactor",
 ) -> list[PairWork]:
     """Full mode's :func:`~lorapro.full_mode.equivalent_gradient_directions` with factored moments:
-    advance each layer's tangent-space first moment and row/column second moment (or, with
-    ``dense_second_moment``, full mode's m x n one: the diagnostic variant) and return, per layer, a
-    work whose gradients are LoRA's gradients of the Adam direction D (``s B^T D``, ``s D A^T``)."""
+    advance each layer's tangent-space first moment and its ``second_moment`` estimate (one of
+    :data:`SECOND_MOMENTS`: Adafactor's row and column means; ``"dense"``, full mode's m x n one,
+    the diagnostic variant; SM3's cover; the rank-k factorisation) and return, per layer, a work
+    whose gradients are LoRA's gradients of the Adam direction D (``s B^T D``, ``s D A^T``)."""
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"unknown second moment {second_moment!r}; use one of {SECOND_MOMENTS}")
     beta1, beta2, eps = moments
     directions: list[PairWork] = []
     for w in works:
@@ -155,11 +248,8 @@ def factored_directions(
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["tangent_x"] = torch.zeros((r, n), dtype=w.A.dtype, device=w.A.device)
             state["tangent_y"] = torch.zeros((m, r), dtype=w.A.dtype, device=w.A.device)
-            if dense_second_moment:
-                state["equiv_exp_avg_sq"] = torch.zeros((m, n), dtype=w.A.dtype, device=w.A.device)
-            else:
-                state["row_sq_mean"] = torch.zeros(m, dtype=w.A.dtype, device=w.A.device)
-                state["col_sq_mean"] = torch.zeros(n, dtype=w.A.dtype, device=w.A.device)
+            for key, shape in second_moment_shapes(second_moment, m, n).items():
+                state[key] = torch.zeros(shape, dtype=w.A.dtype, device=w.A.device)
         step = state["step"]
         step += 1
         bc1, bc2 = bias_corrections(step, beta1, beta2)
@@ -168,15 +258,7 @@ def factored_directions(
         # of the current factors, where the first moment lives, so its update is exact.
         update_first_moment_(X, s * adjusted_A, beta1)
         update_first_moment_(Y, s * adjusted_B, beta1)
-        if dense_second_moment:
-            g = equivalent_gradient(w.A, w.B, adjusted_A, adjusted_B, s)
-            exp_avg_sq = state["equiv_exp_avg_sq"]
-            update_second_moment_(exp_avg_sq, g, beta2)
-            denom = adam_denominator(exp_avg_sq, bc2, eps)
-            direction = tangent_matrix(w.A, w.B, X, Y).div_(denom).div_(bc1)
-            del g, denom
-            bt_d, d_at = w.B.mT @ direction, direction @ w.A.mT
-        else:
+        if second_moment == "adafactor":
             L = torch.cat([w.B, adjusted_B], dim=1)  # g = L R^T
             R = torch.cat([adjusted_A.mT, w.A.mT], dim=1).mul_(s)
             rows, cols = low_rank_square_sums(L, R)
@@ -184,6 +266,27 @@ def factored_directions(
             state["col_sq_mean"].mul_(beta2).add_(cols, alpha=(1.0 - beta2) / m)
             a, b = adafactor_scales(state["row_sq_mean"] / bc2, state["col_sq_mean"] / bc2, eps)
             bt_d, d_at = scaled_tangent_products(w.A, w.B, X, Y, a.div_(bc1), b)
+        else:
+            # The other estimators form the m x n squared gradient, as full mode does.
+            g = equivalent_gradient(w.A, w.B, adjusted_A, adjusted_B, s)
+            if second_moment == "dense":
+                exp_avg_sq = state["equiv_exp_avg_sq"]
+                update_second_moment_(exp_avg_sq, g, beta2)
+            elif second_moment == "sm3":
+                exp_avg_sq, row, col = sm3_estimate(state["sm3_row"], state["sm3_col"], g.square_(), beta2)
+                state["sm3_row"].copy_(row)
+                state["sm3_col"].copy_(col)
+            else:
+                Lv, Rv = state["nmf_row"], state["nmf_col"]
+                # This step's square enters exactly; only the history is compressed.
+                exp_avg_sq = torch.addmm(g.square_(), Lv, Rv.mT, beta=1.0 - beta2, alpha=beta2)
+                new_L, new_R = nmf_fit(Lv, Rv, exp_avg_sq)
+                Lv.copy_(new_L)
+                Rv.copy_(new_R)
+            denom = adam_denominator(exp_avg_sq, bc2, eps)
+            direction = tangent_matrix(w.A, w.B, X, Y).div_(denom).div_(bc1)
+            del g, denom
+            bt_d, d_at = w.B.mT @ direction, direction @ w.A.mT
         directions.append(dataclasses.replace(w, grad_A=s * bt_d, grad_B=s * d_at))
     return directions
 

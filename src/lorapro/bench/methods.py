@@ -399,6 +399,20 @@ for _spec in (
         diagnosable=True,
     ),
     MethodSpec(
+        "lorapro-factored-sm3",
+        _lorapro("factored-sm3", "sylvester"),
+        "LoRAProAdamW, factored first moment and SM3's row/column second moment (experimental)",
+        5e-5,
+        diagnosable=True,
+    ),
+    MethodSpec(
+        "lorapro-factored-nmf",
+        _lorapro("factored-nmf", "sylvester"),
+        "LoRAProAdamW, factored first moment and a rank-2 non-negative second moment (experimental)",
+        5e-5,
+        diagnosable=True,
+    ),
+    MethodSpec(
         "riemannian",
         _riemannian,
         "PEFT's Riemannian (scaled GD) preconditioner on AdamW",
