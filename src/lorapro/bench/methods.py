@@ -343,8 +343,10 @@ def _lorapro_damped(damping: float) -> Builder:
 
 #: The damping values the bench offers, one method each (a run's hash covers its method's name,
 #: so every other method's stored runs keep their hashes): from damping the first steps only
-#: (B tiny after PEFT's B = 0 init) to damping throughout training. docs/results.md measures them.
-LORAPRO_DAMPINGS = (1e-3, 1e-2, 1e-1)
+#: (B tiny after PEFT's B = 0 init) to damping throughout training, and 1, one step beyond the
+#: grid's top for where its best value sat there (the bench's edge rule for rates). docs/results.md
+#: measures them.
+LORAPRO_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0)
 
 # Default single-run rates follow the trial runs in the field notes: methods that take an
 # Adam-normalised step on the whole weight (full fine-tuning, LoRA-Pro full mode) want
