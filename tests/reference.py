@@ -174,3 +174,22 @@ def full_mode_first_step(
     D = g_eq / (np.abs(g_eq) + eps)
     uA, uB = theorem_grads(A, B, s * B.T @ D, s * D @ A.T, s, "sylvester")
     return A - lr * uA, B - lr * uB
+
+
+def ridge_grads(
+    A: np.ndarray, B: np.ndarray, gA_lora: np.ndarray, gB_lora: np.ndarray, s: float, lam: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Minimiser of ||s B gA + s gB A - g||_F^2 + lam (||gA||_F^2 + ||gB||_F^2), by a dense solve of its
+    normal equations (M^T M + lam I) x = M^T vec(g) = [vec(gA_lora); vec(gB_lora)] (M of kron_system),
+    so g is needed only through LoRA's gradients. lam = 0 falls back to the minimum-norm solution
+    (an SVD least-squares solve of the singular normal equations)."""
+    r, n = A.shape
+    m = B.shape[0]
+    system = kron_system(A, B, s)
+    normal = system.T @ system + lam * np.eye(system.shape[1])
+    rhs = np.concatenate([gA_lora.reshape(-1), gB_lora.reshape(-1)])
+    if lam > 0:
+        sol = np.linalg.solve(normal, rhs)
+    else:
+        sol = scipy.linalg.lstsq(normal, rhs, lapack_driver="gelss")[0]
+    return sol[: r * n].reshape(r, n), sol[r * n :].reshape(m, r)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,10 @@ def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 class LoRAProOptimizer(Optimizer):
     """Base class: finds the model's LoRA pairs and runs the collect / solve / apply step."""
+
+    #: Options added after a release, with the value that a state dict saved without them meant:
+    #: such a state dict still loads, and its groups get that value.
+    _added_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -137,6 +141,7 @@ class LoRAProOptimizer(Optimizer):
             for pair in pairs:
                 pair_work = self._pair_work(pair)
                 if pair_work is not None:
+                    pair_work.damping = self._damping_of(group)
                     work.pairs.append(pair_work)
             for p in group["params"]:
                 if p.grad is None or id(p) in lora_ids:
@@ -183,6 +188,11 @@ class LoRAProOptimizer(Optimizer):
         if precise is None and solved.needs_float64_terms():
             solved = solve_pairs(pair_works, x_mode_of, self._sharding.reduce_terms, precise=True)
         return solved
+
+    def _damping_of(self, group: dict[str, Any]) -> float:
+        """The closed form's damping for the group's layers (:func:`lorapro.closed_form.factor_basis`):
+        none unless a subclass has the option."""
+        return 0.0
 
     def _x_mode_of(self, works: list[GroupWork]) -> Callable[[PairWork], str]:
         """The X each layer is solved with: its group's (subclasses may choose per mode)."""
@@ -302,7 +312,7 @@ class LoRAProOptimizer(Optimizer):
             # parameters themselves (fused=True's dtype and device) run on load too.
             params = [id_to_param[i] for i in saved_group["params"]]
             merged = {**self.defaults, **saved_group, "params": params}
-            missing = [k for k in self._option_keys if k not in saved_group]
+            missing = [k for k in self._option_keys if k not in saved_group and k not in self._added_options]
             if missing:
                 raise LoRAProConfigError(
                     f"the state dict's param groups lack {missing}: it was saved by another optimizer "
@@ -326,6 +336,9 @@ class LoRAProOptimizer(Optimizer):
                     "saved from the same model with the same optimizer mode."
                 )
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self._added_options.items():
+                group.setdefault(key, value)
         # torch.optim casts floating state to the parameter dtype; restore the saved dtypes.
         for saved_id, entry in saved_state.items():
             param = id_to_param[saved_id]

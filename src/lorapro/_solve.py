@@ -72,6 +72,8 @@ class PairWork:
     # Theorem 2.1's one-factor optimum, and the frozen one's adjusted gradient is zero.
     train_A: bool = True
     train_B: bool = True
+    # The ridge damping of the closed form (closed_form.factor_basis; 0: Theorem 2.1 itself).
+    damping: float = 0.0
     adjusted_A: Tensor | None = None
     adjusted_B: Tensor | None = None
 
@@ -113,7 +115,7 @@ def solve_pairs(
 ) -> Solved:
     """The r x r half of Theorem 2.1 for many layers at once.
 
-    Layers of equal rank, dtype, device and x_mode form a bucket that shares one batched
+    Layers of equal rank, dtype, device, x_mode and damping form a bucket that shares one batched
     solve (:func:`~lorapro.closed_form.solve_coefficients`), whatever their shapes and
     scalings: the four terms of each layer (:func:`~lorapro.closed_form.layer_terms`), then one
     batched ``eigh`` and the r x r algebra for the whole bucket. Nothing of size m or n is
@@ -130,16 +132,17 @@ def solve_pairs(
     """
     buckets: dict[tuple, list[PairWork]] = defaultdict(list)
     for w in works:
-        buckets[(w.A.shape[-2], w.A.dtype, w.A.device, x_mode_of(w))].append(w)
+        buckets[(w.A.shape[-2], w.A.dtype, w.A.device, x_mode_of(w), w.damping)].append(w)
     solved = Solved()
-    for (r, dtype, _device, x_mode), bucket in buckets.items():
+    for (r, dtype, _device, x_mode, damping), bucket in buckets.items():
         terms, counts = layer_terms([(w.A, w.B, w.grad_A, w.grad_B) for w in bucket], precise=precise)
         if reduce_terms is not None:
             terms = reduce_terms(terms)
         if not precise and dtype != SOLVE_DTYPE:
             solved.out_of_range.append(gram_out_of_range(terms[:, :2]))
         coefs = torch.stack(
-            solve_coefficients(*terms.unbind(1), x_mode=x_mode, rtol=default_rtol(r, dtype)), dim=1
+            solve_coefficients(*terms.unbind(1), x_mode=x_mode, rtol=default_rtol(r, dtype), damping=damping),
+            dim=1,
         )
         fold_scaling(coefs, [w.scaling for w, k in zip(bucket, counts, strict=True) for _ in range(k)])
         _drop_frozen(coefs, bucket, counts)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,23 @@ def _check_full_mode_decay(lr: float, weight_decay: float) -> None:
         raise LoRAProConfigError(
             f"full mode needs lr * weight_decay < 1 (sqrt(1 - lr*wd) scales A and B), got "
             f"lr={lr}, weight_decay={weight_decay}; lower one of them"
+        )
+
+
+def _check_damping(group: dict[str, Any]) -> None:
+    group["damping"] = check_number("damping", group.get("damping", 0.0))
+    if group["damping"] == 0.0:
+        return
+    if group["mode"] != "efficient":
+        raise LoRAProConfigError(
+            f"damping={group['damping']:g} applies to mode='efficient' only, got mode={group['mode']!r} "
+            "(its moments see the equivalent gradient, which the damping would change); use "
+            "mode='efficient' or damping=0"
+        )
+    if group["x_mode"] != "sylvester":
+        raise LoRAProConfigError(
+            f"damping={group['damping']:g} defines X itself (its damping -> 0 limit is Sylvester's X), so "
+            f"it cannot go with x_mode={group['x_mode']!r}; use x_mode='sylvester' or damping=0"
         )
 
 
@@ -87,10 +104,17 @@ class LoRAProAdamW(LoRAProOptimizer):
             uses it.
         params: parameters or param groups (default: every trainable parameter of ``model``).
             Both factors of a LoRA pair must be in the same group.
+        damping: efficient mode with ``x_mode="sylvester"`` only: 0 (default) adjusts by
+            Theorem 2.1; ``rho > 0`` by the ridge-regularised problem of
+            :func:`lorapro.closed_form.factor_basis` (``(B^T B + mu I)^-1`` in place of the
+            pseudo-inverse, mu = rho times the mean of the Gram matrices' eigenvalues, and X to
+            match); large rho tends to plain LoRA's gradients up to a scale. Experimental.
 
     Parameters that are not LoRA factors (heads, ``modules_to_save``, biases) get plain AdamW.
     Moments are float32 for bf16/fp16 parameters.
     """
+
+    _added_options: ClassVar[dict[str, Any]] = {"damping": 0.0}
 
     def __init__(
         self,
@@ -106,10 +130,11 @@ class LoRAProAdamW(LoRAProOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+        damping: float = 0.0,
     ) -> None:
         defaults = {
             "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-            "mode": mode, "x_mode": x_mode, "foreach": foreach, "fused": fused,
+            "mode": mode, "x_mode": x_mode, "foreach": foreach, "fused": fused, "damping": damping,
         }  # fmt: skip
         super().__init__(model, params, defaults, nonfinite)
 
@@ -144,6 +169,7 @@ class LoRAProAdamW(LoRAProOptimizer):
                     )
         if group["mode"] in EQUIVALENT_GRADIENT_MODES:
             _check_full_mode_decay(group["lr"], group["weight_decay"])
+        _check_damping(group)
 
     def _expected_state_shapes(self, group, param):
         if group["mode"] in EQUIVALENT_GRADIENT_MODES and id(param) in self._ownership.lora_ids:
@@ -186,6 +212,9 @@ class LoRAProAdamW(LoRAProOptimizer):
             weight_decay=group["weight_decay"], foreach=self._use_foreach(group, params),
             fused=self._use_fused(group),
         )  # fmt: skip
+
+    def _damping_of(self, group: dict[str, Any]) -> float:
+        return group["damping"]
 
     def _x_mode_of(self, works: list[GroupWork]) -> Callable[[PairWork], str]:
         # Full mode only needs the equivalent gradient here, which X does not change: take the

@@ -29,6 +29,7 @@ power of two is exact, so in the usual range this changes no bit of the result.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
@@ -55,8 +56,10 @@ __all__ = [
     "apply_coefficients",
     "b_coefficient",
     "b_weights",
+    "check_damping",
     "check_x_mode",
     "compute_dtype",
+    "damping_scale",
     "equivalent_gradient",
     "factor_basis",
     "fold_scaling",
@@ -83,6 +86,32 @@ def check_x_mode(x_mode: str) -> None:
     options with :func:`lorapro._validation.check_choice` first, and say the same)."""
     if x_mode not in X_MODES:
         raise ValueError(f"unknown x_mode {x_mode!r}: use one of {', '.join(X_MODES)}")
+
+
+def check_damping(damping: float, x_mode: str = "sylvester") -> float:
+    """``damping`` as a float, or ``ValueError``: it must be finite and >= 0, and a positive one
+    needs ``x_mode="sylvester"`` (the damped problem has one minimiser, which fixes X itself)."""
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+        raise ValueError(f"damping must be a real number, got {damping!r} ({type(damping).__name__})")
+    damping = float(damping)
+    if not (math.isfinite(damping) and damping >= 0.0):
+        raise ValueError(f"damping must be finite and >= 0 (0 turns it off), got {damping!r}")
+    if damping > 0.0 and x_mode != "sylvester":
+        raise ValueError(
+            f"damping={damping:g} defines X itself (the damped problem has a single minimiser, whose "
+            f"damping -> 0 limit is Sylvester's X), so it cannot go with x_mode={x_mode!r}; use "
+            "x_mode='sylvester' or damping=0"
+        )
+    return damping
+
+
+def damping_scale(btb: Tensor, aat: Tensor) -> Tensor:
+    """``(tr(B^T B) + tr(A A^T)) / r`` (batched, shape (...,)): the mean over (i, j) of ``l_i + q_j``,
+    the eigenvalues of the damped problem's normal operator on the r x r block at s = 1 (see
+    :func:`factor_basis`). ``damping`` is relative to it, so one value means the same whatever the
+    factors' scale (A, B -> c A, c B), the scaling s, or the gradients' size."""
+    r = btb.shape[-1]
+    return (btb.diagonal(dim1=-2, dim2=-1).sum(-1) + aat.diagonal(dim1=-2, dim2=-1).sum(-1)) / r
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -216,13 +245,19 @@ class FactorBasis(NamedTuple):
 
     u: Tensor  # (..., r, r) eigenvectors of B^T B (columns)
     v: Tensor  # (..., r, r) eigenvectors of A A^T
-    pinv_b: Tensor  # (B^T B)^+
-    pinv_a: Tensor  # (A A^T)^+
+    pinv_b: Tensor  # (B^T B)^+, or (B^T B + mu I)^-1 when damped
+    pinv_a: Tensor  # (A A^T)^+, or (A A^T + mu I)^-1 when damped
     x_weights: Tensor  # X = U ((U^T R V) * x_weights) V^T for R = grad_A A^T
     proj_weights: Tensor  # (B^T B)^+ S (A A^T)^+ = U ((U^T S V) * proj_weights) V^T (l+_i q+_j)
 
 
-def factor_basis(btb: Tensor, aat: Tensor, x_mode: XMode | str = "sylvester", rtol: float | None = None):
+def factor_basis(
+    btb: Tensor,
+    aat: Tensor,
+    x_mode: XMode | str = "sylvester",
+    rtol: float | None = None,
+    damping: float = 0.0,
+) -> FactorBasis:
     """:class:`FactorBasis` from the Gram matrices ``B^T B`` and ``A A^T`` (batched): two ``eigh``.
 
     X of Theorem 2.1 for the chosen ``x_mode``, written for the Sylvester right-hand side
@@ -236,10 +271,41 @@ def factor_basis(btb: Tensor, aat: Tensor, x_mode: XMode | str = "sylvester", rt
       i.e. ``X~_ij = C~_ij q_j^+ / 2``; it balances ``B g^A`` against ``g^B A`` inside
       span(B) x rowspace(A).
     - ``"zero"``: X = 0.
+
+    ``damping = rho > 0`` (``"sylvester"`` only) solves the ridge-regularised problem instead::
+
+        min ||s (B gA + gB A) - G||_F^2 + lambda (||gA||_F^2 + ||gB||_F^2),
+        lambda = rho * s^2 * (tr(B^T B) + tr(A A^T)) / r          (see :func:`damping_scale`)
+
+    whose normal equations read ``(L* L + lambda) (gA, gB) = (grad_A, grad_B)`` for LoRA's own
+    gradients, so G is not needed. Its rho -> 0+ limit is the minimum-norm least-squares pair, i.e.
+    today's Sylvester answer; as rho grows the pair tends to ``(grad_A, grad_B) / lambda``, LoRA's
+    gradients up to a positive scale. With ``mu = lambda / s^2``, the pieces become
+    ``(B^T B + mu I)^-1`` and ``(A A^T + mu I)^-1`` in place of the pseudo-inverses, and in the
+    eigenbases ``X~_ij = -R~_ij / ((l_i + mu)(l_i + q_j + mu))`` and B's coefficient
+    ``-S~_ij / ((q_j + mu)(l_i + q_j + mu))`` (``S = B^T grad_B``): every coefficient still carries
+    1/s^2, so the solve stays at s = 1. Why relative to ``l_i + q_j``: those are the eigenvalues of
+    ``L* L`` on the r x r block (at s = 1), so rho is a fraction of their mean, a number without
+    units; right after PEFT's B = 0 initialisation it is set by A's scale, which is what keeps
+    ``(B^T B + mu I)^-1`` from blowing up while B is tiny. Eigenvalues below the cut-off still
+    count as zero (the right-hand side has no component there), so rho -> 0 is today's answer.
+    The written formulas are the ridge minimiser when ``R = S`` (LoRA's gradients of any loss);
+    otherwise X is taken from R, as Theorem 2.3 writes it, and at rho = 0 this is today's answer
+    for any inputs.
     """
     check_x_mode(x_mode)
+    damping = check_damping(damping, x_mode)
     # One batched eigh for both Gram matrices of every layer (half the calls of two).
     both = gram_eigen(torch.stack((btb, aat)), rtol)
+    mu = None
+    if damping:
+        mu = damping * damping_scale(btb, aat)  # (...,): one shift per problem, for both Gram matrices
+        # 1/(value + mu) where the value survived the cut, 0 where it did not; NaN (a non-finite
+        # Gram matrix, see gram_eigen) stays NaN.
+        shifted = both.values + mu[None, ..., None]
+        damped = torch.where(both.values > 0, 1.0 / torch.where(both.values > 0, shifted, 1.0), 0.0)
+        damped = torch.where(torch.isnan(both.inverse_values), both.inverse_values, damped)
+        both = GramEigen(both.values, both.vectors, damped)
     eig_b, eig_a = (GramEigen(*parts) for parts in zip(*(t.unbind(0) for t in both), strict=True))
     l, q = eig_b.values, eig_a.values
     l_inv, q_inv = eig_b.inverse_values, eig_a.inverse_values
@@ -249,7 +315,15 @@ def factor_basis(btb: Tensor, aat: Tensor, x_mode: XMode | str = "sylvester", rt
         # side is zero in exact arithmetic (it carries a factor l_i^+ and A^T v_j), and the
         # truncated problem's solution is zero there too.
         keep = (l > 0)[..., :, None] & (q > 0)[..., None, :]
-        denom = torch.where(keep, l[..., :, None] + q[..., None, :], torch.ones_like(proj))
+        total = l[..., :, None] + q[..., None, :]
+        if mu is not None:
+            total = total + mu[..., None, None]
+            # B's coefficient is -(proj + x_weights) (b_weights); this makes it the ridge
+            # minimiser's -1/((q + mu)(l + q + mu)). At mu = 0 the factor is 1 and proj is l+ q+.
+            proj = proj * torch.where(
+                keep, (total + mu[..., None, None]) / torch.where(keep, total, 1.0), 0.0
+            )
+        denom = torch.where(keep, total, torch.ones_like(proj))
         x_weights = torch.where(keep, -l_inv[..., :, None] / denom, torch.zeros_like(proj))
     elif x_mode == "symmetric":
         x_weights = -0.5 * proj
@@ -317,9 +391,9 @@ class Coefficients(NamedTuple):
     serves layers of any scaling: the scale is applied when the coefficients are used.
     """
 
-    grad_a_coef: Tensor  # (B^T B)^+
+    grad_a_coef: Tensor  # (B^T B)^+ ((B^T B + mu I)^-1 when damped)
     a_coef: Tensor  # X
-    grad_b_coef: Tensor  # (A A^T)^+
+    grad_b_coef: Tensor  # (A A^T)^+ ((A A^T + mu I)^-1 when damped)
     b_coef: Tensor  # -((B^T B)^+ B^T grad_B (A A^T)^+ + X)
 
 
@@ -495,13 +569,14 @@ def solve_coefficients(
     grad_a_at: Tensor,
     x_mode: XMode | str = "sylvester",
     rtol: float | None = None,
+    damping: float = 0.0,
 ) -> Coefficients:
     """All the r x r work of Theorem 2.1 at s = 1: :func:`factor_basis`, X and B's coefficient.
 
     Batched over any leading dimensions. X's right-hand side is ``grad_A A^T``, as Theorem 2.3
-    writes it.
+    writes it. ``damping`` > 0 solves the ridge-regularised problem (see :func:`factor_basis`).
     """
-    basis = factor_basis(btb, aat, x_mode, rtol)
+    basis = factor_basis(btb, aat, x_mode, rtol, damping)
     x = x_matrix(basis, grad_a_at)
     return Coefficients(basis.pinv_b, x, basis.pinv_a, b_coefficient(basis, bt_grad_b, grad_a_at))
 
@@ -583,6 +658,7 @@ def optimal_gradients(
     scaling: float | Tensor,
     x_mode: XMode | str = "sylvester",
     rtol: float | None = None,
+    damping: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Theorem 2.1: the factor gradients whose equivalent gradient is closest to the full one.
 
@@ -596,6 +672,12 @@ def optimal_gradients(
             ``None`` uses :func:`default_rtol` of the factors' precision (float32 for float32,
             bf16 and fp16 factors): the cut-off reflects what the factors can resolve, not the
             float64 of the solve.
+        damping: 0 (default) for Theorem 2.1's answer; ``rho > 0`` (with ``x_mode="sylvester"``)
+            for the minimiser of the ridge-regularised problem
+            ``||s (B gA + gB A) - G||^2 + lambda (||gA||^2 + ||gB||^2)`` with
+            ``lambda = rho * s^2 * (tr(B^T B) + tr(A A^T)) / r``: the pseudo-inverses become
+            ``(B^T B + mu I)^-1``, ``(A A^T + mu I)^-1`` (``mu = lambda / s^2``) and X changes
+            with them (:func:`factor_basis`).
 
     Returns:
         ``(grad_A, grad_B)`` adjusted, in the dtype of ``A`` and ``B``::
@@ -608,12 +690,14 @@ def optimal_gradients(
     can hold give a finite answer.
     """
     check_x_mode(x_mode)
+    damping = check_damping(damping, x_mode)
     _check_shapes(A, B, grad_A, grad_B, scaling)
     out_dtype = A.dtype
     if rtol is None:
         rtol = default_rtol(A.shape[-2], compute_dtype(torch.promote_types(A.dtype, B.dtype)))
     # Everything in float64 (see the module docstring: the factors' scale), then rounded once.
     A, B, grad_A, grad_B = (t.to(SOLVE_DTYPE) for t in (A, B, grad_A, grad_B))
-    coefficients = solve_coefficients(*gram_terms(A, B, grad_A, grad_B), x_mode=x_mode, rtol=rtol)
+    terms = gram_terms(A, B, grad_A, grad_B)
+    coefficients = solve_coefficients(*terms, x_mode=x_mode, rtol=rtol, damping=damping)
     new_grad_A, new_grad_B = apply_coefficients(A, B, grad_A, grad_B, coefficients, scaling)
     return new_grad_A.to(out_dtype), new_grad_B.to(out_dtype)

@@ -326,6 +326,28 @@ def _lorapro(mode: str, x_mode: str, **lora_options: Any) -> Builder:
     return build
 
 
+def _lorapro_damped(damping: float) -> Builder:
+    """Efficient mode with the closed form's ridge damping (``LoRAProAdamW(damping=...)``)."""
+
+    def build(model: nn.Module, ctx: BuildContext) -> Built:
+        from lorapro import LoRAProAdamW
+
+        wrapped = ctx.wrap(model, ctx.lora_config(model))
+        opt = LoRAProAdamW(
+            wrapped, lr=ctx.cfg.lr, betas=(0.9, 0.999), weight_decay=ctx.cfg.weight_decay, damping=damping
+        )
+        return Built(wrapped, opt)
+
+    return build
+
+
+#: The damping values the bench offers, one method each (a run's hash covers its method's name,
+#: so every other method's stored runs keep their hashes): from damping the first steps only
+#: (B tiny after PEFT's B = 0 init) to damping throughout training, and 1, one step beyond the
+#: grid's top for where its best value sat there (the bench's edge rule for rates). docs/results.md
+#: measures them.
+LORAPRO_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0)
+
 # Default single-run rates follow the trial runs in the field notes: methods that take an
 # Adam-normalised step on the whole weight (full fine-tuning, LoRA-Pro full mode) want
 # ~5e-5; methods that normalise A and B separately want ~5e-4 or more.
@@ -438,3 +460,26 @@ for _spec in (
     ),
 ):
     register_method(_spec)
+
+for _damping in LORAPRO_DAMPINGS:
+    register_method(
+        MethodSpec(
+            f"lorapro-damped-{_damping:g}",
+            _lorapro_damped(_damping),
+            f"LoRAProAdamW efficient mode, ridge-damped closed form (damping {_damping:g})",
+            5e-4,
+            diagnosable=True,
+        )
+    )
+# Damping 0 is `lorapro` itself under another name: stored `lorapro` runs keep their hashes (and
+# the library code they ran with), so this one reruns efficient mode with today's code, as the
+# control for the damped methods.
+register_method(
+    MethodSpec(
+        "lorapro-damped-0",
+        _lorapro_damped(0.0),
+        "LoRAProAdamW efficient mode, damping 0 (= lorapro; the control of the damped methods)",
+        5e-4,
+        diagnosable=True,
+    )
+)
