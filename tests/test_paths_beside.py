@@ -290,6 +290,26 @@ def test_penalty_with_an_optimizer_outside_torch_optim_is_refused_at_the_next_ba
     assert_attached_grads(plain, expected(plain, raw))
 
 
+def test_a_refused_backward_leaves_no_stale_cache_behind():
+    """A hand-written update through .data (no version counter moves) after a backward with a penalty:
+    the next backward is refused before it adjusts anything. Run again without the penalty, the
+    gradients are Theorem 2.1 for the factors as they are now: the refused pass validated nothing."""
+    model = lora_net()
+    lorapro.attach(model)
+    loss_of(model, penalty=1e-2).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.data.add_(p.grad, alpha=-0.1)
+    zero_grad(model)
+    with pytest.raises(LoRAProConfigError, match=r"weight_decay.*this backward pass"):
+        loss_of(model, seed=1).backward()
+    zero_grad(model)
+    want = expected(model, raw_gradients(model, seed=2))
+    loss_of(model, seed=2).backward()
+    assert_attached_grads(model, want)
+
+
 def test_penalty_on_the_factors_with_x_zero_or_an_optimizer_is_lora_pro():
     """X = 0 needs no right-hand side, so attach is exact; the optimizers see both gradients."""
     model = lora_net()

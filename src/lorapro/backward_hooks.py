@@ -266,6 +266,12 @@ class _Entry:
     rhs_b: Tensor | None = None
 
 
+def _unmoved(e: _Entry) -> bool:
+    """Has the entry a cache, and have its factors' version counters stayed where they were when
+    it was built? (False where there are no counters.)"""
+    return e.grams is not None and e.versions is not None and _versions(e.pair) == e.versions
+
+
 def _versions(pair: LoRAPair) -> tuple[int, int] | None:
     """The factors' version counters (None for inference tensors, which have none)."""
     try:
@@ -292,6 +298,10 @@ class LoRAProHandle:
         self._hook_generation = 0  # changes when a parameter is hooked or unhooked (_factors_stepped)
         self._tracker = PairTracker(model)
         self._validated = False  # caches checked against the factors since the last forward/backward
+        # Per group of layers of equal shapes: its entries and the Gram products every one of their
+        # caches was last validated against (see _changed); and those of the validation under way.
+        self._products_seen: dict[tuple, tuple[tuple[int, ...], Tensor]] = {}
+        self._products_pending: dict[tuple, tuple[tuple[int, ...], Tensor]] = {}
         self._autocast: torch.dtype | None = None  # autocast dtype of the last forward pass
         self._warned_precision = False
         self.seconds = 0.0
@@ -546,6 +556,7 @@ class LoRAProHandle:
         if in_backward:  # the next backward pass checks again, whichever forward preceded it
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         entries = [e for e in self._entries.values() if e.active]
+        self._products_pending = {}
         with _plain_mode(entries[0].pair.A.device if entries else torch.device("cpu")):
             stale = self._changed(entries)
             if any(e.rhs_a is not None for e in stale):
@@ -554,6 +565,8 @@ class LoRAProHandle:
                 self._check_rhs(before="this backward pass (the factors moved since the last check)")
             if stale:
                 self._rebuild(stale)
+        # Only now does every cache of these groups match the products (not if a check raised).
+        self._products_seen.update(self._products_pending)
 
     def _end_of_backward(self) -> None:
         self._validated = False
@@ -562,7 +575,10 @@ class LoRAProHandle:
         """The entries whose Gram matrices differ from those their cache was built from, or that
         have no cache (each entry's current ones left in ``entry.fresh``), in one host sync. The
         Gram matrices are formed in the factors' dtype (float32 products are several times cheaper
-        on the CPU); :meth:`_rebuild` forms them again in float64 where float32 cannot hold them."""
+        on the CPU); :meth:`_rebuild` forms them again in float64 where float32 cannot hold them.
+        A group of layers whose products equal, bit for bit, those all its caches were last
+        validated against (:meth:`_validate` records them), with no version counter moved, needs
+        nothing more: one comparison for the group."""
         groups: dict[tuple, list[_Entry]] = defaultdict(list)
         for e in entries:
             if e.tracked:
@@ -583,7 +599,20 @@ class LoRAProHandle:
                         continue
                     e.fresh = torch.stack((e.captured_btb, e.captured_aat))[None]
             else:
-                grams = self._group_grams(group, precise=False)
+                products = self._group_products(group, precise=False)
+                members = tuple(id(e) for e in group)
+                seen = self._products_seen.get(key)
+                if (
+                    seen is not None
+                    and seen[0] == members
+                    and all(_unmoved(e) for e in group)
+                    and torch.equal(seen[1], products)
+                ):
+                    # Every cache of the group was validated against these very products and no
+                    # counter moved: the usual case at the micro-batches after a step's first.
+                    continue
+                self._products_pending[key] = (members, products)
+                grams = self._as_grams(products, len(group))
                 for e, g in zip(group, grams.unbind(0), strict=True):
                     e.fresh = g
             # An in-place write through autograd's view of a factor (any optimizer's step) bumps its
@@ -592,7 +621,7 @@ class LoRAProHandle:
             with_cache, moved = [], []
             for e in group:
                 if e.fresh is not None:
-                    if e.grams is None or (e.versions is not None and _versions(e.pair) != e.versions):
+                    if e.grams is None or (e.versions is not None and not _unmoved(e)):
                         moved.append(e)
                     else:
                         with_cache.append(e)
@@ -610,8 +639,8 @@ class LoRAProHandle:
     def _form_precisely_out_of_range(self, entries: list[_Entry]) -> None:
         """Form again in float64 the Gram matrices that float32 cannot hold (factors at scales
         like 1e+-20; one host sync, for the entries about to be rebuilt). Their cache is then
-        keyed on float64 Gram matrices, which the float32 ones of the next validation never
-        equal: such a layer is rebuilt at every backward pass (rare, and exact)."""
+        keyed on float64 Gram matrices, which the float32 ones of a later validation never equal:
+        such a layer is rebuilt whenever its group's products change (rare, and exact)."""
         candidates = [e for e in entries if not e.tracked and e.pair.A.dtype != SOLVE_DTYPE]
         if not candidates:
             return
@@ -625,11 +654,12 @@ class LoRAProHandle:
                 e.fresh = self._group_grams([e], precise=True)[0]
 
     @staticmethod
-    def _group_grams(group: list[_Entry], precise: bool) -> Tensor:
-        """``B^T B`` and ``A A^T`` of a group of layers of equal shapes: (layers, problems, 2, r, r)
-        in float64, formed in float64 only if ``precise``. One small product per factor, not one
-        batched product for the group: a batched matmul of small matrices opens a parallel region,
-        which costs milliseconds on a busy CPU where the per-layer products cost microseconds."""
+    def _group_products(group: list[_Entry], precise: bool) -> Tensor:
+        """``B^T B`` and ``A A^T`` of a group of layers of equal shapes, stacked as they come:
+        (2 layers, [experts,] r, r) in the factors' dtype, or float64 if ``precise``. One small
+        product per factor, not one batched product for the group: a batched matmul of small
+        matrices opens a parallel region, which costs milliseconds on a busy CPU where the
+        per-layer products cost microseconds."""
         products: list[Tensor] = []
         for e in group:
             A, B = e.pair.matrix_A(), e.pair.matrix_B()
@@ -639,9 +669,17 @@ class LoRAProHandle:
                 products += [torch.mm(B.mT, B), torch.mm(A, A.mT)]
             else:
                 products += [B.mT @ B, A @ A.mT]
-        grams = torch.stack(products).to(SOLVE_DTYPE)  # (2 L, [E,] r, r)
-        r = grams.shape[-1]
-        return grams.reshape(len(group), 2, -1, r, r).transpose(1, 2)
+        return torch.stack(products)
+
+    @staticmethod
+    def _as_grams(products: Tensor, layers: int) -> Tensor:
+        """:meth:`_group_products` as (layers, problems, 2, r, r) float64 Gram matrices."""
+        r = products.shape[-1]
+        return products.to(SOLVE_DTYPE).reshape(layers, 2, -1, r, r).transpose(1, 2)
+
+    @classmethod
+    def _group_grams(cls, group: list[_Entry], precise: bool) -> Tensor:
+        return cls._as_grams(cls._group_products(group, precise), len(group))
 
     def _rebuild(self, entries: list[_Entry]) -> None:
         self._form_precisely_out_of_range(entries)
