@@ -260,6 +260,28 @@ def test_penalty_in_one_accumulated_micro_batch_is_refused_at_the_step():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_many_micro_batches_keep_the_penalty_visible_and_the_memory_bounded():
+    """More backward passes between two steps than attach keeps right-hand sides for: the ones kept are
+    folded into their sum, so memory stays bounded and a penalty in the first pass is still seen at the
+    step; without the penalty the step goes through."""
+    from lorapro.backward_hooks import RHS_KEPT
+
+    passes = 2 * RHS_KEPT + 3
+    for penalty in (1e-2, 0.0):
+        model = lora_net()
+        handle = lorapro.attach(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for micro_batch in range(passes):
+            loss_of(model, seed=micro_batch, penalty=penalty if micro_batch == 0 else 0.0).backward()
+        kept = [len(t) for e in handle._entries.values() for t in (e.rhs_a, e.rhs_b)]
+        assert 0 < max(kept) <= RHS_KEPT
+        if penalty:
+            with pytest.raises(LoRAProConfigError, match="weight_decay"):
+                opt.step()
+        else:
+            opt.step()
+
+
 def test_penalty_with_an_optimizer_outside_torch_optim_is_refused_at_the_next_backward():
     """A hand-written update (no torch.optim step, so no step pre-hook): the penalty is refused at the
     first backward pass after the factors moved, before that pass adjusts any gradient. Without the

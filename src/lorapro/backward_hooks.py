@@ -216,6 +216,9 @@ VEC_OPERATOR_MAX_RANK = 16
 #: gives about 1 there (it dominates the small right-hand sides early in training).
 RHS_MISMATCH_LIMITS = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
+#: Right-hand sides kept per factor between two checks before they are folded into their sum.
+RHS_KEPT = 32
+
 
 @dataclass(eq=False)
 class _Cached:
@@ -258,12 +261,14 @@ class _Entry:
     captured_aat: Tensor | None = None
     hooked_b: int | None = None  # FSDP2: id of the unsharded copy hooked
     hooked_a: int | None = None
-    # The right-hand sides (R = grad_A A^T, S = B^T grad_B) summed over the backward passes since
-    # the last check, for the check that they agree (see the module docstring). The factors are
-    # the same in all of them (a change triggers the check), so the sums are those of the
-    # accumulated gradients the optimizer steps with.
-    rhs_a: Tensor | None = None
-    rhs_b: Tensor | None = None
+    # The right-hand sides (R = grad_A A^T, S = B^T grad_B) of the backward passes since the last
+    # check, whose sums the check compares (see the module docstring). The factors are the same in
+    # all of them (a change triggers the check), so the sums are those of the accumulated
+    # gradients the optimizer steps with. Kept as lists that the check sums in one batched
+    # reduction (an add per layer and micro-batch, paid cold in backward, costs more), folded
+    # into their sum past RHS_KEPT entries so that memory stays bounded without optimizer steps.
+    rhs_a: list[Tensor] = field(default_factory=list)
+    rhs_b: list[Tensor] = field(default_factory=list)
 
 
 def _unmoved(e: _Entry) -> bool:
@@ -559,7 +564,7 @@ class LoRAProHandle:
         self._products_pending = {}
         with _plain_mode(entries[0].pair.A.device if entries else torch.device("cpu")):
             stale = self._changed(entries)
-            if any(e.rhs_a is not None for e in stale):
+            if any(e.rhs_a for e in stale):
                 # The factors moved since these gradients were taken, with no torch.optim step
                 # (whose pre-hook checks and clears them): an optimizer of another kind stepped.
                 self._check_rhs(before="this backward pass (the factors moved since the last check)")
@@ -762,11 +767,11 @@ class LoRAProHandle:
         """Compare ``grad_A A^T`` with ``B^T grad_B``, summed over the backward passes since the
         last check, for every layer (batched, one host sync), then forget them. See the module
         docstring."""
-        by_rank: dict[int, list[tuple[_Entry, Tensor, Tensor]]] = defaultdict(list)
+        by_rank: dict[int, list[tuple[_Entry, list[Tensor], list[Tensor]]]] = defaultdict(list)
         for e in self._entries.values():
-            if e.rhs_a is not None and e.rhs_b is not None:
-                by_rank[e.rhs_a.shape[-1]].append((e, e.rhs_a, e.rhs_b))
-            e.rhs_a = e.rhs_b = None
+            if e.rhs_a and e.rhs_b:
+                by_rank[e.rhs_a[0].shape[-1]].append((e, e.rhs_a, e.rhs_b))
+            e.rhs_a, e.rhs_b = [], []
         if not by_rank:
             return
         # Per problem (layer, or MoE expert): the squared Frobenius norms of R - S, R and S, in
@@ -775,14 +780,20 @@ class LoRAProHandle:
         squares: list[Tensor] = []
         order: list[_Entry] = []  # the entry of each problem
         for r, group in by_rank.items():
-            if all(a.dim() == 2 for _, a, _ in group):  # one problem per layer
-                RS = torch.stack([t for _, a, b in group for t in (a, b)])
-            else:  # MoE experts: (experts, r, r) per layer
-                pairs = [(a.reshape(-1, r, r), b.reshape(-1, r, r)) for _, a, b in group]
-                RS = torch.cat([torch.stack(ab, dim=1) for ab in pairs])
-            RS = RS.view(-1, 2, r * r).to(SOLVE_DTYPE)  # (problems, 2, r^2): R and S side by side
+            k = len(group[0][1])  # backward passes since the last check
+            if all(a[0].dim() == 2 and len(a) == len(b) == k for _, a, b in group):  # one problem per layer
+                # (layers, 2, k, r^2), summed over the k backward passes
+                RS = torch.stack([t for _, a, b in group for t in (*a, *b)]).view(len(group), 2, k, r * r)
+                RS = RS.to(SOLVE_DTYPE).sum(2) if k > 1 else RS.view(-1, 2, r * r).to(SOLVE_DTYPE)
+            else:  # MoE experts ((experts, r, r) per layer), or lists of unequal lengths
+                sums = [
+                    [(t[0] if len(t) == 1 else torch.stack(t).sum(0)).reshape(-1, r, r) for t in (a, b)]
+                    for _, a, b in group
+                ]
+                RS = torch.cat([torch.stack(ab, dim=1) for ab in sums]).view(-1, 2, r * r).to(SOLVE_DTYPE)
+            # RS: (problems, 2, r^2), R and S side by side
             squares.append(torch.cat((RS[:, :1] - RS[:, 1:], RS), dim=1).square_().sum(-1))
-            order += [e for e, a, _ in group for _ in range(a.numel() // (r * r))]
+            order += [e for e, a, _ in group for _ in range(a[0].numel() // (r * r))]
         ratio, entry = 0.0, order[0]
         for e, (diff, r_sq, s_sq) in zip(order, torch.cat(squares).tolist(), strict=True):  # one host sync
             # (non-finite: GradScaler's overflow steps, no verdict)
@@ -904,11 +915,11 @@ class LoRAProHandle:
                 with _plain_mode(grad.device):
                     out, rhs = adjust(cached, matrix(grad), matrix(factor), both)
                     out = param_of(out)
-            if rhs is not None:  # summed over micro-batches for the check of the two right-hand sides
-                if is_A:
-                    entry.rhs_a = rhs if entry.rhs_a is None else entry.rhs_a.add_(rhs)
-                else:
-                    entry.rhs_b = rhs if entry.rhs_b is None else entry.rhs_b.add_(rhs)
+            if rhs is not None:  # for the check of the two right-hand sides, summed there
+                kept = entry.rhs_a if is_A else entry.rhs_b
+                kept.append(rhs)
+                if len(kept) > RHS_KEPT:
+                    kept[:] = [torch.stack(kept).sum(0)]
             if scaling != cached.scaling:  # set_scale since the cache was made: every term goes with 1/s^2
                 out.mul_((cached.scaling / scaling) ** 2)
             if out.dtype != grad.dtype:
