@@ -651,6 +651,28 @@ def test_forward_through_the_base_model_after_set_adapter_follows_the_adapter():
     assert_attached_grads(model, want, adapter="other")
 
 
+def assert_refused_at_the_step_then_synced(model, handle, opt, layer, x, adapter="default", *, match):
+    """A LoRA layer called directly trains factors no hook sits on: optimizer.step() refuses, before
+    changing anything; after handle.sync() the same batch gives Theorem 2.1's gradients."""
+    layer(x).square().sum().backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(LoRAProConfigError, match=match):
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    opt.zero_grad()
+    raw_layer = copy.deepcopy(layer)  # a copy is never attached: LoRA's own gradients
+    raw_layer(x).square().sum().backward()
+    raw_A, raw_B = (p.grad for p in factors(raw_layer, adapter))
+    handle.sync()
+    A, B = factors(layer, adapter)
+    layer(x).square().sum().backward()
+    want = theorem_grads(
+        np64(A), np64(B), np64(raw_A), np64(raw_B), float(layer.scaling[adapter]), "sylvester"
+    )
+    assert_close(A.grad, want[0], 1e-9)
+    assert_close(B.grad, want[1], 1e-9)
+
+
 def test_adapter_added_after_attach_and_used_only_through_a_layer_is_refused_at_the_step():
     """An adapter added after attach, made active, and trained through something other than the attached
     model (here a LoRA layer called directly): its factors were never hooked, so attach cannot adjust them;
@@ -665,23 +687,7 @@ def test_adapter_added_after_attach_and_used_only_through_a_layer_is_refused_at_
     layer = lora_layers(model)["base_model.model.hidden"]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x = torch.randn(4, 8, dtype=torch.float64)
-    layer(x).square().sum().backward()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(LoRAProConfigError, match=r"handle\.sync\(\)"):
-        opt.step()
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    opt.zero_grad()
-    raw_layer = copy.deepcopy(layer)  # a copy is never attached: LoRA's own gradients
-    raw_layer(x).square().sum().backward()
-    raw_A, raw_B = (p.grad for p in factors(raw_layer, "late"))
-    handle.sync()
-    A, B = factors(layer, "late")
-    layer(x).square().sum().backward()
-    want = theorem_grads(
-        np64(A), np64(B), np64(raw_A), np64(raw_B), float(layer.scaling["late"]), "sylvester"
-    )
-    assert_close(A.grad, want[0], 1e-9)
-    assert_close(B.grad, want[1], 1e-9)
+    assert_refused_at_the_step_then_synced(model, handle, opt, layer, x, "late", match=r"handle\.sync\(\)")
 
 
 def test_factor_frozen_at_attach_and_unfrozen_later_is_hooked_then():
@@ -721,7 +727,7 @@ def test_factor_unfrozen_and_trained_only_through_a_layer_is_refused_at_the_step
     anything; after handle.sync() both gradients are Theorem 2.1's."""
     model = lora_net()
     layer = lora_layers(model)["base_model.model.hidden"]
-    A, B = factors(layer)
+    A = factors(layer)[0]
     A.requires_grad_(False)
     handle = lorapro.attach(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # holds the frozen A too
@@ -730,19 +736,5 @@ def test_factor_unfrozen_and_trained_only_through_a_layer_is_refused_at_the_step
     opt.zero_grad()
     A.requires_grad_(True)
     x = torch.randn(4, 8, dtype=A.dtype)
-    layer(x).square().sum().backward()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(LoRAProConfigError, match=r"never hooked.*handle\.sync\(\)"):
-        opt.step()
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    opt.zero_grad()
-    raw_layer = copy.deepcopy(layer)  # a copy is never attached: LoRA's own gradients
-    raw_layer(x).square().sum().backward()
-    raw_A, raw_B = factors(raw_layer)
-    handle.sync()
-    layer(x).square().sum().backward()
-    want = theorem_grads(
-        np64(A), np64(B), np64(raw_A.grad), np64(raw_B.grad), float(layer.scaling["default"]), "sylvester"
-    )
-    assert_close(A.grad, want[0], 1e-9)
-    assert_close(B.grad, want[1], 1e-9)
+    refusal = r"never hooked.*handle\.sync\(\)"
+    assert_refused_at_the_step_then_synced(model, handle, opt, layer, x, match=refusal)
