@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from bench_tiny import TinyTask
-from lorapro.bench.methods import LORAPLUS_LR_RATIO, METHODS, BuildContext, get_method
+from lorapro.bench.methods import LORAPLUS_LR_RATIO, METHODS, BuildContext, MethodUnavailableError, get_method
 from lorapro.bench.tasks import TaskOptions
 from lorapro.bench.train import TrainConfig, train_and_evaluate
 
@@ -106,6 +108,26 @@ def test_preconditioner_baselines_come_from_their_libraries(prepared):
     assert type(_build("lorafa", prepared).optimizer).__name__ == "LoraFAOptimizer"
     rite = _build("lorarite", prepared).optimizer
     assert [type(o).__name__ for o in rite.children] == ["LoRARite", "AdamW"]
+
+
+class _ConvAndLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.lin = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("targets", [["conv"], ["conv", "lin"]], ids=["conv-only", "conv-and-linear"])
+@pytest.mark.parametrize("name", ["riemannian", "lorarite"])
+def test_linear_only_preconditioners_are_unavailable_on_conv_lora_layers(prepared, name, targets):
+    """PEFT's Riemannian preconditioner finds Linear LoRA pairs only: on conv-only LoRA it raised
+    a ValueError that stopped the whole benchmark, and beside Linear layers it would have trained
+    the conv pairs with plain AdamW under its name. Both are reported as unavailable."""
+    conv_task = dataclasses.replace(
+        prepared, load_model=_ConvAndLinear, lora_targets=lambda model: targets, peft_task_type=None
+    )
+    with pytest.raises(MethodUnavailableError, match="Linear LoRA layers only"):
+        _build(name, conv_task)
 
 
 def test_lorafa_keeps_a_at_its_initialisation_and_trains_b(prepared):

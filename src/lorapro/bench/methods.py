@@ -223,12 +223,26 @@ def _adalora(model: nn.Module, ctx: BuildContext) -> Built:
     return Built(wrapped, ctx.adamw(_trainable(wrapped)), after_step)
 
 
+def _linear_lora_only(wrapped: nn.Module, method: str) -> None:
+    """Refuse a model with LoRA pairs other than Linear ones, for a method that handles only those:
+    it would fail there, or train those pairs as plain LoRA under its own name."""
+    from lorapro import find_lora_pairs
+
+    others = [f"{pair.name} ({pair.kind})" for pair in find_lora_pairs(wrapped) if pair.kind != "linear"]
+    if others:
+        raise MethodUnavailableError(
+            f"this benchmark runs {method} on Linear LoRA layers only; {len(others)} LoRA layer(s) are "
+            f"not Linear, first {others[0]}"
+        )
+
+
 def _riemannian(model: nn.Module, ctx: BuildContext) -> Built:
     """PEFT's scaled-gradient (Riemannian) preconditioner on AdamW: ``(B^T B + reg I)^-1 grad_A``
     and ``grad_B (A A^T + reg I)^-1``, LoRA-Pro's nearest cousin; PEFT's default ``reg``."""
     from peft.optimizers import create_riemannian_optimizer
 
     wrapped = ctx.wrap(model, ctx.lora_config(model))
+    _linear_lora_only(wrapped, "PEFT's Riemannian preconditioner")  # PEFT finds Linear pairs only
     opt = create_riemannian_optimizer(
         wrapped, torch.optim.AdamW, lr=ctx.cfg.lr, betas=(0.9, 0.999), weight_decay=ctx.cfg.weight_decay
     )
@@ -294,9 +308,8 @@ def _lorarite(model: nn.Module, ctx: BuildContext) -> Built:
     from lorapro import find_lora_pairs
 
     wrapped = ctx.wrap(model, ctx.lora_config(model))
+    _linear_lora_only(wrapped, "LoRA-RITE")
     pairs = find_lora_pairs(wrapped)
-    if any(pair.A.dim() != 2 for pair in pairs):
-        raise MethodUnavailableError("this benchmark runs LoRA-RITE on Linear LoRA layers only")
     # LoRA-RITE reads a group's parameters two by two: lora_A (rank on dim 0), then its lora_B
     # (rank on dim -1), which are its default lora_l_dim / lora_r_dim.
     factors = [p for pair in pairs for p in (pair.A, pair.B)]
