@@ -55,15 +55,18 @@ def budget(folder: Path, methods: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"task": summary["task"], "folder": str(folder), "steps": steps_per_run(folder)}
     out["metric"] = summary["report_metric"]
     if lora is None or full_mode is None:
-        out.update(gain=None, verdict=None, shares={m: None for m in methods}, means={})
+        out.update(gain=None, verdict=None, shares={m: None for m in methods}, means={}, missing={})
         return out
     higher = summary.get("report_metric_higher_is_better", True)
     gain = (full_mode["test_mean"] - lora["test_mean"]) * (1 if higher else -1)  # > 0: full mode is better
     verdict = _verdict(summary, FULL_MODE, REFERENCE)
-    out.update(gain=gain, verdict=verdict, means={})
+    out.update(gain=gain, verdict=verdict, means={}, missing={})
     shares: dict[str, float | None] = {}
     for m in methods:
         row = _row(summary, m)
+        if row is None:
+            unavailable = any(r["method"] == m and r.get("unavailable") for r in summary["methods"])
+            out["missing"][m] = "unavailable" if unavailable else "not run"
         out["means"][m] = (
             None if row is None else (row["test_mean"], len(row["test_values"]), row["chosen_lr"])
         )
@@ -108,7 +111,7 @@ def markdown(budgets: list[dict[str, Any]], methods: list[str]) -> str:
             share = b["shares"].get(m)
             mean = b["means"].get(m)
             if mean is None:
-                cells.append("not run")
+                cells.append(b["missing"].get(m, "not run"))
             elif share is None:
                 cells.append(f"undefined ({mean[0]:.3f})")
             else:
@@ -136,7 +139,7 @@ def draw(budgets: list[dict[str, Any]], methods: list[str], path: Path) -> None:
             for x, m in zip(xs, methods, strict=True):
                 share = b["shares"].get(m)
                 if b["means"].get(m) is None or share is None or not math.isfinite(share):
-                    why = "not run" if b["means"].get(m) is None else "undefined"
+                    why = b["missing"].get(m, "not run") if b["means"].get(m) is None else "undefined"
                     ax.text(x, 0.02, why, rotation=90, ha="center", va="bottom", fontsize=7)
                     continue
                 values.append(share)

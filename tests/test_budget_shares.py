@@ -27,6 +27,7 @@ def _folder(root: Path, name: str, steps: int, means: dict[str, float], full_mod
     rows = [
         {"method": m, "test_values": [v, v, v], "test_mean": v, "chosen_lr": 1e-3} for m, v in means.items()
     ]
+    rows.append({"method": "riemannian", "test_values": [], "unavailable": "Linear LoRA layers only"})
     gain = means["lorapro-full"] - means["lora"]
     verdict = {
         "method": "lorapro-full",
@@ -49,7 +50,8 @@ def _folder(root: Path, name: str, steps: int, means: dict[str, float], full_mod
 def test_shares_are_the_fraction_of_full_modes_gain_over_lora(shares, tmp_path):
     means = {"lora": 0.80, "lorapro-full": 0.90, "lorapro": 0.85, "full": 0.92, "lorapro-factored": 0.78}
     b = shares.budget(
-        _folder(tmp_path, "short", 64, means, "better"), ["full", "lorapro", "lorapro-factored", "x"]
+        _folder(tmp_path, "short", 64, means, "better"),
+        ["full", "lorapro", "lorapro-factored", "x", "riemannian"],
     )
     assert b["steps"] == 64
     assert b["gain"] == pytest.approx(0.10)
@@ -61,6 +63,7 @@ def test_shares_are_the_fraction_of_full_modes_gain_over_lora(shares, tmp_path):
     table = shares.markdown([b], ["full", "lorapro", "lorapro-factored", "x"])
     assert "| toy | 64 | +10 points" in table
     assert "50% (0.850, n=3" in table and "-20% (0.780" in table and "not run" in table
+    assert "unavailable" in shares.markdown([b], ["riemannian"])
 
 
 def test_no_share_where_full_mode_does_not_beat_lora_and_a_noisy_gain_is_flagged(shares, tmp_path):
