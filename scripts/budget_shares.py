@@ -125,6 +125,7 @@ def draw(budgets: list[dict[str, Any]], methods: list[str], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     tasks = list(dict.fromkeys(b["task"] for b in budgets))
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 6), dpi=120, squeeze=False)
@@ -132,10 +133,14 @@ def draw(budgets: list[dict[str, Any]], methods: list[str], path: Path) -> None:
         mine = sorted((b for b in budgets if b["task"] == task), key=lambda b: b["steps"] or 0)
         width = 0.8 / max(1, len(mine))
         values: list[float] = [0.0, 1.0]
+        legend: list[Any] = []
         for j, b in enumerate(mine):
             state = _state(b)
             xs = [i + (j - (len(mine) - 1) / 2) * width for i in range(len(methods))]
-            label = f"{b['steps']} steps: full mode {_gain_text(b)}"
+            hatch = "//" if state != "resolved" else None
+            # one legend entry per budget, drawn or not: it says what the budget's gain was
+            legend.append(Patch(facecolor=f"C{j}", hatch=hatch, edgecolor="black", linewidth=0.5,
+                                label=f"{b['steps']} steps: full mode {_gain_text(b)}"))  # fmt: skip
             for x, m in zip(xs, methods, strict=True):
                 share = b["shares"].get(m)
                 if b["means"].get(m) is None or share is None or not math.isfinite(share):
@@ -144,10 +149,9 @@ def draw(budgets: list[dict[str, Any]], methods: list[str], path: Path) -> None:
                     continue
                 values.append(share)
                 ax.bar(
-                    x, share, width=width * 0.95, color=f"C{j}", label=label,
-                    hatch="//" if state != "resolved" else None, edgecolor="black", linewidth=0.5,
+                    x, share, width=width * 0.95, color=f"C{j}", hatch=hatch, edgecolor="black",
+                    linewidth=0.5,
                 )  # fmt: skip
-                label = None  # one legend entry per budget
                 ax.text(
                     x,
                     share,
@@ -156,8 +160,6 @@ def draw(budgets: list[dict[str, Any]], methods: list[str], path: Path) -> None:
                     va="bottom" if share >= 0 else "top",
                     fontsize=8,
                 )
-            if label is not None:  # nothing drawn: still say what the budget's gain was
-                ax.bar([], [], color=f"C{j}", label=label)
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
         low, high = min(values), max(values)
@@ -169,8 +171,8 @@ def draw(budgets: list[dict[str, Any]], methods: list[str], path: Path) -> None:
         ax.set_ylabel("share of full mode's gain over LoRA\n(test mean; LoRA 0%, full mode 100%, dashed)")
         ax.set_title(task)
         ax.legend(
-            fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2),
-            title="hatched: full mode's gain over LoRA within noise", title_fontsize=7,
+            handles=legend, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+            title="hatched: full mode's gain over LoRA within noise or absent", title_fontsize=7,
         )  # fmt: skip
     fig.tight_layout()
     fig.savefig(path)
