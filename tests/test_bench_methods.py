@@ -114,15 +114,18 @@ class _ConvAndLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 1)
+        self.emb = nn.Embedding(10, 4)
         self.lin = nn.Linear(4, 2)
 
 
-@pytest.mark.parametrize("targets", [["conv"], ["conv", "lin"]], ids=["conv-only", "conv-and-linear"])
+@pytest.mark.parametrize(
+    "targets", [["conv"], ["conv", "lin"], ["emb", "lin"]], ids=["conv-only", "conv-and-linear", "embedding"]
+)
 @pytest.mark.parametrize("name", ["riemannian", "lorarite"])
 def test_linear_only_preconditioners_are_unavailable_on_conv_lora_layers(prepared, name, targets):
     """PEFT's Riemannian preconditioner finds Linear LoRA pairs only: on conv-only LoRA it raised
     a ValueError that stopped the whole benchmark, and beside Linear layers it would have trained
-    the conv pairs with plain AdamW under its name. Both are reported as unavailable."""
+    the conv (or embedding) pairs with plain AdamW under its name. All are reported as unavailable."""
     conv_task = dataclasses.replace(
         prepared, load_model=_ConvAndLinear, lora_targets=lambda model: targets, peft_task_type=None
     )
