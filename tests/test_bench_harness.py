@@ -313,6 +313,39 @@ def test_gap_closed():
     assert gap_closed(1.1, 1.0, 1.2, higher_is_better=False) is None
 
 
+def test_gap_closed_is_shown_only_where_the_verdict_resolves_full_fine_tunings_gain(tmp_path):
+    from dataclasses import replace
+
+    from lorapro.bench.report import gap_undefined, markdown_table, summarize
+    from lorapro.bench.verdict import comparisons
+
+    result = run_benchmark(_config(tmp_path), task=TinyTask(), progress=False, log=lambda _: None)
+    found = comparisons(result)
+    full = next(c for c in found if (c.method, c.reference) == ("full", "lora"))
+    assert full.verdict == "better"  # the tiny task resolves it: the ratios are shown
+    summary = summarize(result, found)
+    assert summary["gap_closed_undefined"] is None
+    assert summary["methods"][2]["gap_closed"] == pytest.approx(0.0)
+
+    # The same runs, with full fine-tuning's gain over LoRA within noise: no ratio anywhere.
+    unresolved = [replace(c, low=-0.02, high=0.2, verdict="within noise") if c is full else c for c in found]
+    summary = summarize(result, unresolved)
+    why = summary["gap_closed_undefined"]
+    assert why.startswith(
+        "the verdict does not find full fine-tuning better than LoRA on test accuracy (+0.109"
+    )
+    assert why.endswith("[-0.020, +0.200]: within noise)")
+    assert all(row["gap_closed"] is None for row in summary["methods"])
+    assert markdown_table(summary).splitlines()[-1].startswith("| lorapro | 0.001 (x10, edge) | 0.3906")
+    assert "| n/a |" in markdown_table(summary).splitlines()[-1]
+
+    assert gap_undefined([], "accuracy") == "full fine-tuning and LoRA did not both run"
+    on_loss = [{**full.to_dict(), "metric": "loss"}]
+    assert (
+        gap_undefined(on_loss, "exact_match") == "the verdict compares test loss, not the table's exact_match"
+    )
+
+
 def test_bench_diagnose_measures_the_lora_family_at_the_chosen_rates(tmp_path):
     from lorapro.bench.bench_cli import diagnose_benchmark, diagnose_steps
     from lorapro.bench.tasks.registry import TASKS, register_task
@@ -348,15 +381,32 @@ def test_combined_table_has_a_row_per_method_and_a_column_per_task(tmp_path, cap
         return {"method": method, "test_mean": mean, "test_std": 0.01, "test_values": [mean] * 3,
                 "chosen_lr": 1e-3, "gap_closed": gap, "unavailable": unavailable}  # fmt: skip
 
-    a = {"task": "mr", "report_metric": "accuracy",
+    def verdict(word):
+        return {"comparisons": [{"method": "full", "reference": "lora", "metric": "accuracy",
+                                 "difference": 0.1, "low": 0.05 if word == "better" else -0.05, "high": 0.15,
+                                 "verdict": word}]}  # fmt: skip
+
+    a = {"task": "mr", "report_metric": "accuracy", "verdict": verdict("better"),
          "methods": [row("full", 0.8), row("lora", 0.7), row("lorapro", 0.75, 0.5)]}  # fmt: skip
-    trec_rows = [row("lora", 0.9), row("lorapro", 0.8, -1.0), row("pissa", None, unavailable="no conv")]
-    b = {"task": "trec", "report_metric": "accuracy", "methods": trec_rows}
+    trec_rows = [row("full", 0.92), row("lora", 0.9), row("lorapro", 0.8, -5.0),
+                 row("pissa", None, unavailable="no conv")]  # fmt: skip
+    # trec's summary predates the rule: its row keeps a ratio over a gain the verdict did not
+    # resolve, which the mean leaves out.
+    b = {
+        "task": "trec",
+        "report_metric": "accuracy",
+        "verdict": verdict("within noise"),
+        "methods": trec_rows,
+    }
     table = combined_table([a, b]).splitlines()
     assert table[0] == "| method | mr (accuracy) | trec (accuracy) | mean gap closed |"
-    assert table[2].startswith("| full | 0.800 ± 0.010 (n=3, lr 0.001) | — |")
-    assert table[4].endswith("| -0.25 (2 tasks) |")
+    assert table[2].startswith("| full | 0.800 ± 0.010 (n=3, lr 0.001) | 0.920 ± 0.010")
+    assert table[4].endswith("| 0.50 (1 task) |")
     assert table[5] == "| pissa | — | not run | — |"
+    assert table[-1] == (
+        "The mean gap closed leaves out trec (accuracy): the verdict does not find full fine-tuning better "
+        "than LoRA on test accuracy (+0.100, 95% interval [-0.050, +0.150]: within noise)."
+    )
     for name, summary in (("mr", a), ("trec", b)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))

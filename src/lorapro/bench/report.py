@@ -4,7 +4,8 @@ The table follows the paper's layout (one row per method, the task's test metric
 mean +- std over seeds) and adds what a fair comparison needs next to it: the chosen
 learning rate and how finely it was located, the validation score of every grid point, and
 the share of the LoRA-to-full-fine-tuning gap each method closes, (method - LoRA) / (full -
-LoRA). The verdict follows it: each method's difference from LoRA (and full fine-tuning) on
+LoRA), where the verdict resolves that gap (a ratio over a difference within noise can take any
+value). The verdict follows it: each method's difference from LoRA (and full fine-tuning) on
 the selection metric with a 95% interval and one word, and what the verdict cannot tell.
 """
 
@@ -22,7 +23,7 @@ from .figures import smooth, write_figures
 from .grid import choice_rule, grid_plan, resolution, selection_rule
 from .outcomes import BenchResult
 from .records import examples_of
-from .stats import mean, spread, std
+from .stats import BETTER, mean, spread, std
 from .verdict import comparisons, verdict_warnings
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "combined_table",
     "describe_data",
     "gap_closed",
+    "gap_undefined",
     "load_summary",
     "markdown_table",
     "smooth",
@@ -54,6 +56,33 @@ def gap_closed(value: float, lora: float, full: float, higher_is_better: bool = 
     return (value - lora) / (full - lora)
 
 
+def gap_undefined(comparisons: Sequence[dict[str, Any]], metric: str) -> str | None:
+    """Why no method's gap closed is shown, or None when it is.
+
+    The ratio divides by full fine-tuning's gain over LoRA; where the verdict cannot tell that
+    gain from noise, the ratio can take any value (-17 for a method one point behind LoRA when
+    full is 0.1 points ahead), so it is shown only when the verdict on the same metric says
+    full fine-tuning is **better** than LoRA. ``comparisons``: the verdict's, as in
+    ``summary.json``; ``metric``: the table's (report) metric.
+    """
+    full = next((c for c in comparisons if c["method"] == "full" and c["reference"] == "lora"), None)
+    if full is None:
+        return "full fine-tuning and LoRA did not both run"
+    if full["metric"] != metric:
+        return f"the verdict compares test {full['metric']}, not the table's {metric}"
+    if full["verdict"] == BETTER:
+        return None
+    interval = (
+        "no interval"
+        if full["low"] is None
+        else f"95% interval [{_signed(full['low'], 3)}, {_signed(full['high'], 3)}]"
+    )
+    return (
+        f"the verdict does not find full fine-tuning better than LoRA on test {metric} "
+        f"({_signed(full['difference'], 3)}, {interval}: {full['verdict']})"
+    )
+
+
 def summarize(result: BenchResult, found: Sequence[Any] | None = None) -> dict[str, Any]:
     """Everything the reports show, as JSON-ready data (``summary.json``). ``found``: the
     verdict's comparisons when already computed (else they are computed here)."""
@@ -63,6 +92,7 @@ def summarize(result: BenchResult, found: Sequence[Any] | None = None) -> dict[s
     lora, full = means.get("lora", math.nan), means.get("full", math.nan)
     higher = result.task.report_metric.higher_is_better
     found = comparisons(result) if found is None else found
+    undefined = gap_undefined([c.to_dict() for c in found], metric)
     cfg = result.config
     methods = []
     for o in result.outcomes:
@@ -87,7 +117,7 @@ def summarize(result: BenchResult, found: Sequence[Any] | None = None) -> dict[s
             "selection_test_std": std(selected) if selected else None,
             "per_example_outcomes": bool(o.runs) and all(selection.name in examples_of(r) for r in o.runs),
             "seeds": [r.seed for r in o.runs],
-            "gap_closed": gap_closed(mean(values), lora, full, higher) if values else None,
+            "gap_closed": gap_closed(mean(values), lora, full, higher) if values and not undefined else None,
             "test_metrics_per_seed": [r.test for r in o.runs],
             "final_train_loss": [r.final_train_loss for r in o.runs],
             "train_seconds_mean": mean([r.train_seconds for r in o.runs]) if o.runs else None,
@@ -119,6 +149,7 @@ def summarize(result: BenchResult, found: Sequence[Any] | None = None) -> dict[s
         "runs_executed": result.runs_executed,
         "runs_reused": result.runs_reused,
         "methods": methods,
+        "gap_closed_undefined": undefined,
         "overlap": getattr(result, "overlap", {}),
         "verdict": {
             "metric": selection.name,
@@ -270,8 +301,9 @@ def _markdown(summary: dict[str, Any], figures: Sequence[Path]) -> str:
         f"{cfg['seeds']} seed(s) and is scored on the test split. {summary['grid_plan']} "
         "Resolution (next to the chosen rate): the largest ratio between the chosen rate and a tried "
         "neighbour (edge: not bracketed on one side). "
-        "Gap closed = (method - LoRA) / (full - LoRA) on the test mean; n/a when full fine-tuning "
-        "does not beat LoRA (there is no gap to close).",
+        "Gap closed = (method - LoRA) / (full - LoRA) on the test mean, shown where the verdict "
+        "below finds full fine-tuning better than LoRA"
+        + (f"; n/a here: {summary['gap_closed_undefined']}." if summary.get("gap_closed_undefined") else "."),
         "",
         markdown_table(summary),
         "",
@@ -368,13 +400,19 @@ def combined_table(summaries: Sequence[dict[str, Any]]) -> str:
     over seeds; a single seed has no ±).
 
     Each cell also gives the chosen learning rate; the last column averages the share of the
-    LoRA-to-full gap closed over the tasks where it is defined.
+    LoRA-to-full gap closed over the tasks where it is defined (:func:`gap_undefined`).
     """
     methods: list[str] = []
     for s in summaries:
         for row in s["methods"]:
             if row["method"] not in methods:
                 methods.append(row["method"])
+    # A summary written before the rule above keeps its ratios in the rows: the verdict decides.
+    why = [
+        gap_undefined((s.get("verdict") or {}).get("comparisons") or [], s["report_metric"])
+        for s in summaries
+    ]
+    resolved = {id(s): not reason for s, reason in zip(summaries, why, strict=True)}
     head = "| method | " + " | ".join(column_labels(summaries)) + " | mean gap closed |"
     lines = [head, "| --- | " + " | ".join("---:" for _ in summaries) + " | ---: |"]
     for m in methods:
@@ -391,7 +429,7 @@ def combined_table(summaries: Sequence[dict[str, Any]]) -> str:
                 n = len(row["test_values"])
                 shown = _fmt(row["test_mean"], 3) + (f" ± {_fmt(row['test_std'], 3)}" if n > 1 else "")
                 cells.append(f"{shown} (n={n}, lr {row['chosen_lr']:g})")
-                if row["gap_closed"] is not None and m not in ("lora", "full"):
+                if row["gap_closed"] is not None and m not in ("lora", "full") and resolved[id(s)]:
                     gaps.append(row["gap_closed"])
         gap = (
             "—"
@@ -399,6 +437,11 @@ def combined_table(summaries: Sequence[dict[str, Any]]) -> str:
             else f"{sum(gaps) / len(gaps):.2f} ({len(gaps)} task{'s' if len(gaps) > 1 else ''})"
         )
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {gap} |")
+    left_out = [
+        f"{label}: {reason}" for label, reason in zip(column_labels(summaries), why, strict=True) if reason
+    ]
+    if left_out:
+        lines += ["", "The mean gap closed leaves out " + "; ".join(left_out) + "."]
     return "\n".join(lines)
 
 
