@@ -412,12 +412,11 @@ def combined_table(summaries: Sequence[dict[str, Any]]) -> str:
         gap_undefined((s.get("verdict") or {}).get("comparisons") or [], s["report_metric"])
         for s in summaries
     ]
-    resolved = {id(s): not reason for s, reason in zip(summaries, why, strict=True)}
     head = "| method | " + " | ".join(column_labels(summaries)) + " | mean gap closed |"
     lines = [head, "| --- | " + " | ".join("---:" for _ in summaries) + " | ---: |"]
     for m in methods:
         cells, gaps = [], []
-        for s in summaries:
+        for s, undefined in zip(summaries, why, strict=True):
             row = next((r for r in s["methods"] if r["method"] == m), None)
             if row is None:
                 cells.append("—")
@@ -429,7 +428,7 @@ def combined_table(summaries: Sequence[dict[str, Any]]) -> str:
                 n = len(row["test_values"])
                 shown = _fmt(row["test_mean"], 3) + (f" ± {_fmt(row['test_std'], 3)}" if n > 1 else "")
                 cells.append(f"{shown} (n={n}, lr {row['chosen_lr']:g})")
-                if row["gap_closed"] is not None and m not in ("lora", "full") and resolved[id(s)]:
+                if row["gap_closed"] is not None and m not in ("lora", "full") and not undefined:
                     gaps.append(row["gap_closed"])
         gap = (
             "—"
